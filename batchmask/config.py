@@ -1,0 +1,99 @@
+"""Configuration dataclasses shared by training, inference and the batch runner.
+
+Everything a trained model needs at inference time lives in :class:`ModelConfig` and is
+written to ``model.json`` beside the ``.keras`` file, so ``batchmask run`` never has to
+guess how a model was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_ALPHA = 1.0
+DEFAULT_TRAINABLE_BLOCKS = 4
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class ModelConfig:
+    """How the network is built and how its inputs and outputs are interpreted."""
+
+    backbone: str = "mobilenet"
+    alpha: float = DEFAULT_ALPHA
+    image_size: int = DEFAULT_IMAGE_SIZE
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    #: Number of the encoder's last blocks left trainable during fine-tuning.
+    trainable_blocks: int = DEFAULT_TRAINABLE_BLOCKS
+    #: Probability above which a pixel counts as face.
+    threshold: float = DEFAULT_THRESHOLD
+    #: Average the prediction with that of the horizontally flipped image.
+    tta_flip: bool = False
+
+    def validate(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 and at least 32, got {self.image_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if self.trainable_blocks < 0:
+            raise ValueError(f"trainable_blocks must be >= 0, got {self.trainable_blocks}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["decoder_filters"] = list(self.decoder_filters)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "decoder_filters" in kwargs:
+            kwargs["decoder_filters"] = tuple(kwargs["decoder_filters"])
+        return cls(**kwargs)
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation; boxes and masks are transformed together."""
+
+    enabled: bool = True
+    #: Fraction of the image side kept by the random crop (min, max).
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    #: Random aspect-ratio change of the crop window (min, max).
+    crop_aspect: tuple[float, float] = (0.8, 1.25)
+    hflip: bool = True
+    brightness: float = 0.25
+    contrast: float = 0.25
+    saturation: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``batchmask train`` does, recorded verbatim in ``model.json``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    backbone_weights: str = "imagenet"
+    epochs: int = 30
+    #: Epochs trained with the whole encoder frozen before fine-tuning the last blocks.
+    warmup_epochs: int = 5
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    #: Learning rate multiplier for the fine-tuning phase.
+    finetune_lr_scale: float = 0.1
+    loss: str = "bce_dice"
+    val_fraction: float = 0.2
+    #: "random" or "event" (hold out whole WIDER event folders).
+    split: str = "random"
+    seed: int = 42
+    patience: int = 8
+    tune_threshold: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d

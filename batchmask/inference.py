@@ -1,0 +1,166 @@
+"""Loading a trained model directory and predicting face masks.
+
+A model directory holds ``model.keras`` (the network) and ``model.json`` (how to use it:
+input size, threshold, preprocessing, provenance and metrics; see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .augment import resize_rgb
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+META_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model directory is missing or incomplete."""
+
+
+def default_model_dir() -> Path:
+    """The model shipped inside the package (trained on WIDER FACE, see README)."""
+    return Path(__file__).parent / "default_model"
+
+
+def resolve_model_dir(path: str | os.PathLike | None) -> Path:
+    p = Path(path) if path else default_model_dir()
+    if p.is_file() and p.name in (MODEL_FILE, META_FILE):
+        p = p.parent
+    if not (p / MODEL_FILE).is_file() or not (p / META_FILE).is_file():
+        what = "the default model" if path is None else str(p)
+        raise ModelNotFoundError(
+            f"{what}: not a batchmask model directory (needs {MODEL_FILE} and {META_FILE}); "
+            "train one with `batchmask train --out DIR` and pass --model DIR"
+        )
+    return p
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / META_FILE).read_text())
+
+
+def write_meta(model_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write model.json atomically."""
+    path = Path(model_dir) / META_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def base_meta(cfg: ModelConfig) -> dict[str, Any]:
+    """The part of model.json every model has: format, versions and how to use it."""
+    import keras
+
+    from . import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "batchmask_version": __version__,
+        "keras_version": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "model": cfg.to_dict(),
+        "preprocessing": {
+            "color": "RGB, EXIF orientation applied, alpha dropped, grayscale replicated",
+            "resize": f"whole image stretched to {cfg.image_size}x{cfg.image_size}, bilinear",
+            "input_range": "0..255 float32; the network rescales to -1..1 itself",
+            "output": "sigmoid face probability, resized bilinearly to the original size, then >= threshold",
+        },
+    }
+
+
+def save_model(net, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``model.keras`` and ``model.json`` into ``out_dir`` (each replaced atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp.{os.getpid()}.{MODEL_FILE}"
+    net.save(tmp)
+    os.replace(tmp, out / MODEL_FILE)
+    write_meta(out, meta)
+    return out
+
+
+def upsample_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of a float32 probability map to ``height x width``."""
+    if prob.shape == (height, width):
+        return prob.astype(np.float32, copy=False)
+    im = Image.fromarray(np.ascontiguousarray(prob, np.float32), mode="F")
+    return np.asarray(im.resize((width, height), Image.BILINEAR), np.float32)
+
+
+class FaceMaskModel:
+    """A trained network plus the metadata needed to use it."""
+
+    def __init__(self, keras_model, meta: dict[str, Any], path: Path | None = None):
+        self.keras_model = keras_model
+        self.meta = meta
+        self.path = path
+        self.config = ModelConfig.from_dict(meta.get("model", {}))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config.threshold)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Resize an HxWx3 uint8 image to the network's square input (the whole image)."""
+        return resize_rgb(image, self.image_size, self.image_size)
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (n, S, S) for a batch of preprocessed images (n, S, S, 3), 0..255."""
+        x = np.asarray(batch, np.float32)
+        if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected a batch of shape (n, {self.image_size}, {self.image_size}, 3), got {x.shape}")
+        p = np.asarray(self.keras_model.predict_on_batch(x), np.float32)[..., 0]
+        if self.config.tta_flip:
+            pf = np.asarray(self.keras_model.predict_on_batch(x[:, :, ::-1]), np.float32)[..., 0]
+            p = 0.5 * (p + pf[:, :, ::-1])
+        return p
+
+    def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """Face probability maps at each image's original size."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            probs = self.predict_batch(np.stack([self.preprocess(im) for im in chunk]))
+            out += [upsample_probs(p, im.shape[1], im.shape[0]) for p, im in zip(probs, chunk, strict=True)]
+        return out
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """Boolean face masks at each image's original size (probability >= threshold)."""
+        return [p >= self.threshold for p in self.predict_proba(images, batch_size)]
+
+
+def load_model(path: str | os.PathLike | None = None) -> FaceMaskModel:
+    """Load a model directory (default: the model shipped with the package)."""
+    import keras  # deferred: importing Keras starts the backend
+
+    model_dir = resolve_model_dir(path)
+    meta = read_meta(model_dir)
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise ModelNotFoundError(
+            f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
+        )
+    net = keras.saving.load_model(model_dir / MODEL_FILE, compile=False)
+    return FaceMaskModel(net, meta, model_dir)
+
+
+def predict(images: Sequence[np.ndarray], model: FaceMaskModel | str | os.PathLike | None = None) -> list[np.ndarray]:
+    """Boolean face masks for RGB uint8 images, with ``model`` (default: the shipped model)."""
+    m = model if isinstance(model, FaceMaskModel) else load_model(model)
+    return m.predict(images)

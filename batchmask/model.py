@@ -1,0 +1,156 @@
+"""The U-Net: an ImageNet MobileNet encoder with skip connections and a Conv-BN-ReLU decoder.
+
+Written against the Keras 3 API only (``import keras``), so the same code builds and trains
+under the TensorFlow, JAX or PyTorch backends.
+
+The model takes RGB pixels in 0..255 (float) and scales them to MobileNet's -1..1 itself,
+so callers never have to know the preprocessing. It outputs a sigmoid face probability per
+pixel at the input resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build an encoder and where its skip connections come from."""
+
+    builder: str
+    #: Layers whose outputs feed the decoder, deepest first: strides 16, 8, 4, 2.
+    skips: tuple[str, ...]
+    #: The encoder's last layer (stride 32).
+    bottleneck: str
+    #: Regular expression matching encoder layers; group "block" is the block number.
+    layer_pattern: str
+    blocks: int
+    imagenet_alphas: tuple[float, ...]
+    imagenet_sizes: tuple[int, ...]
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet": BackboneSpec(
+        builder="MobileNet",
+        skips=("conv_pw_11_relu", "conv_pw_5_relu", "conv_pw_3_relu", "conv_pw_1_relu"),
+        bottleneck="conv_pw_13_relu",
+        layer_pattern=r"^conv(1|_(dw|pw|pad)_(?P<block>\d+))(_bn|_relu)?$",
+        blocks=13,
+        imagenet_alphas=(0.25, 0.5, 0.75, 1.0),
+        imagenet_sizes=(128, 160, 192, 224),
+    ),
+}
+
+
+class WeightsError(RuntimeError):
+    """The backbone's pretrained weights could not be loaded; the message says what to do."""
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def imagenet_weight_file(alpha: float, image_size: int) -> str:
+    """The file name Keras downloads for MobileNet v1 without top."""
+    alpha_text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}[alpha]
+    rows = image_size if image_size in BACKBONES["mobilenet"].imagenet_sizes else 224
+    return f"mobilenet_{alpha_text}_{rows}_tf_no_top.h5"
+
+
+def _build_encoder(spec: BackboneSpec, cfg: ModelConfig, x, weights: str | None) -> keras.Model:
+    builder = getattr(keras.applications, spec.builder)
+    kwargs = dict(include_top=False, alpha=cfg.alpha, input_tensor=x)
+    if weights == "imagenet":
+        if cfg.alpha not in spec.imagenet_alphas:
+            raise WeightsError(
+                f"ImageNet weights exist only for alpha in {spec.imagenet_alphas}, not {cfg.alpha}"
+            )
+        fname = imagenet_weight_file(cfg.alpha, cfg.image_size)
+        try:
+            return builder(weights="imagenet", **kwargs)
+        except Exception as exc:  # keras raises a bare Exception on download failure
+            raise WeightsError(
+                f"could not load ImageNet weights for MobileNet alpha={cfg.alpha} ({exc}).\n"
+                f"Keras downloads {fname} on first use; without network access either\n"
+                f"  * pass the file: --backbone-weights /path/to/{fname}, or\n"
+                f"  * put it into the Keras cache: {keras_cache_dir() / fname} (set KERAS_HOME to move it), or\n"
+                f"  * train from scratch with --backbone-weights none (much worse results)."
+            ) from exc
+    encoder = builder(weights=None, **kwargs)
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"backbone weights file {path} does not exist")
+        try:
+            # Legacy HDF5 files load in layer order; the weights do not depend on input size.
+            encoder.load_weights(str(path))
+        except Exception as exc:
+            raise WeightsError(
+                f"{path}: not MobileNet weights for alpha={cfg.alpha} without top ({exc}). "
+                f"Expected a file like {imagenet_weight_file(cfg.alpha, 224)}."
+            ) from exc
+        log.info("loaded backbone weights from %s", path)
+    return encoder
+
+
+def conv_bn_relu(x, filters: int, name: str):
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def build_unet(cfg: ModelConfig, backbone_weights: str | None = "imagenet") -> keras.Model:
+    """Build the U-Net for ``cfg``; ``backbone_weights`` is "imagenet", a file path or None."""
+    cfg.validate()
+    spec = BACKBONES[cfg.backbone]
+    if len(cfg.decoder_filters) != len(spec.skips) + 1:
+        raise ValueError(f"decoder_filters needs {len(spec.skips) + 1} entries, got {cfg.decoder_filters}")
+    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    encoder = _build_encoder(spec, cfg, x, None if backbone_weights in (None, "none") else backbone_weights)
+    x = encoder.get_layer(spec.bottleneck).output
+    skips = [encoder.get_layer(n).output for n in spec.skips] + [None]
+    for i, (skip, filters) in enumerate(zip(skips, cfg.decoder_filters, strict=True)):
+        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"decoder{i}_up")(x)
+        if skip is not None:
+            x = keras.layers.Concatenate(name=f"decoder{i}_concat")([x, skip])
+        x = conv_bn_relu(x, filters, f"decoder{i}a")
+        x = conv_bn_relu(x, filters, f"decoder{i}b")
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask", dtype="float32")(x)
+    model = keras.Model(inputs, outputs, name=f"unet_{cfg.backbone}_{cfg.alpha}")
+    set_trainable(model, cfg, finetune=True)
+    return model
+
+
+def encoder_block(layer_name: str, backbone: str = "mobilenet") -> int | None:
+    """Block number of an encoder layer (0 for the stem), or None for decoder layers."""
+    m = re.match(BACKBONES[backbone].layer_pattern, layer_name)
+    if not m:
+        return None
+    return int(m.group("block")) if m.group("block") else 0
+
+
+def set_trainable(model: keras.Model, cfg: ModelConfig, finetune: bool) -> None:
+    """Freeze the encoder; with ``finetune`` unfreeze its last ``cfg.trainable_blocks`` blocks.
+
+    Encoder batch-norm layers stay frozen (inference mode) in both phases: their ImageNet
+    statistics are better than those from small segmentation batches.
+    """
+    spec = BACKBONES[cfg.backbone]
+    first = spec.blocks - cfg.trainable_blocks + 1 if finetune else spec.blocks + 1
+    for layer in model.layers:
+        block = encoder_block(layer.name, cfg.backbone)
+        if block is None:
+            layer.trainable = True
+        else:
+            layer.trainable = block >= first and not isinstance(layer, keras.layers.BatchNormalization)

@@ -1,0 +1,46 @@
+"""Shared fixtures. Tests run offline: models use random weights (``backbone_weights=None``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_WIDER = REPO / "demo" / "wider"
+SHARED = REPO.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights"
+SHARED_DEV = SHARED / "data" / "widerface-dev"
+
+
+@pytest.fixture(scope="session")
+def demo_wider() -> Path:
+    """The 10 WIDER FACE images shipped in demo/wider (native WIDER layout)."""
+    return DEMO_WIDER
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A small untrained model directory (alpha 0.25, 64x64, random weights).
+
+    Its predictions are meaningless but deterministic: enough for I/O, plumbing and
+    round-trip tests.
+    """
+    import keras
+
+    from batchmask.config import ModelConfig
+    from batchmask.inference import base_meta, save_model
+    from batchmask.model import build_unet
+
+    keras.utils.set_random_seed(0)
+    cfg = ModelConfig(alpha=0.25, image_size=64, decoder_filters=(32, 16, 16, 8, 8))
+    net = build_unet(cfg, backbone_weights=None)
+    out = tmp_path_factory.mktemp("tiny_model")
+    meta = base_meta(cfg)
+    meta["note"] = "untrained test model"
+    save_model(net, out, meta)
+    return out
