@@ -1,0 +1,37 @@
+"""Shared CLI helpers: logging set-up, exit codes, error mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+import click
+
+#: Exit codes shared by every command (documented in README.md).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command could not do its work (bad input data, missing model, crash)
+EXIT_USAGE = 2  # bad command-line usage (click's own code)
+EXIT_IMAGES_FAILED = 3  # `run`: finished, but some images could not be processed
+EXIT_LOCKED = 4  # `jobs run`: another run of the same job holds the lock
+
+
+def setup_logging(verbose: int = 0) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("batchmask").setLevel(logging.INFO if verbose <= 1 else logging.DEBUG)
+    # Quieter TensorFlow start-up unless asked for debug output.
+    if verbose < 2:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]) -> Iterator[None]:
+    """Turn expected errors (bad data, missing files) into one line and EXIT_FAILED."""
+    try:
+        yield
+    except types as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
