@@ -24,7 +24,7 @@ class ModelConfig:
     backbone: str = "mobilenet"
     alpha: float = DEFAULT_ALPHA
     image_size: int = DEFAULT_IMAGE_SIZE
-    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    decoder_filters: tuple[int, ...] = (192, 128, 64, 32, 16)
     #: Number of the encoder's last blocks left trainable during fine-tuning.
     trainable_blocks: int = DEFAULT_TRAINABLE_BLOCKS
     #: Probability above which a pixel counts as face.
@@ -92,6 +92,8 @@ class TrainConfig:
     seed: int = 42
     patience: int = 8
     tune_threshold: bool = True
+    #: Stop training (keeping the best epoch so far) after this many seconds; None = no limit.
+    time_limit_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -155,7 +155,13 @@ def load_npy_array(path: str | os.PathLike) -> np.ndarray:
     with f:
         try:
             version = np.lib.format.read_magic(f)
-            shape, _fortran, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, _fortran, dtype = read_header(f, max_header_size=1 << 20)
         except Exception as exc:
             raise DataError(f"{path}: not a .npy file ({exc})") from exc
         if not dtype.hasobject:
@@ -298,7 +304,7 @@ def parse_wider_annotations(ann_path: Path) -> list[tuple[str, np.ndarray, int]]
                 raise DataError(f"{ann_path}:{ln + 1}: file ends inside the entry for {name!r}")
             parts = lines[ln].split()
             try:
-                vals = [int(float(v)) for v in parts]
+                vals = [float(v) for v in parts]
             except ValueError as exc:
                 raise DataError(f"{ann_path}:{ln + 1}: non-numeric box line {lines[ln]!r}") from exc
             if len(vals) < 4:

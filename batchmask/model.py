@@ -57,7 +57,13 @@ class WeightsError(RuntimeError):
 
 
 def keras_cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    """Where Keras looks for downloaded weights (``$KERAS_HOME/models``, read when Keras loads)."""
+    try:
+        from keras.src.backend import config as keras_config
+
+        return Path(keras_config.keras_home()) / "models"
+    except Exception:  # private API moved: fall back to the documented default
+        return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
 def imagenet_weight_file(alpha: float, image_size: int) -> str:

@@ -1,9 +1,82 @@
-"""`batchmask train` (placeholder until the runner lands)."""
+"""`batchmask train`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
 
 import click
 
+from ..config import DEFAULT_TRAINABLE_BLOCKS, AugmentConfig, ModelConfig, TrainConfig
+from .common import user_errors
+
 
 @click.command("train")
-def train_cmd() -> None:
-    """Train (not implemented yet)."""
-    raise click.ClickException("batchmask run is not implemented yet")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="images.npy (the exercise's format) or a WIDER FACE folder / wider_face_*_bbx_gt.txt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Model directory to write (model.keras, model.json, history.csv, learning_curves.png).")
+@click.option("--val-data", type=click.Path(exists=True), help="Separate validation data (default: a seeded split of --data).")
+@click.option("--val-fraction", default=0.2, show_default=True, help="Share of --data held out for validation.")
+@click.option("--split", type=click.Choice(["random", "event"]), default="random", show_default=True,
+              help="Validation split: random images, or whole WIDER event folders.")
+@click.option("--epochs", default=30, show_default=True, help="Total epochs (warm-up + fine-tuning).")
+@click.option("--warmup-epochs", default=5, show_default=True, help="Epochs with the whole encoder frozen.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--learning-rate", default=1e-3, show_default=True, help="Warm-up learning rate (fine-tuning uses 0.1x).")
+@click.option("--image-size", default=ModelConfig.image_size, show_default=True, help="Network input size (multiple of 32).")
+@click.option("--alpha", default=ModelConfig.alpha, show_default=True, help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0).")
+@click.option("--trainable-blocks", default=DEFAULT_TRAINABLE_BLOCKS, show_default=True,
+              help="Encoder blocks (of 13) trained in the fine-tuning phase, counted from the end.")
+@click.option("--backbone-weights", default="imagenet", show_default=True,
+              help="'imagenet' (Keras download or $KERAS_HOME/models cache), a .h5 file, or 'none'.")
+@click.option("--loss", type=click.Choice(["bce_dice", "dice", "bce_logdice"]), default="bce_dice", show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Crop/scale/flip/colour augmentation.")
+@click.option("--tta-flip/--no-tta-flip", default=False, show_default=True,
+              help="Store test-time horizontal-flip averaging in the model (2x predict cost).")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--limit", type=int, help="Use only the first N images (quick trials).")
+@click.option("--time-limit", type=float, help="Stop after this many minutes, keeping the best epoch.")
+@click.option("--force", is_flag=True, help="Overwrite an existing model in --out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
+              alpha, trainable_blocks, backbone_weights, loss, augment, tta_flip, seed, limit, time_limit, force,
+              quiet) -> None:
+    """Train a MobileNet U-Net that predicts face masks from face boxes.
+
+    \b
+    Examples:
+      batchmask train --data images.npy --out models/facemask
+      batchmask train --data WIDER_train --out models/wf --image-size 320 --epochs 40
+    """
+    from ..data import DataError
+    from ..model import WeightsError
+    from ..training import OutputExistsError, train
+
+    cfg = TrainConfig(
+        model=ModelConfig(alpha=alpha, image_size=image_size, trainable_blocks=trainable_blocks, tta_flip=tta_flip),
+        augment=AugmentConfig(enabled=augment),
+        backbone_weights=backbone_weights,
+        epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        loss=loss,
+        val_fraction=val_fraction,
+        split=split,
+        seed=seed,
+        time_limit_s=time_limit * 60 if time_limit else None,
+    )
+    with user_errors(DataError, WeightsError, OutputExistsError, ValueError, FileNotFoundError):
+        try:
+            cfg.model.validate()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        res = train(data, out, cfg, val_data=val_data, force=force, limit=limit, progress=not quiet,
+                    command=shlex.join(["batchmask", *sys.argv[1:]]))
+    m = res.metrics
+    click.echo(
+        f"Saved {res.out_dir} (best epoch {res.best_epoch}/{len(res.history)}, {res.wall_s / 60:.1f} min). "
+        f"Validation: Dice {m.get('dice', float('nan')):.3f} at threshold {m.get('threshold', float('nan')):.2f}, "
+        f"IoU {m.get('iou', float('nan')):.3f}, global soft Dice {m.get('global_soft_dice', float('nan')):.3f}"
+    )

@@ -1,0 +1,286 @@
+"""Training: ``train()`` fits the U-Net on face boxes and writes a model directory.
+
+Two phases (transfer learning): the decoder first with the whole encoder frozen
+(``warmup_epochs``), then the encoder's last ``trainable_blocks`` blocks too, at
+``learning_rate * finetune_lr_scale`` with cosine decay. Validation runs every epoch; the
+best epoch (validation soft Dice) is kept and early stopping ends phase two.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .augment import downscale_sample, make_pair
+from .config import TrainConfig
+from .data import DataError, Sample, fingerprint, load_dataset, split_samples
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_dice"
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds a model and ``force`` was not given."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def _cache_images(samples: Sequence[Sample], max_side: int, desc: str, progress: bool):
+    images, boxes = [], []
+    for s in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
+        im, b = downscale_sample(s, max_side)
+        images.append(im)
+        boxes.append(b)
+    return images, boxes
+
+
+def _time_limit_callback(deadline: float | None):
+    import keras
+
+    class TimeLimit(keras.callbacks.Callback):
+        """Stop at the end of the first epoch that finishes after ``deadline``."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if deadline is not None and time.time() > deadline:
+                log.warning("time limit reached after epoch %d; keeping the best epoch so far", epoch + 1)
+                self.model.stop_training = True
+
+    return TimeLimit()
+
+
+def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
+    """A keras.utils.PyDataset of augmented batches (built lazily so Keras loads on demand)."""
+    import keras
+
+    class AugmentedBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False)
+            self.epoch = 0
+            self.order = np.random.default_rng(cfg.seed).permutation(len(images))
+
+        def __len__(self) -> int:
+            return math.ceil(len(images) / cfg.batch_size)
+
+        def __getitem__(self, idx: int):
+            # Seeded per (seed, epoch, batch): reproducible whatever the worker order.
+            rng = np.random.default_rng([cfg.seed, self.epoch, idx])
+            sel = self.order[idx * cfg.batch_size : (idx + 1) * cfg.batch_size]
+            pairs = [make_pair(images[i], boxes[i], cfg.model.image_size, rng, cfg.augment) for i in sel]
+            x = np.stack([p[0] for p in pairs]).astype(np.float32)
+            y = np.stack([p[1] for p in pairs]).astype(np.float32)[..., None]
+            return x, y
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(images))
+
+    return AugmentedBatches()
+
+
+def _fixed_pairs(images, boxes, size: int):
+    pairs = [make_pair(im, b, size) for im, b in zip(images, boxes, strict=True)]
+    return (
+        np.stack([p[0] for p in pairs]).astype(np.float32),
+        np.stack([p[1] for p in pairs]).astype(np.float32)[..., None],
+    )
+
+
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "dice", "soft Dice")):
+        ax.plot(ep, [r.get(key) for r in rows], label="train")
+        ax.plot(ep, [r.get(f"val_{key}") for r in rows], label="validation")
+        if key == "dice" and "val_dice_t50" in rows[0]:
+            ax.plot(ep, [r.get("val_dice_t50") for r in rows], "--", label="validation Dice@0.5 per image")
+        if finetune_epoch is not None:
+            ax.axvline(finetune_epoch - 0.5, color="grey", lw=0.8, ls=":", label="fine-tuning starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _load_split(data, val_data, cfg: TrainConfig, limit: int | None):
+    samples = data if isinstance(data, list) else load_dataset(data, limit=limit)
+    if val_data is not None:
+        val = val_data if isinstance(val_data, list) else load_dataset(val_data, limit=limit)
+        split = {"method": "separate", "val_data": str(val_data) if not isinstance(val_data, list) else "<samples>"}
+        return samples, val, split
+    tr_idx, va_idx = split_samples(samples, cfg.val_fraction, cfg.seed, by=cfg.split)
+    split = {"method": cfg.split, "seed": cfg.seed, "val_fraction": cfg.val_fraction}
+    return [samples[i] for i in tr_idx], [samples[i] for i in va_idx], split
+
+
+def train(
+    data: str | os.PathLike | list[Sample],
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    val_data: str | os.PathLike | list[Sample] | None = None,
+    force: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> TrainResult:
+    """Train a face-mask U-Net and write the model directory ``out``.
+
+    ``data`` is an ``images.npy`` file, a WIDER FACE folder, or a list of samples.
+    """
+    cfg = config or TrainConfig()
+    cfg.model.validate()
+    out_dir = Path(out)
+    from .inference import MODEL_FILE
+
+    if (out_dir / MODEL_FILE).exists() and not force:
+        raise OutputExistsError(f"{out_dir} already holds a model; pass --force to overwrite it")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError("epochs and batch_size must be at least 1")
+    t0 = time.time()
+    deadline = t0 + cfg.time_limit_s if cfg.time_limit_s else None
+    train_s, val_s, split = _load_split(data, val_data, cfg, limit)
+    if not train_s or not val_s:
+        raise DataError(f"empty split: {len(train_s)} training and {len(val_s)} validation images")
+    log.info("training on %d images, validating on %d", len(train_s), len(val_s))
+
+    import keras
+
+    from .inference import base_meta, save_model
+    from .losses import dice_at_half, dice_metric, get_loss
+    from .model import build_unet, set_trainable
+
+    keras.utils.set_random_seed(cfg.seed)
+    size = cfg.model.image_size
+    max_side = max(2 * size, 256)
+    tr_images, tr_boxes = _cache_images(train_s, max_side, "decoding training images", progress)
+    va_images, va_boxes = _cache_images(val_s, max_side, "decoding validation images", progress)
+    train_seq = _make_sequence(tr_images, tr_boxes, cfg, workers=min(4, os.cpu_count() or 1))
+    val_xy = _fixed_pairs(va_images, va_boxes, size)
+
+    net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / ".best.weights.h5"
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(ckpt), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
+    )
+    loss = get_loss(cfg.loss)
+    history: list[dict[str, float]] = []
+    steps = len(train_seq)
+    warmup = min(cfg.warmup_epochs, cfg.epochs) if cfg.model.trainable_blocks > 0 else cfg.epochs
+    phases = [("decoder", 0, warmup, cfg.learning_rate, False)]
+    if warmup < cfg.epochs:
+        phases.append(("finetune", warmup, cfg.epochs, cfg.learning_rate * cfg.finetune_lr_scale, True))
+    for phase, start, stop, lr, finetune in phases:
+        set_trainable(net, cfg.model, finetune=finetune)
+        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, (stop - start) * steps), alpha=0.05)
+        net.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss=loss,
+            metrics=[dice_metric, dice_at_half],
+        )
+        callbacks: list = [checkpoint, _time_limit_callback(deadline)]
+        if finetune:
+            callbacks.append(
+                keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience, verbose=1)
+            )
+        log.info("phase %s: epochs %d..%d, learning rate %.2g", phase, start + 1, stop, lr)
+        h = net.fit(
+            train_seq,
+            validation_data=val_xy,
+            batch_size=cfg.batch_size,
+            epochs=stop,
+            initial_epoch=start,
+            callbacks=callbacks,
+            verbose=1 if progress else 0,
+        )
+        for i, epoch in enumerate(h.epoch):
+            row = {"epoch": epoch + 1, "phase": phase}
+            row.update({k: float(v[i]) for k, v in h.history.items()})
+            history.append(row)
+        if deadline is not None and time.time() > deadline:
+            break
+    if ckpt.exists():
+        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
+            warnings.simplefilter("ignore")
+            net.load_weights(str(ckpt))
+        ckpt.unlink()
+    best = max(history, key=lambda r: r.get(MONITOR, -1.0))
+    train_wall = time.time() - t0
+
+    meta = base_meta(cfg.model)
+    meta["training"] = {
+        "config": cfg.to_dict(),
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "epochs_run": len(history),
+        "best_epoch": int(best["epoch"]),
+        "wall_s": round(train_wall, 1),
+    }
+    meta["data"] = {
+        "path": str(data) if not isinstance(data, list) else "<samples>",
+        "fingerprint": fingerprint(train_s + val_s),
+        "train_images": len(train_s),
+        "val_images": len(val_s),
+        "train_faces": int(sum(len(s.boxes) for s in train_s)),
+        "split": {**split, "val_names": [s.name for s in val_s]},
+    }
+    meta["metrics"] = {"best_epoch": {k: v for k, v in best.items() if k != "phase"}}
+    save_model(net, out_dir, meta)
+    write_history(out_dir / "history.csv", history)
+    plot_history(out_dir / "learning_curves.png", history, warmup + 1 if len(phases) > 1 else None)
+
+    result = TrainResult(out_dir=out_dir, history=history, best_epoch=int(best["epoch"]))
+    result.metrics = _final_validation(out_dir, val_s, cfg, progress)
+    result.wall_s = time.time() - t0
+    log.info("trained in %.0f s; best epoch %d", result.wall_s, result.best_epoch)
+    return result
+
+
+def _final_validation(out_dir: Path, val_s: list[Sample], cfg: TrainConfig, progress: bool) -> dict[str, Any]:
+    """Score the saved model on the validation images at original size; tune the threshold."""
+    from .evaluation import evaluate
+    from .inference import read_meta, write_meta
+
+    res = evaluate(str(out_dir), val_s, tune_threshold=cfg.tune_threshold, batch_size=cfg.batch_size)
+    meta = read_meta(out_dir)
+    meta["metrics"]["validation"] = res.metrics
+    write_meta(out_dir, meta)
+    return res.metrics

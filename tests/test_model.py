@@ -1,0 +1,88 @@
+"""U-Net builder: shapes, skip layers, freezing, weight loading and its errors, save/load round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchmask.config import ModelConfig
+from batchmask.model import BACKBONES, WeightsError, build_unet, encoder_block, set_trainable
+
+from conftest import SHARED_WEIGHTS
+
+SMALL = dict(alpha=0.25, decoder_filters=(16, 16, 8, 8, 8))
+
+
+def test_output_shape_and_skips():
+    for size in (64, 96):
+        net = build_unet(ModelConfig(image_size=size, **SMALL), backbone_weights=None)
+        assert net.output_shape == (None, size, size, 1)
+        spec = BACKBONES["mobilenet"]
+        strides = [size // net.get_layer(n).output.shape[1] for n in spec.skips]
+        assert strides == [16, 8, 4, 2]
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_unet(ModelConfig(image_size=100, **SMALL), backbone_weights=None)
+
+
+def test_freezing():
+    cfg = ModelConfig(image_size=64, trainable_blocks=2, **SMALL)
+    net = build_unet(cfg, backbone_weights=None)
+    assert encoder_block("conv_pw_12") == 12 and encoder_block("conv1_bn") == 0 and encoder_block("decoder0a_conv") is None
+    trainable = {layer.name for layer in net.layers if layer.trainable and layer.weights}
+    assert {"conv_dw_12", "conv_pw_12", "conv_dw_13", "conv_pw_13", "mask", "decoder0a_conv"} <= trainable
+    assert "conv_pw_11" not in trainable and "conv1" not in trainable
+    assert "conv_pw_13_bn" not in trainable  # encoder batch norm stays in inference mode
+    set_trainable(net, cfg, finetune=False)
+    assert not any(encoder_block(layer.name) is not None and layer.trainable for layer in net.layers)
+    assert net.get_layer("decoder4b_conv").trainable
+
+
+def test_imagenet_download_failure_explains_the_way_out(monkeypatch, tmp_path):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid: None -- [Errno -2] Name or service not known")
+
+    # No network in tests: make Keras's download fail the way it does offline.
+    monkeypatch.setattr(keras.src.applications.mobilenet.file_utils, "get_file", offline)
+    with pytest.raises(WeightsError) as info:
+        build_unet(ModelConfig(image_size=64, **SMALL), backbone_weights="imagenet")
+    msg = str(info.value)
+    assert "mobilenet_2_5_224_tf_no_top.h5" in msg and "--backbone-weights" in msg and "KERAS_HOME" in msg
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_unet(ModelConfig(image_size=64, **SMALL), backbone_weights=str(tmp_path / "nope.h5"))
+    with pytest.raises(WeightsError, match="ImageNet weights exist only for alpha"):
+        build_unet(ModelConfig(image_size=64, alpha=0.3, decoder_filters=SMALL["decoder_filters"]), "imagenet")
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_dir(), reason="../shared/weights (ImageNet MobileNet files) not present")
+def test_224_weights_load_into_other_input_sizes():
+    import keras
+
+    path = SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5"
+    ref = keras.applications.MobileNet(include_top=False, alpha=0.25, input_shape=(224, 224, 3), weights=str(path))
+    net = build_unet(ModelConfig(image_size=96, **SMALL), backbone_weights=str(path))
+    np.testing.assert_array_equal(net.get_layer("conv_pw_13").get_weights()[0], ref.get_layer("conv_pw_13").get_weights()[0])
+    with pytest.raises(WeightsError, match="not MobileNet weights for alpha=1.0"):
+        build_unet(ModelConfig(image_size=64, alpha=1.0, decoder_filters=SMALL["decoder_filters"]), str(path))
+
+
+def test_save_load_round_trip(tiny_model_dir, demo_wider):
+    from batchmask.data import load_wider
+    from batchmask.inference import load_model
+
+    m1 = load_model(tiny_model_dir)
+    m2 = load_model(tiny_model_dir)
+    images = [s.load_image() for s in load_wider(demo_wider)[:3]]
+    p1, p2 = m1.predict_proba(images, batch_size=2), m2.predict_proba(images, batch_size=3)
+    for a, b, im in zip(p1, p2, images, strict=True):
+        assert a.shape == im.shape[:2]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    masks = m1.predict(images)
+    assert masks[0].dtype == bool and np.array_equal(masks[0], p1[0] >= m1.threshold)
