@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import shlex
 import sys
@@ -59,9 +58,10 @@ def _time_limit_callback(deadline: float | None):
     import keras
 
     class TimeLimit(keras.callbacks.Callback):
-        """Stop at the end of the first epoch that finishes after ``deadline``."""
+        """Log each epoch; stop at the end of the first epoch that finishes after ``deadline``."""
 
         def on_epoch_end(self, epoch, logs=None):
+            log.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items()))
             if deadline is not None and time.time() > deadline:
                 log.warning("time limit reached after epoch %d; keeping the best epoch so far", epoch + 1)
                 self.model.stop_training = True
@@ -80,7 +80,9 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
             self.order = np.random.default_rng(cfg.seed).permutation(len(images))
 
         def __len__(self) -> int:
-            return math.ceil(len(images) / cfg.batch_size)
+            # Full batches only (the order is reshuffled every epoch): one batch shape means
+            # one compiled training step under XLA/JAX instead of two.
+            return max(1, len(images) // cfg.batch_size)
 
         def __getitem__(self, idx: int):
             # Seeded per (seed, epoch, batch): reproducible whatever the worker order.
@@ -98,8 +100,15 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
     return AugmentedBatches()
 
 
-def _fixed_pairs(images, boxes, size: int):
-    pairs = [make_pair(im, b, size) for im, b in zip(images, boxes, strict=True)]
+def _fixed_pairs(images, boxes, size: int, batch_size: int):
+    """Un-augmented validation pairs for per-epoch monitoring.
+
+    Trimmed to a whole number of batches (one compiled shape); the final validation after
+    training scores every image at its original size.
+    """
+    bs = min(batch_size, len(images))
+    n = len(images) // bs * bs
+    pairs = [make_pair(im, b, size) for im, b in zip(images[:n], boxes[:n], strict=True)]
     return (
         np.stack([p[0] for p in pairs]).astype(np.float32),
         np.stack([p[1] for p in pairs]).astype(np.float32)[..., None],
@@ -194,7 +203,7 @@ def train(
     tr_images, tr_boxes = _cache_images(train_s, max_side, "decoding training images", progress)
     va_images, va_boxes = _cache_images(val_s, max_side, "decoding validation images", progress)
     train_seq = _make_sequence(tr_images, tr_boxes, cfg, workers=min(4, os.cpu_count() or 1))
-    val_xy = _fixed_pairs(va_images, va_boxes, size)
+    val_xy = _fixed_pairs(va_images, va_boxes, size, cfg.batch_size)
 
     net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +235,7 @@ def train(
         h = net.fit(
             train_seq,
             validation_data=val_xy,
-            batch_size=cfg.batch_size,
+            validation_batch_size=min(cfg.batch_size, len(val_xy[0])),
             epochs=stop,
             initial_epoch=start,
             callbacks=callbacks,
@@ -263,7 +272,10 @@ def train(
         "split": {**split, "val_names": [s.name for s in val_s]},
     }
     meta["metrics"] = {"best_epoch": {k: v for k, v in best.items() if k != "phase"}}
-    save_model(net, out_dir, meta)
+    # Save a fresh, uncompiled copy: the optimizer state would double the file size.
+    clean = build_unet(cfg.model, backbone_weights=None)
+    clean.set_weights(net.get_weights())
+    save_model(clean, out_dir, meta)
     write_history(out_dir / "history.csv", history)
     plot_history(out_dir / "learning_curves.png", history, warmup + 1 if len(phases) > 1 else None)
 

@@ -44,3 +44,4 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     meta["note"] = "untrained test model"
     save_model(net, out, meta)
     return out
+from s3server import s3_server  # noqa: E402,F401  (SeaweedFS fixture, tests/s3server.py)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SHARED_WEIGHTS
 
 from batchmask.config import ModelConfig
 from batchmask.model import BACKBONES, WeightsError, build_unet, encoder_block, set_trainable
-
-from conftest import SHARED_WEIGHTS
 
 SMALL = dict(alpha=0.25, decoder_filters=(16, 16, 8, 8, 8))
 

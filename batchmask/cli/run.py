@@ -1,9 +1,74 @@
-"""`batchmask run` (placeholder until the runner lands)."""
+"""`batchmask run`: face masks for every image under a folder or S3 prefix, with Ray."""
+
+from __future__ import annotations
+
+import logging
+import sys
 
 import click
 
+from .common import EXIT_FAILED, EXIT_OK
+
+log = logging.getLogger(__name__)
+
 
 @click.command("run")
-def run_cmd() -> None:
-    """Predict face masks for every image under --input (not implemented yet)."""
-    raise click.ClickException("batchmask run is not implemented yet")
+@click.option("-i", "--input", "input_", required=True, metavar="PATH|s3://BUCKET/PREFIX",
+              help="Folder or bucket prefix; all images below it (recursively) are processed.")
+@click.option("-o", "--output", required=True, metavar="PATH|s3://BUCKET/PREFIX",
+              help="Where masks/, coverage.csv and run.json go. Rerunning with the same output resumes.")
+@click.option("-m", "--model", default=None, metavar="DIR", help="Model directory (default: the packaged model).")
+@click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Ray actors, each with its own copy of the model.")
+@click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--glob", default=None, metavar="PATTERN",
+              help="Only images whose relative path or file name matches (fnmatch; * also matches /).")
+@click.option("--endpoint-url", default=None, metavar="URL",
+              help="S3 endpoint (SeaweedFS, MinIO, Ceph); default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL.")
+@click.option("--threshold", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Face probability threshold (default: the model's, from model.json).")
+@click.option("--overlays", is_flag=True, help="Also write overlays/<path>.jpg previews.")
+@click.option("--overwrite", is_flag=True, help="Process every image again, even those already done.")
+@click.option("--retry-errors", is_flag=True, help="Process images recorded as errors again.")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Join an existing Ray cluster ('auto' or host:port; default $RAY_ADDRESS, else a local Ray).")
+@click.option("--shared-fs", is_flag=True,
+              help="Local paths are visible at the same path on every node of a multi-node cluster.")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help="Images with more pixels are error rows (decompression-bomb guard) [default: 50000000].")
+@click.option("--shard-size", default=None, type=click.IntRange(min=1),
+              help="Images per unit of work handed to an actor [default: 32].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line (for cron).")
+def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_size: int, glob: str | None,
+            endpoint_url: str | None, threshold: float | None, overlays: bool, overwrite: bool,
+            retry_errors: bool, address: str | None, shared_fs: bool, max_pixels: int | None,
+            shard_size: int | None, quiet: bool) -> None:
+    """Predict face masks for every image under --input and write them to --output.
+
+    Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed.
+    """
+    from ..inference import ModelNotFoundError
+    from ..runner import RunError, run
+    from ..storage import StorageError
+
+    kwargs = {}
+    if max_pixels is not None:
+        kwargs["max_pixels"] = max_pixels
+    if shard_size is not None:
+        kwargs["shard_size"] = shard_size
+    try:
+        summary = run(input_, output, model, workers=workers, batch_size=batch_size, glob=glob,
+                      endpoint_url=endpoint_url, threshold=threshold, overlays=overlays, overwrite=overwrite,
+                      address=address, shared_fs=shared_fs, quiet=quiet, retry_errors=retry_errors, **kwargs)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: finished images are saved; run the same command again to continue.", err=True)
+        sys.exit(EXIT_FAILED)
+    except (RunError, StorageError, ModelNotFoundError, PermissionError, FileNotFoundError) as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if not quiet:
+        click.echo(summary.line(), err=True)
+        if summary.failed:
+            click.echo(f"{summary.failed} images failed: see the 'error' column of {output.rstrip('/')}/coverage.csv",
+                       err=True)
+    sys.exit(summary.exit_code if summary.exit_code != EXIT_OK else EXIT_OK)

@@ -78,5 +78,5 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
     click.echo(
         f"Saved {res.out_dir} (best epoch {res.best_epoch}/{len(res.history)}, {res.wall_s / 60:.1f} min). "
         f"Validation: Dice {m.get('dice', float('nan')):.3f} at threshold {m.get('threshold', float('nan')):.2f}, "
-        f"IoU {m.get('iou', float('nan')):.3f}, global soft Dice {m.get('global_soft_dice', float('nan')):.3f}"
+        f"IoU {m.get('iou', float('nan')):.3f}, global soft Dice {m.get('soft_dice_global', float('nan')):.3f}"
     )

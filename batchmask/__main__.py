@@ -1,0 +1,5 @@
+"""`python -m batchmask` == `batchmask`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,427 @@
+"""Scoring a model on annotated images: metrics, threshold sweep, ``evaluate()``.
+
+Everything is scored at each image's **original size**: probabilities come from
+:meth:`FaceMaskModel.predict_proba` (already resized back), the truth from
+:func:`batchmask.data.boxes_to_mask`.
+
+One streaming pass keeps, per image, histograms of the probabilities inside and outside the
+true mask (and inside each face box) in bins whose edges are the thresholds. From those,
+TP/FP/FN at *every* threshold follow exactly (``p >= t``, float32 as in ``predict``), so the
+threshold sweep costs no second pass and no full-size probability map is kept in memory.
+
+Metric definitions (see docs/helpers/eval-readme.md):
+
+* per-image Dice at threshold ``t``: ``2 TP / (2 TP + FP + FN)``; 1 when truth and prediction
+  are both empty (no smoothing). ``dice`` in the metrics is its mean over images.
+* per-image IoU: ``TP / (TP + FP + FN)``; 1 when both are empty. ``iou`` is the mean.
+* ``soft_dice_global``: the exercise's global soft Dice on probabilities, sums over all pixels
+  of all images, smooth 1 (as ``losses.dice_coefficient(per_image=False)``).
+* ``precision`` / ``recall``: face pixels, global sums over all images (``None`` if undefined).
+* face coverage: the fraction of a face box's pixels predicted as face (recall per face).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import DataError, Sample, boxes_to_mask, fingerprint, load_dataset
+from .report import format_table  # noqa: F401  (re-exported: the CLI prints it)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: Face-size buckets by sqrt(box area) in pixels at the image's original size (COCO's limits).
+SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("small", 0.0, 32.0),
+    ("medium", 32.0, 96.0),
+    ("large", 96.0, float("inf")),
+)
+SMOOTH = 1.0
+
+Predictor = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+class EvaluationError(ValueError):
+    """Evaluation cannot run as asked (e.g. no validation split recorded in model.json)."""
+
+
+# --------------------------------------------------------------------------------------
+# per-image counts (one pass) and scores derived from them
+# --------------------------------------------------------------------------------------
+
+
+def _box_slices(boxes: np.ndarray) -> list[tuple[slice, slice]]:
+    """Pixel slices of each box, with the same pixel-centre rule as ``boxes_to_mask``."""
+    out = []
+    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        c0, c1 = max(int(np.ceil(x1 - 0.5)), 0), max(int(np.ceil(x2 - 0.5)), 0)
+        r0, r1 = max(int(np.ceil(y1 - 0.5)), 0), max(int(np.ceil(y2 - 0.5)), 0)
+        out.append((slice(r0, r1), slice(c0, c1)))
+    return out
+
+
+@dataclass
+class ImageCounts:
+    """What one pass over an image keeps: enough to score it at every edge threshold.
+
+    ``hist_in``/``hist_out`` count truth / non-truth pixels per bin, ``face_hist`` each box's
+    pixels per bin. Bin ``b`` holds probabilities with exactly ``b`` edges ``<= p``, so a pixel
+    is predicted at edge ``j`` iff its bin is ``> j``.
+    """
+
+    name: str
+    group: str
+    width: int
+    height: int
+    truth_px: int
+    soft_inter: float
+    soft_pred: float
+    hist_in: np.ndarray
+    hist_out: np.ndarray
+    face_sizes: np.ndarray
+    face_px: np.ndarray
+    face_hist: np.ndarray
+
+
+def _at_least(hist: np.ndarray) -> np.ndarray:
+    """Pixels predicted at each edge threshold: for edge j, the sum of bins j+1..k."""
+    return np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]
+
+
+def image_counts(prob: np.ndarray, truth: np.ndarray, edges: np.ndarray, boxes: np.ndarray | None = None,
+                 name: str = "", group: str = "") -> ImageCounts:
+    """Histogram one probability map against its 0/1 truth mask (same HxW)."""
+    prob = np.asarray(prob, np.float32)
+    truth = np.asarray(truth, bool)
+    if prob.shape != truth.shape:
+        raise ValueError(f"{name}: prediction {prob.shape} and truth {truth.shape} differ in size")
+    edges = np.asarray(edges, np.float32)  # compare in float32, exactly as `prob >= threshold` does
+    k1 = len(edges) + 1
+    bins = np.searchsorted(edges, prob, side="right")
+    joint = np.bincount((bins * 2 + truth).ravel(), minlength=2 * k1)
+    boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
+    slices = _box_slices(boxes)
+    face_hist = np.array([np.bincount(bins[s].ravel(), minlength=k1) for s in slices], np.int64).reshape(-1, k1)
+    return ImageCounts(
+        name=name, group=group, width=prob.shape[1], height=prob.shape[0],
+        truth_px=int(truth.sum()),
+        soft_inter=float(prob[truth].sum(dtype=np.float64)),
+        soft_pred=float(prob.sum(dtype=np.float64)),
+        hist_in=joint[1::2].astype(np.int64), hist_out=joint[0::2].astype(np.int64),
+        face_sizes=np.sqrt(np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)),
+        face_px=face_hist.sum(axis=1), face_hist=face_hist,
+    )
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num/den, and 1 where den is 0 (both masks empty)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+def _per_edge(c: ImageCounts) -> dict[str, np.ndarray]:
+    tp = _at_least(c.hist_in)
+    fp = _at_least(c.hist_out)
+    fn = c.truth_px - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cover = _at_least(c.face_hist) / np.where(c.face_px > 0, c.face_px, np.nan)[:, None]
+    return {"tp": tp, "fp": fp, "fn": fn, "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": _ratio(tp, tp + fp + fn), "cover": cover}
+
+
+def sweep_thresholds(probs_and_truths: Iterable[tuple[np.ndarray, np.ndarray]],
+                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict[float, float]:
+    """Mean per-image Dice at each threshold, in one pass over (probability, truth) pairs."""
+    values = _threshold_values(thresholds)
+    edges = np.asarray(values, np.float32)
+    total, n = np.zeros(len(edges)), 0
+    for prob, truth in probs_and_truths:
+        total += _per_edge(image_counts(prob, truth, edges))["dice"]
+        n += 1
+    if n == 0:
+        raise EvaluationError("no images to sweep thresholds over")
+    return {t: float(v) for t, v in zip(values, total / n, strict=True)}
+
+
+def _threshold_values(thresholds: Iterable[float]) -> list[float]:
+    values = sorted({round(float(t), 6) for t in thresholds})
+    if not values or values[0] <= 0.0 or values[-1] >= 1.0:
+        raise EvaluationError(f"thresholds must lie strictly between 0 and 1, got {values}")
+    return values
+
+
+def size_bucket(size: float) -> str:
+    for name, lo, hi in SIZE_BUCKETS:
+        if lo <= size < hi:
+            return name
+    return "none"
+
+
+@dataclass
+class Scores:
+    """Every figure for one predictor on one set of images, at every edge threshold."""
+
+    values: list[float]
+    counts: list[ImageCounts]
+    per_edge: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.per_edge = [_per_edge(c) for c in self.counts]
+
+    def edge_index(self, threshold: float) -> int:
+        j = int(np.argmin(np.abs(np.asarray(self.values) - threshold)))
+        if abs(self.values[j] - threshold) > 1e-6:
+            raise ValueError(f"threshold {threshold} is not one of the scored thresholds {self.values}")
+        return j
+
+    def metrics(self, j: int) -> dict[str, Any]:
+        cs, pe = self.counts, self.per_edge
+        tp = sum(int(e["tp"][j]) for e in pe)
+        fp = sum(int(e["fp"][j]) for e in pe)
+        truth = sum(c.truth_px for c in cs)
+        inter, soft = sum(c.soft_inter for c in cs), sum(c.soft_pred for c in cs)
+        covers = np.concatenate([e["cover"][:, j] for e in pe]) if pe else np.zeros(0)
+        covers = covers[np.isfinite(covers)]
+        return {
+            "threshold": self.values[j],
+            "dice": float(np.mean([e["dice"][j] for e in pe])),
+            "iou": float(np.mean([e["iou"][j] for e in pe])),
+            "soft_dice_global": (2 * inter + SMOOTH) / (truth + soft + SMOOTH),
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / truth if truth else None,
+            "pixel_dice_global": 2 * tp / (2 * tp + fp + truth - tp) if (tp + fp + truth) else 1.0,
+            "face_coverage": float(covers.mean()) if covers.size else None,
+            "images": len(cs),
+            "images_with_faces": sum(len(c.face_sizes) > 0 for c in cs),
+            "faces": int(sum(len(c.face_sizes) for c in cs)),
+            "truth_px": int(truth),
+            "pred_px": int(tp + fp),
+        }
+
+    def rows(self, j: int) -> list[dict[str, Any]]:
+        out = []
+        for c, e in zip(self.counts, self.per_edge, strict=True):
+            med = float(np.median(c.face_sizes)) if len(c.face_sizes) else None
+            cover = e["cover"][:, j]
+            cover = cover[np.isfinite(cover)]
+            out.append({
+                "name": c.name, "group": c.group, "width": c.width, "height": c.height,
+                "faces": len(c.face_sizes),
+                "median_face_px": None if med is None else round(med, 1),
+                "size_bucket": "none" if med is None else size_bucket(med),
+                "truth_px": c.truth_px, "pred_px": int(e["tp"][j] + e["fp"][j]),
+                "tp_px": int(e["tp"][j]), "fp_px": int(e["fp"][j]), "fn_px": int(e["fn"][j]),
+                "dice": round(float(e["dice"][j]), 6), "iou": round(float(e["iou"][j]), 6),
+                "soft_dice": round((2 * c.soft_inter + SMOOTH) / (c.truth_px + c.soft_pred + SMOOTH), 6),
+                "face_coverage": round(float(cover.mean()), 6) if cover.size else None,
+            })
+        return out
+
+    def threshold_table(self) -> list[dict[str, Any]]:
+        keys = ("threshold", "dice", "iou", "precision", "recall", "face_coverage")
+        return [{k: self.metrics(j)[k] for k in keys} for j in range(len(self.values))]
+
+    def by_face_size(self, j: int) -> list[dict[str, Any]]:
+        """Per bucket: faces and their mean box coverage; images (by median face size), mean Dice."""
+        faces: dict[str, list[float]] = {b[0]: [] for b in SIZE_BUCKETS}
+        images: dict[str, list[float]] = {b[0]: [] for b in SIZE_BUCKETS}
+        for c, e in zip(self.counts, self.per_edge, strict=True):
+            for size, cov in zip(c.face_sizes, e["cover"][:, j], strict=True):
+                if np.isfinite(cov):
+                    faces[size_bucket(size)].append(float(cov))
+            if len(c.face_sizes):
+                images[size_bucket(float(np.median(c.face_sizes)))].append(float(e["dice"][j]))
+        return [{
+            "bucket": name, "min_px": lo, "max_px": None if np.isinf(hi) else hi,
+            "faces": len(faces[name]), "face_coverage": float(np.mean(faces[name])) if faces[name] else None,
+            "images": len(images[name]), "dice": float(np.mean(images[name])) if images[name] else None,
+        } for name, lo, hi in SIZE_BUCKETS]
+
+
+def score(predict_fn: Predictor, samples: Sequence[Sample], thresholds: Sequence[float],
+          batch_size: int = 8, desc: str = "evaluate") -> Scores:
+    """Stream ``samples`` through ``predict_fn`` (images -> probability maps at original size)."""
+    values = _threshold_values(thresholds)
+    edges = np.asarray(values, np.float32)
+    counts: list[ImageCounts] = []
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=None) as bar:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            images = [s.load_image() for s in batch]
+            probs = predict_fn(images)
+            for s, im, p in zip(batch, images, probs, strict=True):
+                h, w = im.shape[:2]
+                counts.append(image_counts(p, boxes_to_mask(s.boxes, h, w), edges, s.boxes, s.name, s.group))
+            bar.update(len(batch))
+            del images, probs
+    return Scores(values, counts)
+
+
+# --------------------------------------------------------------------------------------
+# evaluate()
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """``metrics`` at ``threshold``; ``rows`` one dict per image (the per_image.csv columns)."""
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+    threshold: float
+    threshold_table: list[dict[str, Any]]
+    by_face_size: list[dict[str, Any]]
+    best_threshold: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    baseline: EvalResult | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rows", "baseline")}
+        if self.baseline is not None:
+            d["baseline"] = self.baseline.to_dict()
+        return d
+
+
+def _result(scores: Scores, threshold: float, info: dict[str, Any], best: float | None = None) -> EvalResult:
+    j = scores.edge_index(threshold)
+    return EvalResult(metrics=scores.metrics(j), rows=scores.rows(j), threshold=scores.values[j],
+                      threshold_table=scores.threshold_table(), by_face_size=scores.by_face_size(j),
+                      best_threshold=best, info=info)
+
+
+def _load_samples(data: str | os.PathLike | Sequence[Sample], subset: str | None, model, limit: int | None
+                  ) -> tuple[list[Sample], str]:
+    if isinstance(data, (str, os.PathLike)):
+        samples, where = load_dataset(data, limit=None if subset else limit), str(data)
+    else:
+        samples, where = list(data), "in-memory samples"
+    if subset == "val":
+        split = (model.meta.get("data") or {}).get("split") or {}
+        names = split.get("val_names")
+        if not names:
+            raise EvaluationError(
+                f"--subset val: {model.path or 'this model'}'s model.json records no validation split "
+                "(data.split.val_names); evaluate on a held-out dataset instead"
+            )
+        wanted = set(names)
+        samples = [s for s in samples if s.name in wanted]
+        if not samples:
+            raise EvaluationError(f"--subset val: none of the {len(wanted)} validation images are in {where}")
+        if len(samples) < len(wanted):
+            log.warning("--subset val: %d of %d validation images found in %s", len(samples), len(wanted), where)
+    elif subset is not None:
+        raise EvaluationError(f"unknown subset {subset!r} (only 'val' is supported)")
+    samples = samples[:limit] if limit else samples
+    if not samples:
+        raise DataError(f"{where}: no images to evaluate")
+    return samples, where
+
+
+def _best_threshold(table: list[dict[str, Any]], current: float) -> float:
+    top = max(r["dice"] for r in table)
+    ties = [r["threshold"] for r in table if r["dice"] >= top - 1e-12]
+    return min(ties, key=lambda t: abs(t - current))
+
+
+def _store_threshold(model, best: float, previous: float, table: list[dict[str, Any]], info: dict) -> None:
+    from .inference import read_meta, write_meta
+
+    meta = read_meta(model.path)
+    meta.setdefault("model", {})["threshold"] = best
+    meta["threshold_tuning"] = {
+        "metric": "mean per-image Dice at original image size",
+        "best": best, "previous": previous,
+        "data": info["data"], "subset": info["subset"], "images": info["images"],
+        "data_fingerprint": info["data_fingerprint"],
+        "table": [{"threshold": r["threshold"], "dice": round(r["dice"], 6)} for r in table],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_meta(model.path, meta)
+    model.meta = meta
+    model.config.threshold = best
+    log.info("stored threshold %.2f (was %.2f) in %s", best, previous, model.path / "model.json")
+
+
+def evaluate(
+    model,
+    data: str | os.PathLike | Sequence[Sample],
+    *,
+    out_dir: str | os.PathLike | None = None,
+    subset: str | None = None,
+    tune_threshold: bool = False,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    report_dir: str | os.PathLike | None = None,
+    baseline: str | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    grid_images: int = 8,
+) -> EvalResult:
+    """Score ``model`` (a directory, a loaded :class:`FaceMaskModel`, or None for the default
+    model) on ``data`` (an ``images.npy``, a WIDER folder, or samples).
+
+    With ``tune_threshold`` the threshold with the best mean per-image Dice is stored in the
+    model's ``model.json`` and the returned metrics are scored at it (optimistic on these
+    images). ``out_dir`` gets metrics.json, per_image.csv and predictions.png; ``report_dir`` an
+    HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
+    """
+    from . import report
+    from .inference import FaceMaskModel, default_model_dir, load_model
+
+    if baseline not in (None, "haar"):
+        raise EvaluationError(f"unknown baseline {baseline!r} (choose: haar)")
+    if tune_threshold and model is None:
+        raise EvaluationError(
+            f"--tune-threshold would modify the model shipped inside the package ({default_model_dir()}); "
+            "copy it and pass --model DIR"
+        )
+    haar = None
+    if baseline == "haar":
+        from .baseline import HaarBaseline
+
+        haar = HaarBaseline()  # fail early when OpenCV is missing
+    fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model)
+    if tune_threshold and fmm.path is None:
+        raise EvaluationError("tune_threshold needs a model loaded from a directory")
+    samples, where = _load_samples(data, subset, fmm, limit)
+    previous = fmm.threshold
+    info: dict[str, Any] = {
+        "model": str(fmm.path) if fmm.path else None, "model_config": fmm.config.to_dict(),
+        "data": where, "subset": subset, "images": len(samples), "data_fingerprint": fingerprint(samples),
+        "threshold_source": "model.json",
+    }
+    t0 = time.perf_counter()
+    scores = score(lambda ims: fmm.predict_proba(ims, batch_size=batch_size), samples,
+                   list(thresholds) + [previous], batch_size)
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    info["images_per_s"] = round(len(samples) / max(info["seconds"], 1e-9), 2)
+    best = None
+    if tune_threshold:
+        table = scores.threshold_table()
+        best = _best_threshold(table, previous)
+        _store_threshold(fmm, best, previous, table, info)
+        info["threshold_source"] = "tuned on these images"
+        info["previous_threshold"] = previous
+    result = _result(scores, best if best is not None else previous, info, best)
+    if haar is not None:
+        t0 = time.perf_counter()
+        hs = score(haar.predict_proba, samples, [0.5], batch_size, desc="haar baseline")
+        hinfo = {"name": "haar", "settings": haar.settings(), "seconds": round(time.perf_counter() - t0, 2)}
+        result.baseline = _result(hs, 0.5, hinfo)
+    if out_dir is not None or report_dir is not None:
+        examples = report.Examples(fmm, samples, result, haar, grid_images)
+        if report_dir is not None:
+            result.files.update(report.write_report(Path(report_dir), result, examples))
+        if out_dir is not None:
+            result.files.update(report.write_outputs(Path(out_dir), result, examples))
+    return result

@@ -1,0 +1,337 @@
+"""Scheduled job definitions: TOML files under ``jobs/`` (format in jobs/README.md).
+
+A job is one incremental ``batchmask run`` with a cron schedule. This module reads and
+validates definitions; scheduling and rendering live in :mod:`batchmask.jobs_schedule`,
+running (lock, timeout, history) in :mod:`batchmask.jobs_exec`, Ray Jobs submission in
+:mod:`batchmask.jobs_submit`.
+
+Relative local paths in a job file (``input``, ``output``, ``model``) resolve against the
+directory holding the job file, never against the current directory, so cron, systemd and
+a shell give the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .jobs_schedule import validate_cron, validate_timezone
+
+#: Job names: lowercase letters, digits and '-', 1..52 characters, starting and ending with
+#: a letter or digit. The name is used in lock files, log files, Ray submission ids, systemd
+#: unit names and Kubernetes object names (CronJob names are limited to 52 characters).
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
+
+#: Field names that look like credentials get a specific error message.
+SECRET_HINTS = ("key", "secret", "token", "password", "credential")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class JobError(ValueError):
+    """One or more problems in a job definition; ``problems`` holds one line each."""
+
+    def __init__(self, path: str | os.PathLike, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job definition (local paths already absolute)."""
+
+    name: str
+    schedule: str
+    input: str
+    output: str
+    timezone: str = "UTC"
+    model: str | None = None
+    workers: int = 1
+    batch_size: int = 8
+    endpoint_url: str | None = None
+    profile: str | None = None
+    threshold: float | None = None
+    glob: str | None = None
+    overlays: bool = False
+    max_failures: int = 0
+    timeout: float | None = None
+    enabled: bool = True
+    description: str = ""
+    #: the file the job was read from (not a TOML field)
+    source: str = ""
+
+    def runner_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`batchmask.runner.run` (without quiet/address)."""
+        opts: dict[str, Any] = {}
+        if self.profile:
+            opts["profile"] = self.profile
+        return {
+            "input": self.input,
+            "output": self.output,
+            "model": self.model,
+            "workers": self.workers,
+            "batch_size": self.batch_size,
+            "glob": self.glob,
+            "endpoint_url": self.endpoint_url,
+            "threshold": self.threshold,
+            "overlays": self.overlays,
+            "storage_options": opts or None,
+        }
+
+    def to_toml(self) -> str:
+        """The definition as TOML (resolved paths), e.g. to ship it to a Ray cluster."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "source" or value is None:
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    s = str(value)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` locations (s3://, gs://, file://, ...)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def resolve_path(value: str, base_dir: Path) -> str:
+    """A local path made absolute against ``base_dir`` (``~`` expanded); URLs unchanged."""
+    if is_url(value):
+        return value
+    p = Path(os.path.expanduser(value))
+    if not p.is_absolute():
+        p = base_dir / p
+    return os.path.normpath(str(p))
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from an int/float or a string like ``"90s"``, ``"45m"``, ``"2h"``, ``"1d"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected seconds (number) or a duration like '45m'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError("expected seconds (number) or a duration like '90s', '45m', '2h', '1d'")
+        seconds = float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+    else:
+        raise ValueError("expected seconds (number) or a duration like '45m'")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return seconds
+
+
+# field -> (python types accepted, required)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), True),
+    "schedule": ((str,), True),
+    "timezone": ((str,), False),
+    "input": ((str,), True),
+    "output": ((str,), True),
+    "model": ((str,), False),
+    "workers": ((int,), False),
+    "batch_size": ((int,), False),
+    "endpoint_url": ((str,), False),
+    "profile": ((str,), False),
+    "threshold": ((float, int), False),
+    "glob": ((str,), False),
+    "overlays": ((bool,), False),
+    "max_failures": ((int,), False),
+    "timeout": ((int, float, str), False),
+    "enabled": ((bool,), False),
+    "description": ((str,), False),
+}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
+
+
+def _check_location(field: str, value: str, problems: list[str]) -> None:
+    if not value.strip():
+        problems.append(f"field '{field}' = {value!r}: must not be empty")
+        return
+    if is_url(value):
+        parts = urlsplit(value)
+        if parts.username or parts.password:
+            problems.append(
+                f"field '{field}' = <redacted>: credentials in the URL; secrets are never stored in job "
+                "files (use the environment or `profile`)"
+            )
+
+
+def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpec:
+    """Validate a parsed TOML table; raise :class:`JobError` listing every problem."""
+    path = Path(path)
+    problems: list[str] = []
+    for key, value in data.items():
+        if key not in _FIELDS:
+            if any(h in key.lower() for h in SECRET_HINTS):
+                problems.append(
+                    f"field '{key}': secrets are never stored in job files; credentials come from "
+                    "the environment or a named profile (field 'profile')"
+                )
+            else:
+                problems.append(f"unknown field '{key}' = {value!r} (known: {', '.join(_FIELDS)})")
+            continue
+        types, _ = _FIELDS[key]
+        if not _type_ok(value, types):
+            want = " or ".join(_TYPE_NAMES[t] for t in types)
+            problems.append(f"field '{key}' = {value!r}: expected {want}, got {type(value).__name__}")
+    for key, (_, required) in _FIELDS.items():
+        if required and key not in data:
+            problems.append(f"missing required field '{key}'")
+    if problems:
+        raise JobError(path, problems)
+
+    name = data["name"]
+    if not NAME_RE.match(name):
+        problems.append(
+            f"field 'name' = {name!r}: use 1-52 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    tz = data.get("timezone", "UTC")
+    try:
+        validate_timezone(tz)
+    except ValueError as exc:
+        problems.append(f"field 'timezone' = {tz!r}: {exc}")
+    try:
+        validate_cron(data["schedule"])
+    except ValueError as exc:
+        problems.append(f"field 'schedule' = {data['schedule']!r}: {exc}")
+    for key in ("input", "output"):
+        _check_location(key, data[key], problems)
+    if "model" in data:
+        _check_location("model", data["model"], problems)
+    for key in ("workers", "batch_size"):
+        if key in data and data[key] < 1:
+            problems.append(f"field '{key}' = {data[key]!r}: must be at least 1")
+    if "max_failures" in data and data["max_failures"] < 0:
+        problems.append(f"field 'max_failures' = {data['max_failures']!r}: must be 0 or more")
+    if "threshold" in data and not 0.0 < float(data["threshold"]) < 1.0:
+        problems.append(f"field 'threshold' = {data['threshold']!r}: must be between 0 and 1 (exclusive)")
+    timeout = None
+    if "timeout" in data:
+        try:
+            timeout = parse_duration(data["timeout"])
+        except ValueError as exc:
+            problems.append(f"field 'timeout' = {data['timeout']!r}: {exc}")
+    endpoint = data.get("endpoint_url")
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            problems.append(f"field 'endpoint_url' = {endpoint!r}: expected an http:// or https:// URL")
+        elif parts.username or parts.password:
+            problems.append(
+                "field 'endpoint_url' = <redacted>: credentials in the URL; secrets are never stored "
+                "in job files (use the environment or `profile`)"
+            )
+    remote = [k for k in ("input", "output") if is_url(data[k]) and not data[k].startswith("file://")]
+    for key in ("endpoint_url", "profile"):
+        if key in data and not remote:
+            problems.append(f"field '{key}' = {data[key]!r}: only used with s3:// input or output")
+    if "glob" in data and not data["glob"].strip():
+        problems.append("field 'glob' = '': must not be empty (leave it out for the default)")
+    if problems:
+        raise JobError(path, problems)
+
+    base = path.parent.resolve() if path.name != "<job>" else Path.cwd()
+    return JobSpec(
+        name=name,
+        schedule=" ".join(data["schedule"].split()),
+        timezone=tz,
+        input=resolve_path(data["input"], base),
+        output=resolve_path(data["output"], base),
+        model=resolve_path(data["model"], base) if data.get("model") else None,
+        workers=data.get("workers", 1),
+        batch_size=data.get("batch_size", 8),
+        endpoint_url=endpoint,
+        profile=data.get("profile"),
+        threshold=float(data["threshold"]) if "threshold" in data else None,
+        glob=data.get("glob"),
+        overlays=data.get("overlays", False),
+        max_failures=data.get("max_failures", 0),
+        timeout=timeout,
+        enabled=data.get("enabled", True),
+        description=data.get("description", ""),
+        source=str(path.resolve()) if path.name != "<job>" else "",
+    )
+
+
+def load_job(path: str | os.PathLike) -> JobSpec:
+    """Read and validate one job file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise JobError(path, [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise JobError(path, [f"not UTF-8 text: {exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(path, [f"invalid TOML: {exc}"]) from exc
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise JobError(path, [f"unexpected table [{key}]: a job file holds plain fields only"])
+    return parse_job(data, path)
+
+
+def job_files(paths: list[str | os.PathLike] | tuple[str | os.PathLike, ...]) -> list[Path]:
+    """Job files named directly, or every ``*.toml`` directly inside named directories."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.glob("*.toml") if q.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def load_jobs(
+    paths: list[str | os.PathLike] | tuple[str | os.PathLike, ...],
+) -> tuple[list[JobSpec], list[JobError]]:
+    """Load every job under ``paths``; also report duplicate names (they would share a lock)."""
+    jobs: list[JobSpec] = []
+    errors: list[JobError] = []
+    seen: dict[str, str] = {}
+    for f in job_files(paths):
+        try:
+            job = load_job(f)
+        except JobError as exc:
+            errors.append(exc)
+            continue
+        if job.name in seen:
+            errors.append(
+                JobError(f, [f"field 'name' = {job.name!r}: already used by {seen[job.name]} (names must be unique)"])
+            )
+            continue
+        seen[job.name] = str(f)
+        jobs.append(job)
+    return jobs, errors

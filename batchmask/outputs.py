@@ -1,0 +1,255 @@
+"""What ``batchmask run`` reads and writes under ``--output``, and per-image work.
+
+Layout (see docs/helpers/run-readme.md for every column)::
+
+    masks/<relative path, extension .png>   8-bit single-channel PNG, 255 = face, 0 = not
+    overlays/<relative path, extension .jpg> previews (only with --overlays)
+    coverage.csv                            one row per input image, sorted by image
+    run.json                                the latest run: model, versions, counts, throughput
+    _parts/<run id>-<shard>.csv             per-shard rows not yet merged into coverage.csv
+
+A shard's part file is written (atomically) only after all its masks are written, so a row
+in a part file or in ``coverage.csv`` always has its mask. The driver merges part files into
+``coverage.csv`` (one atomic write) at the end of a run, when interrupted, and at the start
+of the next run; a later row for the same image replaces an earlier one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import posixpath
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .augment import resize_rgb
+from .data import DataError, pil_to_rgb
+from .inference import upsample_probs
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["image", "width", "height", "face_pixels", "coverage", "faces", "mean_confidence", "mask", "status", "error"]
+COVERAGE = "coverage.csv"
+RUN_JSON = "run.json"
+PARTS = "_parts/"
+MASKS = "masks/"
+OVERLAYS = "overlays/"
+#: A connected face region counts in ``faces`` when its area is at least this many network
+#: output pixels, i.e. ``MIN_FACE_NET_PIXELS * width * height / image_size**2`` original pixels
+#: (and at least ``MIN_FACE_PIXELS``).
+MIN_FACE_NET_PIXELS = 4
+MIN_FACE_PIXELS = 16
+#: Default decompression-bomb guard: images with more pixels are error rows.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def mask_rel(rel: str) -> str:
+    return MASKS + posixpath.splitext(rel)[0] + ".png"
+
+
+def overlay_rel(rel: str) -> str:
+    return OVERLAYS + posixpath.splitext(rel)[0] + ".jpg"
+
+
+class MaskNames:
+    """Mask paths for images in listing order, resolving collisions (``a.jpg`` and ``a.png``).
+
+    The first image takes ``masks/a.png``; a later one whose mask would collide takes
+    ``masks/<its full name>.png`` (``masks/a.png.png``), then ``...-1.png`` and so on. Memory
+    stays small because images that can collide share the prefix ``<stem>.``, and such keys
+    are contiguous in a sorted listing and in a folder-by-folder walk (SeaweedFS): a name is
+    forgotten once the listing has moved past its prefix.
+    """
+
+    def __init__(self) -> None:
+        self._taken: dict[str, str] = {}  # mask path -> group prefix that may still collide
+
+    def assign(self, rel: str) -> str:
+        if self._taken and len(self._taken) > 8:
+            self._taken = {m: g for m, g in self._taken.items() if rel.startswith(g)}
+        group = posixpath.splitext(rel)[0] + "."
+        cand = mask_rel(rel)
+        k = 0
+        while cand in self._taken:
+            cand = MASKS + (rel if k == 0 else f"{rel}-{k}") + ".png"
+            k += 1
+        self._taken[cand] = group
+        return cand
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+@dataclass
+class Decoded:
+    rel: str
+    mask: str
+    x: np.ndarray | None = None  # network input (S, S, 3) uint8
+    width: int = 0
+    height: int = 0
+    error: str = ""
+
+
+def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft: bool = True):
+    """Decode to the network's input and read the original (EXIF-oriented) size.
+
+    JPEGs are decoded in draft mode at the smallest power-of-two reduction that is still at
+    least ``size`` pixels on both sides; the mask is still written at the header's size.
+    Returns ``(x, width, height)``; raises :class:`DataError` for anything unusable.
+    """
+    if not data:
+        raise DataError(f"{where}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            w0, h0 = im.size
+            if w0 * h0 > max_pixels:
+                raise DataError(f"{where}: {w0}x{h0} = {w0 * h0} pixels exceeds the limit of {max_pixels} (--max-pixels)")
+            orient = im.getexif().get(0x0112, 1)
+            w, h = (h0, w0) if orient in (5, 6, 7, 8) else (w0, h0)
+            if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                im.draft(im.mode, (size, size))
+            rgb = pil_to_rgb(im, where)
+    except DataError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad files
+        raise DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return resize_rgb(rgb, size, size), w, h
+
+
+def mask_stats(prob_small: np.ndarray, width: int, height: int, threshold: float, image_size: int):
+    """Full-size 0/255 mask and its statistics from a network probability map."""
+    from scipy import ndimage
+
+    prob = upsample_probs(prob_small, width, height)
+    face = prob >= threshold
+    face_pixels = int(np.count_nonzero(face))
+    faces = 0
+    mean_conf = None
+    if face_pixels:
+        mean_conf = float(prob[face].mean())
+        rows, cols = np.flatnonzero(face.any(axis=1)), np.flatnonzero(face.any(axis=0))
+        crop = face[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # label only the face bounding box
+        labels, n = ndimage.label(crop, structure=np.ones((3, 3), bool))
+        if n:
+            sizes = np.bincount(labels[crop], minlength=n + 1)[1:]
+            min_area = max(MIN_FACE_PIXELS, MIN_FACE_NET_PIXELS * width * height / image_size**2)
+            faces = int(np.count_nonzero(sizes >= min_area))
+    return face.view(np.uint8) * np.uint8(255), face_pixels, faces, mean_conf
+
+
+def encode_png(mask_u8: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask_u8, "L").save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_overlay(data: bytes, mask_u8: np.ndarray, where: str) -> bytes:
+    """A JPEG preview: the image with face pixels tinted red."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = pil_to_rgb(im, where).astype(np.float32)
+    sel = mask_u8 > 0
+    rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.array([255.0, 0.0, 0.0], np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def ok_row(rel: str, mask: str, width: int, height: int, face_pixels: int, faces: int, mean_conf) -> dict:
+    return {
+        "image": rel,
+        "width": width,
+        "height": height,
+        "face_pixels": face_pixels,
+        "coverage": f"{face_pixels / (width * height):.6f}",
+        "faces": faces,
+        "mean_confidence": "" if mean_conf is None else f"{mean_conf:.4f}",
+        "mask": mask,
+        "status": "ok",
+        "error": "",
+    }
+
+
+def error_row(rel: str, error: str, width: int = 0, height: int = 0) -> dict:
+    return {
+        "image": rel,
+        "width": width or "",
+        "height": height or "",
+        "face_pixels": "",
+        "coverage": "",
+        "faces": "",
+        "mean_confidence": "",
+        "mask": "",
+        "status": "error",
+        "error": " ".join(str(error).split())[:500],
+    }
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def rows_to_csv(rows) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue().encode("utf-8")
+
+
+def csv_to_rows(data: bytes, where: str) -> list[dict]:
+    try:
+        text = data.decode("utf-8")
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        log.warning("%s: unreadable, ignored (%s)", where, exc)
+        return []
+    return [r for r in rows if r.get("image") and r.get("status") in ("ok", "error")]
+
+
+def part_name(run_id: str, shard: int) -> str:
+    return f"{PARTS}{run_id}-{shard:07d}.csv"
+
+
+def list_parts(out: Storage) -> list[str]:
+    return [p for p in out.iter_files(PARTS) if p.endswith(".csv")]
+
+
+def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
+    """Rows from ``coverage.csv`` plus unmerged part files (later part files win)."""
+    records: dict[str, dict] = {}
+    if out.exists(COVERAGE):
+        for r in csv_to_rows(out.read_bytes(COVERAGE), COVERAGE):
+            records[r["image"]] = r
+    parts = list_parts(out)
+    for p in parts:  # run ids sort chronologically
+        for r in csv_to_rows(out.read_bytes(p), p):
+            records[r["image"]] = r
+    return records, parts
+
+
+def merge_parts(out: Storage) -> dict[str, dict]:
+    """Fold part files into ``coverage.csv`` (one atomic write), then delete them."""
+    records, parts = load_records(out)
+    if parts or not out.exists(COVERAGE):
+        out.write_bytes(COVERAGE, rows_to_csv(records[k] for k in sorted(records)))
+        for p in parts:
+            out.delete(p)
+    return records
+
+
+def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False) -> set[str]:
+    """Images that need no work: ``ok`` rows whose mask exists, and ``error`` rows unless retried."""
+    masks = set(out.iter_files(MASKS)) if any(r["status"] == "ok" for r in records.values()) else set()
+    done = set()
+    for k, r in records.items():
+        if r["status"] == "ok" and r["mask"] in masks or r["status"] == "error" and not retry_errors:
+            done.add(k)
+    return done

@@ -1,0 +1,430 @@
+"""``run()``: predict face masks for every image under a folder or bucket prefix, with Ray.
+
+The driver lists images (streaming, sorted), skips those already done, groups the rest into
+shards of relative paths and hands them to ``workers`` Ray actors (:mod:`batchmask.worker`),
+at most ``INFLIGHT_PER_ACTOR`` shards each. Actors read, predict and write; the driver only
+sees counts. Outputs and their guarantees: :mod:`batchmask.outputs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+from . import __version__
+from .data import IMAGE_EXTENSIONS
+from .inference import META_FILE, MODEL_FILE, read_meta, resolve_model_dir
+from .outputs import (
+    DEFAULT_MAX_PIXELS,
+    RUN_JSON,
+    MaskNames,
+    done_set,
+    error_row,
+    merge_parts,
+    part_name,
+    rows_to_csv,
+)
+from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches
+from .worker import CRASH_ENV, DELAY_ENV, MaskWorker, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_IMAGES_FAILED = 0, 3  # same values as batchmask.cli.common
+#: Listed as images (case-insensitive): the training formats plus GIF (first frame).
+RUN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif")
+INFLIGHT_PER_ACTOR = 2
+MAX_SHARD_ATTEMPTS = 2  # driver-level, on top of Ray's max_task_retries per actor
+ACTOR_MAX_RESTARTS = 3
+ACTOR_START_TIMEOUT_S = float(os.environ.get("BATCHMASK_ACTOR_START_TIMEOUT", "600"))
+DEFAULT_SHARD_SIZE = 32
+
+
+class RunError(RuntimeError):
+    """The run could not be done (bad options, unreachable storage, no workers)."""
+
+
+@dataclass
+class RunSummary:
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    wall_s: float
+    images_per_s: float
+    exit_code: int
+    output: str
+    run_json: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"batchmask run: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done) "
+                f"of {self.total} images in {self.wall_s:.1f} s ({self.images_per_s:.1f} images/s)")
+
+
+def done_images(output: str, *, endpoint_url: str | None = None, storage_options: dict | None = None,
+                retry_errors: bool = False) -> set[str]:
+    """Relative paths already done under ``output`` (ok with a mask, or error unless retried)."""
+    from .outputs import load_records
+
+    out = StorageSpec(output, endpoint_url, storage_options or {}).open()
+    records, _ = load_records(out)
+    return done_set(out, records, retry_errors)
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _plan_cpus(workers: int, node_cpus: list[float]) -> tuple[float, int]:
+    """CPUs per actor so that all ``workers`` actors fit on the nodes, and TF threads per actor."""
+    total = sum(node_cpus)
+    if total <= 0:
+        raise RunError("the Ray cluster has no CPUs")
+    for per in range(max(1, int(total // workers)), 0, -1):
+        if sum(int(c // per) for c in node_cpus) >= workers:
+            return float(per), per
+    k = 2
+    while sum(int(c * k + 1e-9) for c in node_cpus) < workers:
+        k += 1
+    return 1.0 / k, 1
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connect to or start Ray; returns whether this call started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    addr = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.DEBUG),
+              "configure_logging": False}
+    if addr:
+        log.info("joining Ray cluster at %s", addr)
+        ray.init(address=addr, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+    return True
+
+
+def _versions() -> dict:
+    """Package versions from their metadata (importing TensorFlow here would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    v = {"batchmask": __version__, "python": platform.python_version()}
+    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec"):
+        with contextlib.suppress(PackageNotFoundError):
+            v[dist] = version(dist)
+    return v
+
+
+def run(input: str, output: str, model: str | None = None, *, workers: int = 1, batch_size: int = 8,
+        glob: str | None = None, endpoint_url: str | None = None, threshold: float | None = None,
+        overlays: bool = False, overwrite: bool = False, address: str | None = None,
+        shared_fs: bool = False, quiet: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+        shard_size: int = DEFAULT_SHARD_SIZE, storage_options: dict | None = None,
+        retry_errors: bool = False, draft: bool = True) -> RunSummary:
+    """Predict masks for every image under ``input``; write masks, coverage.csv and run.json to ``output``.
+
+    Returns a :class:`RunSummary` (exit code 0 when every image processed in this run is ok, 3
+    when some failed); raises :class:`RunError`, :class:`~batchmask.storage.StorageError` or
+    :class:`~batchmask.inference.ModelNotFoundError` when the run cannot be done, and
+    ``KeyboardInterrupt`` when interrupted (after saving what was finished).
+    """
+    if workers < 1 or batch_size < 1 or shard_size < 1 or max_pixels < 1:
+        raise RunError("--workers, --batch-size, --shard-size and --max-pixels must be at least 1")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise RunError(f"--threshold must be between 0 and 1, got {threshold}")
+    t0 = time.time()
+    started = _now()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + f"{int(t0 * 1e6) % 1_000_000:06d}-{uuid.uuid4().hex[:6]}"
+    in_spec = StorageSpec(input, endpoint_url, dict(storage_options or {})).resolved()
+    out_spec = StorageSpec(output, endpoint_url, dict(storage_options or {})).resolved()
+    inp, out = in_spec.open(), out_spec.open()
+    model_dir = resolve_model_dir(model)
+    out.ensure_root()
+    records = merge_parts(out)  # leftovers of an interrupted run first
+    done = set() if overwrite else done_set(out, records, retry_errors)
+    del records
+    skip_prefix = inp.relative_prefix_of(out)
+    if skip_prefix == "":
+        raise RunError("--output must not be the same location as --input")
+
+    driver_rows: list[dict] = []
+    st = {"total": 0, "skipped": 0, "ok": 0, "failed": 0, "listed_all": False, "retried_shards": 0,
+          "rows": driver_rows}
+    names = MaskNames()
+
+    def pending() -> Iterator[tuple[str, str]]:
+        for rel in inp.iter_files():
+            if skip_prefix and rel.startswith(skip_prefix):
+                continue
+            if not matches(rel, RUN_EXTENSIONS, glob):
+                continue
+            st["total"] += 1
+            try:
+                check_rel(rel)
+            except UnsafePathError as exc:
+                if rel not in done:
+                    driver_rows.append(error_row(rel, str(exc)))
+                    st["failed"] += 1
+                else:
+                    st["skipped"] += 1
+                continue
+            mask = names.assign(rel)
+            if rel in done:
+                st["skipped"] += 1
+                continue
+            yield rel, mask
+        st["listed_all"] = True
+
+    items = pending()
+    shards = iter(lambda: list(islice(items, shard_size)), [])
+    first = next(shards, None)
+    opts = {"workers": workers, "batch_size": batch_size, "shard_size": shard_size, "glob": glob,
+            "threshold": threshold, "overlays": overlays, "overwrite": overwrite, "retry_errors": retry_errors,
+            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft}
+    info: dict = {"format_version": 1, "run_id": run_id, "input": in_spec.public(), "output": out_spec.public(),
+                  "model": {"path": str(model_dir)}, "options": opts, "versions": _versions(), "start": started}
+    try:
+        meta = read_meta(model_dir)
+        info["model"].update({"config": meta.get("model"), "trained": bool(meta.get("training")),
+                              "metrics": meta.get("metrics")})
+    except (OSError, ValueError):
+        pass
+    interrupted = False
+    try:
+        if first is not None:
+            _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
+                     threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if driver_rows:
+            out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
+        merge_parts(out)
+        wall = time.time() - t0
+        processed = st["ok"] + st["failed"]
+        code = EXIT_IMAGES_FAILED if st["failed"] else EXIT_OK
+        info.update({"end": _now(), "wall_s": round(wall, 3), "interrupted": interrupted,
+                     "counts": {k: st[k] for k in ("total", "skipped", "ok", "failed", "retried_shards")},
+                     "listing_complete": st["listed_all"] or first is None, "exit_code": code})
+        info.setdefault("throughput", {})["images_per_s"] = round(processed / wall, 3) if wall > 0 else 0.0
+        out.write_bytes(RUN_JSON, (json.dumps(info, indent=2, default=str) + "\n").encode())
+    return RunSummary(st["total"], st["ok"], st["failed"], st["skipped"], round(wall, 3),
+                      info["throughput"]["images_per_s"], code, output, info)
+
+
+def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Storage, model_dir, workers,
+             batch_size, threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft) -> None:
+    import ray
+
+    t0 = time.time()
+    owns_ray = _start_ray(address)
+    actors: list = []
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        local = [s.spec.url for s in (inp, out) if not s.remote]
+        if len(nodes) > 1 and local and not shared_fs:
+            raise RunError(f"the Ray cluster has {len(nodes)} nodes but {', '.join(local)} is a local path that "
+                           "workers on other nodes cannot see; use s3:// URLs, or --shared-fs if every node "
+                           "mounts it at the same path")
+        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+        per, threads = _plan_cpus(workers, node_cpus)
+        if per < 1:
+            log.warning("%d workers > %g CPUs in the cluster: each actor gets %.2f CPU (fractional) and 1 thread",
+                        workers, sum(node_cpus), per)
+        log.info("starting %d actors, %g CPU and %d TF threads each, on %d node(s)", workers, per, threads, len(nodes))
+        files = {n: (model_dir / n).read_bytes() for n in (MODEL_FILE, META_FILE)}
+        blob = ray.put(files)
+        env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+               "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
+               "TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+               "TF_NUM_INTEROP_THREADS": "1"}
+        for hook in (CRASH_ENV, DELAY_ENV):  # test hooks only
+            if os.environ.get(hook):
+                env[hook] = os.environ[hook]
+        remote_cls = ray.remote(MaskWorker).options(
+            num_cpus=per, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS,
+            scheduling_strategy="SPREAD", runtime_env={"env_vars": env})
+        wopts = WorkerOptions(batch_size=batch_size, threshold=threshold, overlays=overlays, max_pixels=max_pixels,
+                              threads=threads, run_id=run_id, draft=draft)
+        # The ref goes inside a list: the actor fetches it itself, and the driver keeps it alive
+        # for restarts (a top-level ref argument makes Ray warn about restartability).
+        actors = [remote_cls.remote([blob], in_spec, out_spec, wopts) for _ in range(workers)]
+        info["ray"] = {"nodes": len(nodes), "cluster_cpus": sum(node_cpus), "cpus_per_actor": per,
+                       "threads_per_actor": threads, "owns_cluster": owns_ray}
+        _dispatch(actors, first, shards, st, info, quiet, t0)
+    finally:
+        for a in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if owns_ray:
+            ray.shutdown()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+    from tqdm import tqdm
+
+    starting = {a.ready.remote(): i for i, a in enumerate(actors)}
+    ready: list[int] = []
+    inflight = {i: 0 for i in range(len(actors))}
+    tasks: dict = {}  # ref -> (actor index, shard id, items, attempt)
+    retry: deque = deque()
+    next_id = [0]
+    first_box = [first]
+    gen_done = [False]
+    per_actor: dict[int, dict] = {}
+    windows: list[tuple[float, float, int]] = []
+    t_all_ready = None
+    start_errors: list[str] = []
+    bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run")
+
+    def next_shard():
+        if retry:
+            return retry.popleft()
+        if first_box[0] is not None:
+            items, first_box[0] = first_box[0], None
+        else:
+            items = next(shards, None)
+            if items is None:
+                gen_done[0] = True
+                return None
+        sid = next_id[0]
+        next_id[0] += 1
+        return sid, items, 1
+
+    def fill() -> None:
+        for i in list(ready):
+            while inflight[i] < INFLIGHT_PER_ACTOR:
+                job = next_shard()
+                if job is None:
+                    return
+                sid, items, attempt = job
+                tasks[actors[i].process.remote(sid, items)] = (i, sid, items, attempt)
+                inflight[i] += 1
+
+    try:
+        while True:
+            if ready:
+                fill()
+            if st["listed_all"] and bar.total is None:
+                bar.total = st["total"] - st["skipped"]
+                bar.refresh()
+            if gen_done[0] and not tasks and not retry:
+                break
+            if not ready and not starting:
+                raise RunError("no worker could start: " + "; ".join(start_errors[:3]))
+            waiting = list(tasks) + list(starting)
+            done_refs, _ = ray.wait(waiting, num_returns=1, timeout=5.0)
+            if not done_refs:
+                if not ready and time.time() - t0 > ACTOR_START_TIMEOUT_S:
+                    raise RunError(f"no worker started within {ACTOR_START_TIMEOUT_S:.0f} s; the cluster may lack "
+                                   f"free CPUs ({info['ray']['cpus_per_actor']} per worker needed)")
+                continue
+            ref = done_refs[0]
+            if ref in starting:
+                i = starting.pop(ref)
+                try:
+                    r = ray.get(ref)
+                    ready.append(i)
+                    per_actor[i] = {"actor": i, "node_id": r["node_id"], "pids": [r["pid"]],
+                                    "startup_s": round(r["startup_s"], 2), "images": 0, "peak_rss_mb": r["peak_rss_mb"]}
+                    if not starting:
+                        t_all_ready = time.time()
+                        info.setdefault("throughput", {})["startup_s"] = round(t_all_ready - t0, 2)
+                except RayError as exc:
+                    start_errors.append(str(exc).strip().splitlines()[-1])
+                    log.error("worker %d failed to start: %s", i, start_errors[-1])
+                continue
+            i, sid, items, attempt = tasks.pop(ref)
+            inflight[i] -= 1
+            try:
+                r = ray.get(ref)
+            except (RayActorError, RayError) as exc:
+                dead = isinstance(exc, RayActorError)
+                log.warning("shard %d (attempt %d) failed on worker %d: %s", sid, attempt,
+                            i, str(exc).strip().splitlines()[-1][:200])
+                if dead and i in ready:
+                    ready.remove(i)
+                st["retried_shards"] += 1
+                if attempt < MAX_SHARD_ATTEMPTS:
+                    retry.append((sid, items, attempt + 1))
+                elif dead:  # the process died (maybe an image crashes the decoder): error rows
+                    _fail_shard(sid, items, st, info, exc)
+                    bar.update(len(items))
+                else:  # an exception, e.g. storage unreachable: fail the run, keep images retryable
+                    raise RunError(f"shard {sid} failed {attempt} times: "
+                                   f"{str(exc).strip().splitlines()[-1][:300]}") from exc
+                if not ready and not starting:
+                    raise RunError("all workers died; rerun to continue (finished images are kept)") from exc
+                continue
+            st["ok"] += r["ok"]
+            st["failed"] += r["failed"]
+            for img, err in r["errors"]:
+                log.info("failed: %s: %s", img, err)
+            windows.append((r["start"], r["end"], r["n"]))
+            a = per_actor.setdefault(i, {"actor": i, "pids": [], "images": 0})
+            a["images"] += r["n"]
+            a["peak_rss_mb"] = max(a.get("peak_rss_mb", 0), r["peak_rss_mb"])
+            a["node_id"] = r["node_id"]
+            if r["pid"] not in a["pids"]:
+                a["pids"].append(r["pid"])
+            bar.update(r["n"])
+    finally:
+        bar.close()
+        for i, a in per_actor.items():
+            a["restarts"] = max(0, len(a.get("pids", [])) - 1)
+            with contextlib.suppress(GetTimeoutError, RayError):
+                s = ray.get(actors[i].stats.remote(), timeout=10)
+                a["peak_rss_mb"] = max(a.get("peak_rss_mb", 0), s["peak_rss_mb"])
+                a["busy_s"] = s["busy_s"]
+        info["actors"] = [per_actor[k] for k in sorted(per_actor)]
+        info["nodes_used"] = sorted({a["node_id"] for a in per_actor.values() if a.get("images")})
+        info.setdefault("throughput", {})["steady_images_per_s"] = _steady_rate(windows, t_all_ready)
+
+
+def _fail_shard(sid, items, st, info, exc) -> None:
+    """After MAX_SHARD_ATTEMPTS: record every image of the shard as an error row (driver-side part)."""
+    reason = f"worker failed {MAX_SHARD_ATTEMPTS} times processing this shard ({type(exc).__name__})"
+    rows = [error_row(rel, reason) for rel, _ in items]
+    info.setdefault("failed_shards", []).append(sid)
+    st["failed"] += len(rows)
+    st["rows"].extend(rows)
+
+
+def _steady_rate(windows: list[tuple[float, float, int]], t_ready: float | None) -> float | None:
+    """Images/s between all actors being ready and the last shard ending (shards pro rata)."""
+    if not windows or t_ready is None:
+        return None
+    t_end = max(e for _, e, _ in windows)
+    if t_end <= t_ready:
+        return None
+    n = 0.0
+    for s, e, k in windows:
+        if e <= t_ready:
+            continue
+        n += k * (e - max(s, t_ready)) / max(e - s, 1e-9)
+    return round(n / (t_end - t_ready), 3)

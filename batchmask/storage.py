@@ -1,0 +1,279 @@
+"""Local folders and S3-compatible buckets behind one small interface (fsspec / s3fs).
+
+A :class:`Storage` is a root (a local folder or ``s3://bucket/prefix``) plus a filesystem.
+Paths handed to it are *relative* POSIX paths under the root; they are checked so that
+nothing can be read or written outside it (``..``, absolute paths, empty segments).
+
+Listing streams: :meth:`Storage.iter_files` yields relative paths one at a time, in
+lexicographic (code point) order of the whole relative path, from one directory (local) or
+one 1000-key page (S3) at a time, so a bucket of a million keys is never held in memory.
+
+Writes are atomic: a local file is written under a temporary name in the same folder and
+renamed; an S3 object is written with a single PUT.
+
+The S3 endpoint comes from ``endpoint_url`` or the environment (``AWS_ENDPOINT_URL_S3``,
+then ``AWS_ENDPOINT_URL``); credentials come from the standard AWS variables, profiles or
+``storage_options`` and are never logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(OSError):
+    """A storage location cannot be used (bad URL, unreachable endpoint, missing bucket)."""
+
+
+class UnsafePathError(ValueError):
+    """A relative path that would read or write outside the storage root."""
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def check_rel(rel: str) -> str:
+    """Return ``rel`` if it is a safe relative POSIX path, else raise :class:`UnsafePathError`."""
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or (len(rel) > 1 and rel[1] == ":"):
+        raise UnsafePathError(f"refusing unsafe path {rel!r} (absolute or malformed)")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"refusing unsafe path {rel!r} (empty, '.' or '..' segment)")
+    return rel
+
+
+@dataclass
+class StorageSpec:
+    """Everything needed to open a :class:`Storage` anywhere (picklable, sent to Ray actors)."""
+
+    url: str
+    endpoint_url: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def open(self) -> Storage:
+        return Storage(self)
+
+    def resolved(self) -> StorageSpec:
+        """A copy with the endpoint and the driver's AWS environment credentials filled in.
+
+        Ray workers (possibly on other machines) do not share the driver's environment, so the
+        driver captures ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``
+        and the region here, unless ``storage_options`` already name credentials. They travel
+        in the actors' constructor arguments, never in logs, run.json or Ray's runtime_env.
+        """
+        if not is_remote(self.url) or not self.url.startswith(("s3://", "s3a://")):
+            return self
+        opts = dict(self.storage_options or {})
+        env = os.environ
+        if not any(k in opts for k in ("key", "secret", "token", "profile", "anon")):
+            if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+                opts["key"], opts["secret"] = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+                if env.get("AWS_SESSION_TOKEN"):
+                    opts["token"] = env["AWS_SESSION_TOKEN"]
+            elif env.get("AWS_PROFILE"):
+                opts["profile"] = env["AWS_PROFILE"]
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            ck = dict(opts.get("client_kwargs") or {})
+            ck.setdefault("region_name", region)
+            opts["client_kwargs"] = ck
+        return StorageSpec(self.url, resolve_endpoint(self.endpoint_url), opts)
+
+    def public(self) -> dict[str, Any]:
+        """What may be written to run.json / logs: no credentials."""
+        return {"url": self.url, "endpoint_url": resolve_endpoint(self.endpoint_url)}
+
+
+class Storage:
+    """A root folder or bucket prefix; all paths are relative to it."""
+
+    #: Keys per S3 ListObjectsV2 page (S3's maximum is 1000).
+    page_size = 1000
+
+    def __init__(self, spec: StorageSpec):
+        self.spec = spec
+        url = spec.url
+        self.remote = is_remote(url)
+        if self.remote:
+            import fsspec
+
+            proto = url.split("://", 1)[0]
+            opts = dict(spec.storage_options or {})
+            if proto in ("s3", "s3a"):
+                endpoint = resolve_endpoint(spec.endpoint_url)
+                if endpoint:
+                    ck = dict(opts.get("client_kwargs") or {})
+                    ck.setdefault("endpoint_url", endpoint)
+                    opts["client_kwargs"] = ck
+                url = "s3://" + url.split("://", 1)[1]
+            try:
+                self.fs, root = fsspec.core.url_to_fs(url, **opts)
+            except (ImportError, ValueError) as exc:
+                raise StorageError(f"{spec.url}: cannot open storage ({exc})") from exc
+            self.root = root.rstrip("/")
+            if "/" not in self.root and not self.root:
+                raise StorageError(f"{spec.url}: no bucket in URL")
+        else:
+            self.fs = None
+            path = url[len("file://") :] if url.startswith("file://") else url
+            self.root = os.path.abspath(os.path.expanduser(path))
+
+    # ------------------------------------------------------------------ paths
+    def full(self, rel: str) -> str:
+        check_rel(rel)
+        return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, *rel.split("/"))
+
+    def url_of(self, rel: str) -> str:
+        return f"s3://{self.root}/{rel}" if self.remote else self.full(rel)
+
+    def relative_prefix_of(self, other: Storage) -> str | None:
+        """If ``other``'s root lies inside this root (same filesystem), its relative prefix."""
+        if self.remote != other.remote:
+            return None
+        a, b = self.root.rstrip("/") + "/", other.root.rstrip("/") + "/"
+        if not self.remote:
+            a, b = self.root.rstrip(os.sep) + os.sep, other.root.rstrip(os.sep) + os.sep
+        if b.startswith(a) and b != a:
+            return b[len(a) :].replace(os.sep, "/")
+        return "" if a == b else None
+
+    # ---------------------------------------------------------------- listing
+    def iter_files(self, prefix: str = "") -> Iterator[str]:
+        """Yield relative paths of all files under the root (or ``prefix``), sorted by code point."""
+        if self.remote:
+            yield from self._iter_s3(prefix)
+        else:
+            start = self.root if not prefix else os.path.join(self.root, *prefix.rstrip("/").split("/"))
+            if os.path.isdir(start):
+                base = prefix.rstrip("/") + "/" if prefix else ""
+                yield from _walk_sorted(start, base)
+            elif not prefix and not os.path.exists(start):
+                raise StorageError(f"{self.spec.url}: no such directory")
+
+    def _iter_s3(self, prefix: str) -> Iterator[str]:
+        bucket, _, key_root = self.root.partition("/")
+        key_prefix = (key_root + "/" if key_root else "") + prefix
+        token = None
+        n0 = len(key_root) + 1 if key_root else 0
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": self.page_size}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                page = self.fs.call_s3("list_objects_v2", **kwargs)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{self.spec.url}: bucket not found") from exc
+            except PermissionError as exc:
+                raise StorageError(f"{self.spec.url}: access denied listing the bucket") from exc
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if not key.endswith("/"):
+                    yield key[n0:]
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    # ------------------------------------------------------------ read/write
+    def read_bytes(self, rel: str) -> bytes:
+        if self.remote:
+            return self.fs.cat_file(self.full(rel))
+        with open(self.full(rel), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic write: temp file + rename locally, a single PUT on S3."""
+        if self.remote:
+            self.fs.pipe_file(self.full(rel), data)
+            return
+        path = self.full(rel)
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with _suppress():
+                os.unlink(tmp)
+            raise
+
+    def exists(self, rel: str) -> bool:
+        if self.remote:
+            return self.fs.exists(self.full(rel))
+        return os.path.exists(self.full(rel))
+
+    def delete(self, rel: str) -> None:
+        if self.remote:
+            with _suppress():
+                self.fs.rm_file(self.full(rel))
+        else:
+            with _suppress():
+                os.unlink(self.full(rel))
+
+    def ensure_root(self) -> None:
+        """Create the local output folder; on S3 check that the bucket is reachable."""
+        if not self.remote:
+            os.makedirs(self.root, exist_ok=True)
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.spec.url}: bucket {bucket!r} not found") from exc
+        except PermissionError as exc:
+            raise StorageError(f"{self.spec.url}: access denied") from exc
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def _walk_sorted(path: str, base: str) -> Iterator[str]:
+    """Depth-first walk in code point order of the full relative path.
+
+    Sorting a folder's entries by ``name`` for files and ``name + "/"`` for folders yields the
+    same order as sorting all relative paths at once (what S3 returns), one folder at a time.
+    """
+    try:
+        with os.scandir(path) as it:
+            entries = []
+            for e in it:
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    continue
+                entries.append((e.name + "/" if is_dir else e.name, is_dir))
+    except OSError as exc:
+        log.warning("cannot list %s: %s", path, exc.strerror or exc)
+        return
+    entries.sort()
+    for key, is_dir in entries:
+        if is_dir:
+            yield from _walk_sorted(os.path.join(path, key[:-1]), base + key)
+        elif not key.startswith(".tmp-"):
+            yield base + key
+
+
+def matches(rel: str, extensions: tuple[str, ...], glob: str | None) -> bool:
+    """Image extension test (case-insensitive) plus optional fnmatch pattern on the relative path."""
+    if not rel.lower().endswith(extensions):
+        return False
+    return glob is None or fnmatch.fnmatchcase(rel, glob) or fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], glob)

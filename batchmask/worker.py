@@ -1,0 +1,177 @@
+"""The Ray actor of ``batchmask run``: loads the model once, then processes shards.
+
+A shard is a list of ``(relative image path, mask path)``; pixels never pass through the
+driver. For each shard the actor reads and decodes images on a small thread pool (JPEG
+draft mode), predicts in batches, writes masks (and overlays) on the same pool while the
+next batch is predicted, and finally writes the shard's rows as one part file.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError
+from .outputs import (
+    Decoded,
+    decode_for_model,
+    encode_overlay,
+    encode_png,
+    error_row,
+    mask_stats,
+    ok_row,
+    overlay_rel,
+    part_name,
+    rows_to_csv,
+)
+from .storage import StorageSpec, check_rel
+
+#: Test hook: "N:/path/marker" makes an actor exit abruptly after N images, once (the marker
+#: file records that it happened). Used by the fault tests; never set it in production.
+CRASH_ENV = "BATCHMASK_TEST_CRASH_AFTER"
+#: Test hook: seconds to sleep before each shard (lets the interrupt test stop a run midway).
+DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
+
+
+@dataclass
+class WorkerOptions:
+    batch_size: int = 8
+    threshold: float | None = None
+    overlays: bool = False
+    max_pixels: int = 50_000_000
+    threads: int = 1
+    io_threads: int = 2
+    draft: bool = True
+    run_id: str = ""
+
+
+def _set_threads(n: int) -> None:
+    for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    try:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except (ImportError, RuntimeError):  # another backend, or TF already initialised
+        pass
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+class MaskWorker:
+    """Plain class; :func:`batchmask.runner.run` wraps it with ``ray.remote``."""
+
+    def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions):
+        """``model_files``: {file name: bytes} of the model directory, or ``[ray ObjectRef]`` of it."""
+        t0 = time.time()
+        if isinstance(model_files, list):
+            import ray
+
+            model_files = ray.get(model_files[0])
+        _set_threads(opts.threads)
+        from .inference import load_model
+
+        with tempfile.TemporaryDirectory(prefix="batchmask-model-") as d:
+            for name, blob in model_files.items():
+                Path(d, name).write_bytes(blob)
+            self.model = load_model(d)
+        self.threshold = opts.threshold if opts.threshold is not None else self.model.threshold
+        self.opts = opts
+        self.inp = inp.open()
+        self.out = out.open()
+        self.pool = ThreadPoolExecutor(max(1, opts.io_threads), thread_name_prefix="batchmask-io")
+        self.images = 0
+        self.busy_s = 0.0
+        # warm up: the first predict builds the graph
+        s = self.model.image_size
+        self.model.predict_batch(np.zeros((1, s, s, 3), np.float32))
+        self.startup_s = time.time() - t0
+
+    def ready(self) -> dict:
+        return {"startup_s": self.startup_s, **self._ident()}
+
+    def _ident(self) -> dict:
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:  # outside Ray (direct use in tests)
+            node = ""
+        return {"pid": os.getpid(), "node_id": node, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+    # ------------------------------------------------------------------ per image
+    def _load(self, rel: str, mask: str) -> Decoded:
+        d = Decoded(rel, mask)
+        try:
+            check_rel(rel)
+            check_rel(mask)
+            data = self.inp.read_bytes(rel)
+            d.x, d.width, d.height = decode_for_model(
+                data, self.model.image_size, self.opts.max_pixels, rel, self.opts.draft
+            )
+        except (DataError, ValueError) as exc:
+            d.error = str(exc)
+        except OSError as exc:
+            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"
+        return d
+
+    def _finish(self, d: Decoded, prob: np.ndarray) -> dict:
+        try:
+            m, face_pixels, faces, conf = mask_stats(prob, d.width, d.height, self.threshold, self.model.image_size)
+            self.out.write_bytes(d.mask, encode_png(m))
+            if self.opts.overlays:
+                self.out.write_bytes(overlay_rel(d.rel), encode_overlay(self.inp.read_bytes(d.rel), m, d.rel))
+        except Exception as exc:  # a write failure or an image too big for memory: one error row
+            return error_row(d.rel, f"cannot write outputs ({type(exc).__name__}: {exc})", d.width, d.height)
+        return ok_row(d.rel, d.mask, d.width, d.height, face_pixels, faces, conf)
+
+    # ------------------------------------------------------------------ per shard
+    def process(self, shard: int, items: list[tuple[str, str]]) -> dict:
+        t0 = time.time()
+        if os.environ.get(DELAY_ENV):
+            time.sleep(float(os.environ[DELAY_ENV]))
+        loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
+        rows: list[dict] = []
+        writes = []
+        bs = max(1, self.opts.batch_size)
+        for i in range(0, len(loads), bs):
+            ds = [f.result() for f in loads[i : i + bs]]
+            good = [d for d in ds if not d.error]
+            rows += [error_row(d.rel, d.error, d.width, d.height) for d in ds if d.error]
+            if good:
+                probs = self.model.predict_batch(np.stack([d.x for d in good]))
+                for d, p in zip(good, probs, strict=True):
+                    d.x = None
+                    writes.append(self.pool.submit(self._finish, d, p))
+            self.images += len(ds)
+            self._maybe_crash()
+        rows += [f.result() for f in writes]
+        self.out.write_bytes(part_name(self.opts.run_id, shard), rows_to_csv(rows))
+        t1 = time.time()
+        self.busy_s += t1 - t0
+        ok = sum(r["status"] == "ok" for r in rows)
+        return {"shard": shard, "n": len(rows), "ok": ok, "failed": len(rows) - ok, "start": t0, "end": t1,
+                "errors": [(r["image"], r["error"]) for r in rows if r["status"] != "ok"][:5], **self._ident()}
+
+    def stats(self) -> dict:
+        return {"images": self.images, "busy_s": round(self.busy_s, 3), **self._ident()}
+
+    def _maybe_crash(self) -> None:
+        spec = os.environ.get(CRASH_ENV)
+        if not spec:
+            return
+        n, _, marker = spec.partition(":")
+        if self.images >= int(n) and marker and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Throughput of `batchmask run` against the model-only limit, on one machine, in one go.
+
+Figures (issue 3):
+  (a) model-only: the same model predicting pre-decoded, pre-resized batches in this process
+      with all cores, images/s;
+  (b) `run()` end to end (decode, predict, write masks and CSV) at --workers 1 and 2:
+      steady-state images/s (after every actor has loaded the model) plus start-up time;
+  (c) (b) / (a);
+  (d) peak RSS per actor for N images and for 3 x N images (the folder linked three times).
+Plus per-image CPU costs of the non-model stages, and the end-to-end rate without JPEG draft
+decoding, to show where the time goes.
+
+    .venv/bin/python scripts/bench_run.py --images ../shared/data/widerface-dev/images \
+        [--model DIR] [--out bench_run.json]
+
+Without --model a real-size network (ModelConfig defaults, random weights) is built: speed
+does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def build_model(out: Path) -> Path:
+    from batchmask.config import ModelConfig
+    from batchmask.inference import base_meta, save_model
+    from batchmask.model import build_unet
+
+    cfg = ModelConfig()
+    save_model(build_unet(cfg, backbone_weights=None), out, base_meta(cfg) | {"note": "untrained, for speed only"})
+    return out
+
+
+def list_images(root: Path) -> list[Path]:
+    from batchmask.runner import RUN_EXTENSIONS
+    from batchmask.storage import StorageSpec, matches
+
+    st = StorageSpec(str(root)).open()
+    return [root / r for r in st.iter_files() if matches(r, RUN_EXTENSIONS, None)]
+
+
+def model_only(model_dir: Path, files: list[Path], batch_size: int) -> dict:
+    import numpy as np
+
+    from batchmask.data import read_image
+    from batchmask.inference import load_model
+
+    m = load_model(model_dir)
+    xs = np.stack([m.preprocess(read_image(p)) for p in files])
+    m.predict_batch(xs[:batch_size])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(xs), batch_size):
+        m.predict_batch(xs[i : i + batch_size])
+    dt = time.perf_counter() - t
+    return {"images": len(xs), "seconds": round(dt, 2), "images_per_s": round(len(xs) / dt, 2),
+            "ms_per_image": round(1000 * dt / len(xs), 2), "image_size": m.image_size}
+
+
+def stage_costs(files: list[Path], size: int, n: int = 100) -> dict:
+    """Single-thread ms per image for each non-model stage, on the first n images."""
+    import numpy as np
+
+    from batchmask.outputs import decode_for_model, encode_png, mask_stats
+
+    datas = [p.read_bytes() for p in files[:n]]
+    out = {}
+    for draft in (False, True):
+        t = time.perf_counter()
+        dec = [decode_for_model(d, size, 10**9, "x", draft=draft) for d in datas]
+        out["decode_resize_ms" + ("_draft" if draft else "_full")] = round(1000 * (time.perf_counter() - t) / n, 2)
+    rng = np.random.default_rng(0)
+    prob = np.clip(rng.normal(0.2, 0.1, (size, size)), 0, 1).astype(np.float32)
+    prob[40:80, 60:90] = 0.9
+    t = time.perf_counter()
+    masks = [mask_stats(prob, w, h, 0.5, size)[0] for _, w, h in dec]
+    out["upsample_threshold_label_ms"] = round(1000 * (time.perf_counter() - t) / n, 2)
+    t = time.perf_counter()
+    for m in masks:
+        encode_png(m)
+    out["png_encode_ms"] = round(1000 * (time.perf_counter() - t) / n, 2)
+    return out
+
+
+def end_to_end(inp: Path, model_dir: Path, workers: int, batch_size: int, draft: bool = True) -> dict:
+    from batchmask.runner import run
+
+    out = Path(tempfile.mkdtemp(prefix=f"bench-run-w{workers}-"))
+    try:
+        s = run(str(inp), str(out), str(model_dir), workers=workers, batch_size=batch_size, quiet=True,
+                draft=draft)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    tp = s.run_json.get("throughput", {})
+    return {"workers": workers, "draft": draft, "images": s.ok + s.failed, "failed": s.failed,
+            "wall_s": s.wall_s, "startup_s": tp.get("startup_s"), "steady_images_per_s": tp.get("steady_images_per_s"),
+            "overall_images_per_s": s.images_per_s,
+            "actors": [{k: a.get(k) for k in ("images", "peak_rss_mb", "busy_s", "startup_s")}
+                       for a in s.run_json.get("actors", [])]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", default="../shared/data/widerface-dev/images")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", default="bench_run.json")
+    ap.add_argument("--skip-x3", action="store_true", help="skip the 3 x N images RSS run")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(args.images).resolve()
+    if not root.is_dir():
+        raise SystemExit(f"{root}: no such folder")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    model_dir = Path(args.model) if args.model else build_model(tmp / "model")
+    files = list_images(root)
+    res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                 "images": len(files), "batch_size": args.batch_size, "model": str(model_dir)}
+    print(f"{len(files)} images under {root}; model {model_dir}", flush=True)
+    res["a_model_only"] = model_only(model_dir, files, args.batch_size)
+    print("(a)", res["a_model_only"], flush=True)
+    res["stage_costs_ms"] = stage_costs(files, res["a_model_only"]["image_size"])
+    print("stages", res["stage_costs_ms"], flush=True)
+    res["b_end_to_end"] = []
+    for w in args.workers:
+        r = end_to_end(root, model_dir, w, args.batch_size)
+        r["c_ratio"] = round((r["steady_images_per_s"] or 0) / res["a_model_only"]["images_per_s"], 3)
+        res["b_end_to_end"].append(r)
+        print("(b)", r, flush=True)
+    w = max(args.workers)
+    r = end_to_end(root, model_dir, w, args.batch_size, draft=False)
+    r["c_ratio"] = round((r["steady_images_per_s"] or 0) / res["a_model_only"]["images_per_s"], 3)
+    res["b_without_draft"] = r
+    print("(b, no draft)", r, flush=True)
+    if not args.skip_x3:
+        x3 = tmp / "x3"
+        x3.mkdir()
+        for k in range(3):
+            os.symlink(root, x3 / f"copy{k}")
+        r3 = end_to_end(x3, model_dir, w, args.batch_size)
+        res["d_rss"] = {"workers": w,
+                        "n_images": [a["peak_rss_mb"] for a in res["b_end_to_end"][-1]["actors"]],
+                        "3n_images": [a["peak_rss_mb"] for a in r3["actors"]], "run_3n": r3}
+        print("(d)", res["d_rss"], flush=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The CLI: help texts, version, and clean error exits (one line, documented exit codes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from batchmask.cli import main
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["run"], ["jobs"]])
+def test_help(cmd):
+    res = CliRunner().invoke(main, [*cmd, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage: " in res.output
+
+
+def test_console_script_version():
+    out = subprocess.run([sys.executable, "-m", "batchmask", "--version"], capture_output=True, text=True, check=True)
+    assert "batchmask, version" in out.stdout
+
+
+def test_train_missing_data_is_usage_error(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2
+    assert "does not exist" in res.output
+
+
+def test_train_bad_data_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    res = CliRunner().invoke(main, ["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--backbone-weights", "none"])
+    assert res.exit_code == 1
+    assert "Error: " in res.output and "bad.npy: not a .npy file" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_train_bad_image_size(tmp_path, demo_wider):
+    res = CliRunner().invoke(main, ["train", "--data", str(demo_wider), "--out", str(tmp_path / "m"), "--image-size", "100"])
+    assert res.exit_code == 2
+    assert "multiple of 32" in res.output
+
+
+def test_train_cli_end_to_end(tmp_path, demo_wider):
+    out = tmp_path / "m"
+    args = ["train", "--data", str(demo_wider), "--out", str(out), "--backbone-weights", "none", "--image-size", "64",
+            "--alpha", "0.25", "--epochs", "1", "--batch-size", "4", "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "Saved" in res.output and (out / "model.keras").is_file()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "--force" in again.output

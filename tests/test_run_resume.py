@@ -1,0 +1,70 @@
+"""Resuming `batchmask run`: an interrupted CLI run, and a large already-done folder without Ray."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchmask.outputs import COLUMNS, rows_to_csv
+from batchmask.runner import run
+
+
+def test_already_done_folder_returns_fast_without_ray_or_model(tmp_path):
+    import ray
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    rows = []
+    for d in range(100):
+        (inp / f"d{d:03d}").mkdir(parents=True)
+        (out / "masks" / f"d{d:03d}").mkdir(parents=True)
+        for i in range(100):
+            rel = f"d{d:03d}/img {i:03d}.jpg"
+            (inp / rel).write_bytes(b"")
+            (out / "masks" / rel.replace(".jpg", ".png")).write_bytes(b"")
+            rows.append(dict.fromkeys(COLUMNS, "") | {"image": rel, "mask": f"masks/{rel[:-4]}.png", "status": "ok"})
+    (out / "coverage.csv").write_bytes(rows_to_csv(rows))
+    fake_model = tmp_path / "model"  # not loadable: loading it would fail the test
+    fake_model.mkdir()
+    (fake_model / "model.keras").write_bytes(b"not a model")
+    (fake_model / "model.json").write_text("{}")
+    t = time.perf_counter()
+    s = run(str(inp), str(out), str(fake_model), workers=4, quiet=True)
+    wall = time.perf_counter() - t
+    assert (s.total, s.skipped, s.ok, s.failed, s.exit_code) == (10_000, 10_000, 0, 0, 0)
+    assert not ray.is_initialized() and "ray" not in s.run_json
+    assert wall < 10, f"10,000 done images took {wall:.1f} s"
+    print(f"10,000 already-done images: {wall:.2f} s")
+
+
+@pytest.mark.slow
+def test_interrupted_cli_run_resumes_exactly_once(tmp_path, demo_wider, tiny_model_dir):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for k in range(2):
+        shutil.copytree(demo_wider / "images", inp / f"c{k}")
+    env = dict(os.environ, BATCHMASK_TEST_SHARD_DELAY="1.0", TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [str(Path(sys.executable).parent / "batchmask"), "run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir),
+           "--shard-size", "2", "-q"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not list((out / "_parts").glob("*.csv")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    outp, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, outp.decode()[-2000:]
+    first = list(csv.DictReader(io.StringIO((out / "coverage.csv").read_text())))
+    assert 0 < len(first) < 20  # what finished was merged
+    assert not [p for p in Path(out, "masks").rglob("*") if p.is_file() and p.name.startswith(".tmp")]
+    s = run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    rows = list(csv.DictReader(io.StringIO((out / "coverage.csv").read_text())))
+    assert len(rows) == len({r["image"] for r in rows}) == 20 and all(r["status"] == "ok" for r in rows)
+    assert s.skipped == len(first) and s.ok == 20 - len(first)

@@ -1,0 +1,78 @@
+"""One short training run on the shipped demo images; the outputs a user relies on."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
+from batchmask.training import OutputExistsError, train
+
+SMALL_MODEL = ModelConfig(alpha=0.25, image_size=64, decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_wider):
+    out = tmp_path_factory.mktemp("trained") / "model"
+    cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=2, warmup_epochs=1, batch_size=4,
+                      val_fraction=0.3, seed=7)
+    return train(str(demo_wider), out, cfg, progress=False), out
+
+
+def test_train_writes_model_directory(trained, demo_wider):
+    res, out = trained
+    assert {p.name for p in out.iterdir()} >= {"model.keras", "model.json", "history.csv", "learning_curves.png"}
+    assert not (out / ".best.weights.h5").exists()
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["model"]["image_size"] == 64 and meta["model"]["alpha"] == 0.25
+    assert meta["data"]["train_images"] == 7 and meta["data"]["val_images"] == 3
+    assert len(meta["data"]["split"]["val_names"]) == 3 and meta["data"]["split"]["seed"] == 7
+    assert len(meta["data"]["fingerprint"]) == 64
+    assert meta["training"]["epochs_run"] == 2 and 1 <= meta["training"]["best_epoch"] <= 2
+    assert meta["keras_version"] and meta["batchmask_version"]
+    v = meta["metrics"]["validation"]
+    assert 0.0 <= v["dice"] <= 1.0 and 0.0 <= v["iou"] <= v["dice"] + 1e-9
+    assert 0.0 < meta["model"]["threshold"] < 1.0
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["phase"] for r in rows] == ["decoder", "finetune"]
+    assert {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
+    assert res.best_epoch == meta["training"]["best_epoch"]
+
+
+def test_split_is_seeded(trained, demo_wider, tmp_path):
+    _, out = trained
+    meta = json.loads((out / "model.json").read_text())
+    from batchmask.data import load_wider, split_samples
+
+    samples = load_wider(demo_wider)
+    _, val = split_samples(samples, 0.3, seed=7)
+    assert meta["data"]["split"]["val_names"] == [samples[i].name for i in val]
+
+
+def test_refuses_to_overwrite(trained, demo_wider):
+    _, out = trained
+    with pytest.raises(OutputExistsError, match="--force"):
+        train(str(demo_wider), out, TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1))
+
+
+def test_learning_happens_on_a_trivial_task(tmp_path):
+    """Bright squares on dark noise: a few epochs must beat the untrained Dice clearly."""
+    from batchmask.data import Sample
+    from batchmask.evaluation import evaluate
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(48):
+        img = rng.integers(0, 60, (96, 96, 3), dtype=np.uint8)
+        x, y = rng.integers(5, 50, 2)
+        img[y : y + 40, x : x + 40] = 230
+        samples.append(Sample(name=f"s{i}", boxes=np.array([[x, y, x + 40, y + 40]], np.float32), image=img))
+    cfg = TrainConfig(model=SMALL_MODEL, augment=AugmentConfig(enabled=False), backbone_weights="none",
+                      epochs=10, warmup_epochs=0, batch_size=4, learning_rate=3e-3, val_fraction=0.25, seed=1)
+    cfg.model.trainable_blocks = 13
+    train(samples, tmp_path / "m", cfg, progress=False)
+    res = evaluate(str(tmp_path / "m"), samples[:6])
+    assert res.metrics["dice"] > 0.6
