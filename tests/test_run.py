@@ -115,7 +115,9 @@ def test_bad_input_corpus_then_rerun_skips(tmp_path, demo_wider, tiny_model_dir,
     assert not list((out / "_parts").glob("*.csv"))
     info = json.loads((out / "run.json").read_text())
     assert info["counts"]["ok"] == 15 and info["counts"]["failed"] == 4 and info["exit_code"] == 3
-    assert info["ray"]["cpus_per_actor"] == 1.0 and len(info["actors"]) == 2
+    # Two actors were asked for; on a busy machine the first may finish every shard before the
+    # second has loaded the model, and only actors that became ready are listed.
+    assert info["ray"]["cpus_per_actor"] == 1.0 and 1 <= len(info["actors"]) <= 2
     assert sum(a["images"] for a in info["actors"]) == len(exp)
 
     # rerun: everything done -> no Ray work, nothing rewritten
