@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,14 +205,17 @@ def _npy_boxes(anns, h: int, w: int, where: str) -> np.ndarray:
     return clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), h, w, where)
 
 
-def load_npy(path: str | os.PathLike) -> list[Sample]:
-    """Load the exercise's ``images.npy``: an (N, 2) object array of (image, annotations)."""
+def load_npy(path: str | os.PathLike, limit: int | None = None) -> list[Sample]:
+    """Load the exercise's ``images.npy``: an (N, 2) object array of (image, annotations).
+
+    ``limit`` keeps the first N entries (before any conversion).
+    """
     arr = load_npy_array(path)
     if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
         raise DataError(f"{path}: expected a non-empty array of shape (N, 2), found {arr.shape}")
     samples = []
     converted = 0
-    for i in range(arr.shape[0]):
+    for i in range(arr.shape[0] if limit is None else min(limit, arr.shape[0])):
         where = f"{path}[{i}]"
         raw = arr[i, 0]
         if not isinstance(raw, np.ndarray):
@@ -366,8 +369,7 @@ def load_dataset(path: str | os.PathLike, limit: int | None = None) -> list[Samp
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")
     if p.is_file() and p.suffix == ".npy":
-        samples = load_npy(p)
-        return samples[:limit] if limit else samples
+        return load_npy(p, limit=limit)
     return load_wider(p, limit=limit)
 
 
@@ -426,9 +428,3 @@ def split_samples(
         raise ValueError(f"unknown split {by!r} (use 'random' or 'event')")
     vs = set(val)
     return [i for i in range(n) if i not in vs], val
-
-
-def iter_image_files(root: Path) -> Iterable[Path]:
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            yield p

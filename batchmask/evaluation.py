@@ -9,7 +9,7 @@ true mask (and inside each face box) in bins whose edges are the thresholds. Fro
 TP/FP/FN at *every* threshold follow exactly (``p >= t``, float32 as in ``predict``), so the
 threshold sweep costs no second pass and no full-size probability map is kept in memory.
 
-Metric definitions (see docs/helpers/eval-readme.md):
+Metric definitions (see README.md, "batchmask evaluate"):
 
 * per-image Dice at threshold ``t``: ``2 TP / (2 TP + FP + FN)``; 1 when truth and prediction
   are both empty (no smoothing). ``dice`` in the metrics is its mean over images.
@@ -353,6 +353,16 @@ def _store_threshold(model, best: float, previous: float, table: list[dict[str, 
     log.info("stored threshold %.2f (was %.2f) in %s", best, previous, model.path / "model.json")
 
 
+def _is_shipped_model(model) -> bool:
+    """True for the model inside the package, which evaluate must never modify."""
+    from .inference import default_model_dir
+
+    if model is None:
+        return True
+    path = model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
+    return path is not None and Path(path).resolve() == default_model_dir().resolve()
+
+
 def evaluate(
     model,
     data: str | os.PathLike | Sequence[Sample],
@@ -380,7 +390,7 @@ def evaluate(
 
     if baseline not in (None, "haar"):
         raise EvaluationError(f"unknown baseline {baseline!r} (choose: haar)")
-    if tune_threshold and model is None:
+    if tune_threshold and _is_shipped_model(model):
         raise EvaluationError(
             f"--tune-threshold would modify the model shipped inside the package ({default_model_dir()}); "
             "copy it and pass --model DIR"

@@ -73,6 +73,13 @@ def imagenet_weight_file(alpha: float, image_size: int) -> str:
     return f"mobilenet_{alpha_text}_{rows}_tf_no_top.h5"
 
 
+def _example_weight_file(alpha: float) -> str:
+    try:
+        return imagenet_weight_file(alpha, 224)
+    except KeyError:  # no ImageNet file exists for this alpha
+        return "mobilenet_<alpha>_224_tf_no_top.h5"
+
+
 def _build_encoder(spec: BackboneSpec, cfg: ModelConfig, x, weights: str | None) -> keras.Model:
     builder = getattr(keras.applications, spec.builder)
     kwargs = dict(include_top=False, alpha=cfg.alpha, input_tensor=x)
@@ -103,7 +110,7 @@ def _build_encoder(spec: BackboneSpec, cfg: ModelConfig, x, weights: str | None)
         except Exception as exc:
             raise WeightsError(
                 f"{path}: not MobileNet weights for alpha={cfg.alpha} without top ({exc}). "
-                f"Expected a file like {imagenet_weight_file(cfg.alpha, 224)}."
+                f"Expected a file like {_example_weight_file(cfg.alpha)}."
             ) from exc
         log.info("loaded backbone weights from %s", path)
     return encoder

@@ -14,7 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_WIDER = REPO / "demo" / "wider"
 SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights"
-SHARED_DEV = SHARED / "data" / "widerface-dev"
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,11 @@ def test_both_formats_score_the_same(tiny_model_dir, demo_wider, tmp_path):
     assert b.metrics["images"] == 3
     assert [r["dice"] for r in a.rows] == [r["dice"] for r in b.rows]
     assert a.metrics["soft_dice_global"] == pytest.approx(b.metrics["soft_dice_global"])
+
+
+def test_tune_threshold_refuses_the_shipped_model_by_path(demo_wider):
+    from batchmask.evaluation import EvaluationError, evaluate
+    from batchmask.inference import default_model_dir
+
+    with pytest.raises(EvaluationError, match="model shipped inside the package"):
+        evaluate(str(default_model_dir()), str(demo_wider), tune_threshold=True, limit=1)

@@ -60,7 +60,8 @@ def test_weights_file_errors(tmp_path):
         build_unet(ModelConfig(image_size=64, alpha=0.3, decoder_filters=SMALL["decoder_filters"]), "imagenet")
 
 
-@pytest.mark.skipif(not SHARED_WEIGHTS.is_dir(), reason="../shared/weights (ImageNet MobileNet files) not present")
+@pytest.mark.skipif(not (SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5").is_file(),
+                    reason="../shared/weights/mobilenet_2_5_224_tf_no_top.h5 (ImageNet MobileNet alpha 0.25) not present")
 def test_224_weights_load_into_other_input_sizes():
     import keras
 

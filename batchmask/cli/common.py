@@ -21,7 +21,7 @@ EXIT_LOCKED = 4  # `jobs run`: another run of the same job holds the lock
 def setup_logging(verbose: int = 0) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("batchmask").setLevel(logging.INFO if verbose <= 1 else logging.DEBUG)
+    logging.getLogger("batchmask").setLevel(level)
     # Quieter TensorFlow start-up unless asked for debug output.
     if verbose < 2:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

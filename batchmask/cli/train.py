@@ -17,16 +17,16 @@ from .common import user_errors
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Model directory to write (model.keras, model.json, history.csv, learning_curves.png).")
 @click.option("--val-data", type=click.Path(exists=True), help="Separate validation data (default: a seeded split of --data).")
-@click.option("--val-fraction", default=0.2, show_default=True, help="Share of --data held out for validation.")
+@click.option("--val-fraction", default=0.2, type=click.FloatRange(0, 1, min_open=True, max_open=True), show_default=True, help="Share of --data held out for validation.")
 @click.option("--split", type=click.Choice(["random", "event"]), default="random", show_default=True,
               help="Validation split: random images, or whole WIDER event folders.")
-@click.option("--epochs", default=30, show_default=True, help="Total epochs (warm-up + fine-tuning).")
-@click.option("--warmup-epochs", default=5, show_default=True, help="Epochs with the whole encoder frozen.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--learning-rate", default=1e-3, show_default=True, help="Warm-up learning rate (fine-tuning uses 0.1x).")
+@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Total epochs (warm-up + fine-tuning).")
+@click.option("--warmup-epochs", default=5, type=click.IntRange(min=0), show_default=True, help="Epochs with the whole encoder frozen.")
+@click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True)
+@click.option("--learning-rate", default=1e-3, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Warm-up learning rate (fine-tuning uses 0.1x).")
 @click.option("--image-size", default=ModelConfig.image_size, show_default=True, help="Network input size (multiple of 32).")
-@click.option("--alpha", default=ModelConfig.alpha, show_default=True, help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0).")
-@click.option("--trainable-blocks", default=DEFAULT_TRAINABLE_BLOCKS, show_default=True,
+@click.option("--alpha", default=ModelConfig.alpha, type=click.FloatRange(min=0, min_open=True), show_default=True, help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0).")
+@click.option("--trainable-blocks", default=DEFAULT_TRAINABLE_BLOCKS, type=click.IntRange(0, 13), show_default=True,
               help="Encoder blocks (of 13) trained in the fine-tuning phase, counted from the end.")
 @click.option("--backbone-weights", default="imagenet", show_default=True,
               help="'imagenet' (Keras download or $KERAS_HOME/models cache), a .h5 file, or 'none'.")
@@ -35,10 +35,10 @@ from .common import user_errors
 @click.option("--tta-flip/--no-tta-flip", default=False, show_default=True,
               help="Store test-time horizontal-flip averaging in the model (2x predict cost).")
 @click.option("--seed", default=42, show_default=True)
-@click.option("--limit", type=int, help="Use only the first N images (quick trials).")
-@click.option("--time-limit", type=float, help="Stop after this many minutes, keeping the best epoch.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images (quick trials).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Stop after this many minutes, keeping the best epoch.")
 @click.option("--force", is_flag=True, help="Overwrite an existing model in --out.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", is_flag=True, help="No Keras progress bars (-v still logs each epoch).")
 def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
               alpha, trainable_blocks, backbone_weights, loss, augment, tta_flip, seed, limit, time_limit, force,
               quiet) -> None:
@@ -65,7 +65,7 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
         val_fraction=val_fraction,
         split=split,
         seed=seed,
-        time_limit_s=time_limit * 60 if time_limit else None,
+        time_limit_s=time_limit * 60 if time_limit is not None else None,
     )
     with user_errors(DataError, WeightsError, OutputExistsError, ValueError, FileNotFoundError):
         try:
