@@ -23,10 +23,15 @@ from urllib.parse import urlsplit
 
 from .jobs_schedule import validate_cron, validate_timezone
 
-#: Job names: lowercase letters, digits and '-', 1..52 characters, starting and ending with
+#: Longest job name: the Kubernetes CronJob is named ``batchmask-<name>`` and CronJob names are
+#: limited to 52 characters (Kubernetes appends an 11-character suffix for each Job), so
+#: 52 - len("batchmask-") = 42. Derived names are never truncated, so they never collide.
+NAME_MAX = 42
+
+#: Job names: lowercase letters, digits and '-', 1..NAME_MAX characters, starting and ending with
 #: a letter or digit. The name is used in lock files, log files, Ray submission ids, systemd
-#: unit names and Kubernetes object names (CronJob names are limited to 52 characters).
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
+#: unit names and Kubernetes object names.
+NAME_RE = re.compile(rf"^[a-z0-9]([a-z0-9-]{{0,{NAME_MAX - 2}}}[a-z0-9])?$")
 
 #: Field names that look like credentials get a specific error message.
 SECRET_HINTS = ("key", "secret", "token", "password", "credential")
@@ -185,11 +190,29 @@ def _check_location(field: str, value: str, problems: list[str]) -> None:
             )
 
 
+def _shown(value: Any) -> str:
+    """``value`` for an error message; URLs with credentials are never echoed."""
+    if isinstance(value, str) and is_url(value):
+        parts = urlsplit(value)
+        if parts.username or parts.password:
+            return "<redacted>"
+    return repr(value)
+
+
 def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpec:
-    """Validate a parsed TOML table; raise :class:`JobError` listing every problem."""
+    """Validate a parsed TOML table; raise :class:`JobError` listing every problem.
+
+    All problems are collected in one pass: a field with the wrong type is reported once and
+    skips only its own value checks (and those that need it); the other fields are checked.
+    Values of unknown fields are never echoed (they could be secrets under an unhinted name).
+    """
     path = Path(path)
     problems: list[str] = []
+    ok: dict[str, Any] = {}  # known fields of the right type
     for key, value in data.items():
+        if isinstance(value, dict):
+            problems.append(f"unexpected table [{key}]: a job file holds plain fields only")
+            continue
         if key not in _FIELDS:
             if any(h in key.lower() for h in SECRET_HINTS):
                 problems.append(
@@ -197,68 +220,72 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
                     "the environment or a named profile (field 'profile')"
                 )
             else:
-                problems.append(f"unknown field '{key}' = {value!r} (known: {', '.join(_FIELDS)})")
+                problems.append(f"unknown field '{key}' (known: {', '.join(_FIELDS)})")
             continue
         types, _ = _FIELDS[key]
         if not _type_ok(value, types):
             want = " or ".join(_TYPE_NAMES[t] for t in types)
-            problems.append(f"field '{key}' = {value!r}: expected {want}, got {type(value).__name__}")
+            problems.append(f"field '{key}' = {_shown(value)}: expected {want}, got {type(value).__name__}")
+            continue
+        ok[key] = value
     for key, (_, required) in _FIELDS.items():
         if required and key not in data:
             problems.append(f"missing required field '{key}'")
-    if problems:
-        raise JobError(path, problems)
 
-    name = data["name"]
-    if not NAME_RE.match(name):
+    name = ok.get("name")
+    if name is not None and not NAME_RE.match(name):
         problems.append(
-            f"field 'name' = {name!r}: use 1-52 lowercase letters, digits and '-', "
+            f"field 'name' = {name!r}: use 1-{NAME_MAX} lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
-    tz = data.get("timezone", "UTC")
-    try:
-        validate_timezone(tz)
-    except ValueError as exc:
-        problems.append(f"field 'timezone' = {tz!r}: {exc}")
-    try:
-        validate_cron(data["schedule"])
-    except ValueError as exc:
-        problems.append(f"field 'schedule' = {data['schedule']!r}: {exc}")
-    for key in ("input", "output"):
-        _check_location(key, data[key], problems)
-    if "model" in data:
-        _check_location("model", data["model"], problems)
-    for key in ("workers", "batch_size"):
-        if key in data and data[key] < 1:
-            problems.append(f"field '{key}' = {data[key]!r}: must be at least 1")
-    if "max_failures" in data and data["max_failures"] < 0:
-        problems.append(f"field 'max_failures' = {data['max_failures']!r}: must be 0 or more")
-    if "threshold" in data and not 0.0 < float(data["threshold"]) < 1.0:
-        problems.append(f"field 'threshold' = {data['threshold']!r}: must be between 0 and 1 (exclusive)")
-    timeout = None
-    if "timeout" in data:
+    tz = ok.get("timezone", "UTC")
+    if "timezone" in ok:
         try:
-            timeout = parse_duration(data["timeout"])
+            validate_timezone(tz)
         except ValueError as exc:
-            problems.append(f"field 'timeout' = {data['timeout']!r}: {exc}")
-    endpoint = data.get("endpoint_url")
+            problems.append(f"field 'timezone' = {tz!r}: {exc}")
+    if "schedule" in ok:
+        try:
+            validate_cron(ok["schedule"])
+        except ValueError as exc:
+            problems.append(f"field 'schedule' = {ok['schedule']!r}: {exc}")
+    for key in ("input", "output", "model"):
+        if key in ok:
+            _check_location(key, ok[key], problems)
+    for key in ("workers", "batch_size"):
+        if key in ok and ok[key] < 1:
+            problems.append(f"field '{key}' = {ok[key]!r}: must be at least 1")
+    if "max_failures" in ok and ok["max_failures"] < 0:
+        problems.append(f"field 'max_failures' = {ok['max_failures']!r}: must be 0 or more")
+    if "threshold" in ok and not 0.0 < float(ok["threshold"]) < 1.0:
+        problems.append(f"field 'threshold' = {ok['threshold']!r}: must be between 0 and 1 (exclusive)")
+    timeout = None
+    if "timeout" in ok:
+        try:
+            timeout = parse_duration(ok["timeout"])
+        except ValueError as exc:
+            problems.append(f"field 'timeout' = {ok['timeout']!r}: {exc}")
+    endpoint = ok.get("endpoint_url")
     if endpoint is not None:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            problems.append(f"field 'endpoint_url' = {endpoint!r}: expected an http:// or https:// URL")
+            problems.append(f"field 'endpoint_url' = {_shown(endpoint)}: expected an http:// or https:// URL")
         elif parts.username or parts.password:
             problems.append(
                 "field 'endpoint_url' = <redacted>: credentials in the URL; secrets are never stored "
                 "in job files (use the environment or `profile`)"
             )
-    remote = [k for k in ("input", "output") if is_url(data[k]) and not data[k].startswith("file://")]
-    for key in ("endpoint_url", "profile"):
-        if key in data and not remote:
-            problems.append(f"field '{key}' = {data[key]!r}: only used with s3:// input or output")
-    if "glob" in data and not data["glob"].strip():
+    if "input" in ok and "output" in ok:  # only judged when both locations are known
+        remote = [k for k in ("input", "output") if is_url(ok[k]) and not ok[k].startswith("file://")]
+        for key in ("endpoint_url", "profile"):
+            if key in ok and not remote:
+                problems.append(f"field '{key}' = {_shown(ok[key])}: only used with s3:// input or output")
+    if "glob" in ok and not ok["glob"].strip():
         problems.append("field 'glob' = '': must not be empty (leave it out for the default)")
     if problems:
         raise JobError(path, problems)
+
+    data = ok
 
     base = path.parent.resolve() if path.name != "<job>" else Path.cwd()
     return JobSpec(
@@ -296,9 +323,6 @@ def load_job(path: str | os.PathLike) -> JobSpec:
         raise JobError(path, [f"not UTF-8 text: {exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise JobError(path, [f"invalid TOML: {exc}"]) from exc
-    for key, value in data.items():
-        if isinstance(value, dict):
-            raise JobError(path, [f"unexpected table [{key}]: a job file holds plain fields only"])
     return parse_job(data, path)
 
 

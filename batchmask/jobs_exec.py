@@ -172,7 +172,7 @@ class JobResult:
 
     def line(self) -> str:
         r = self.record
-        if r.get("status") in ("failed", "timeout", "interrupted") and r.get("error"):
+        if r.get("new") is None and r.get("error"):  # no counts: the run ended without a summary
             what = f"{r['status']}: {r['error']}"
         else:
             what = (
@@ -244,16 +244,21 @@ def run_job(
                 skipped=skipped,
                 total=int(summary.get("total", ok + failed + skipped)),
                 images_per_s=summary.get("images_per_s"),
+                error=f"the run exited with code {code}" if status == "failed" else None,
             )
         else:
+            # No summary (the run failed, timed out or was interrupted): the counts are unknown.
+            # Images finished before a timeout are kept, so 0 would be wrong: null instead.
             code = EXIT_FAILED
             record.update(
                 status=outcome.get("status", "failed"),
                 exit_code=code,
-                new=0,
-                ok=0,
-                failed=0,
-                skipped=0,
+                new=None,
+                ok=None,
+                failed=None,
+                skipped=None,
+                total=None,
+                images_per_s=None,
                 error=outcome.get("error", "the run failed"),
             )
         from . import __version__

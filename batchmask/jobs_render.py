@@ -14,6 +14,8 @@ from .jobs_exec import iso, utcnow
 from .jobs_schedule import to_on_calendar
 
 K8S_JOBS_MOUNT = "/etc/batchmask/jobs"
+#: Kubernetes limits CronJob names to 52 characters (it appends a suffix per Job it creates)
+K8S_CRONJOB_NAME_MAX = 52
 
 
 def find_batchmask() -> str:
@@ -142,6 +144,18 @@ def _systemd_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
+def k8s_name(job: JobSpec) -> str:
+    """The CronJob name ``batchmask-<name>``: at most 52 characters (Kubernetes' CronJob limit).
+
+    Job names are capped at :data:`batchmask.jobs.NAME_MAX` (42) characters and end with a letter
+    or digit, so this is never truncated: distinct jobs get distinct names, none ending in '-'.
+    """
+    name = f"batchmask-{job.name}"
+    if len(name) > K8S_CRONJOB_NAME_MAX:  # only for a JobSpec built by hand, bypassing validation
+        raise ValueError(f"job name {job.name!r} is too long for a Kubernetes CronJob name")
+    return name
+
+
 def render_k8s(
     jobs: Sequence[JobSpec], *, image: str, configmap: str = "batchmask-jobs", secret: str | None = None
 ) -> str:
@@ -181,7 +195,7 @@ def render_k8s(
             {
                 "apiVersion": "batch/v1",
                 "kind": "CronJob",
-                "metadata": {"name": f"batchmask-{job.name}"[:52], "labels": {"batchmask/job": job.name}},
+                "metadata": {"name": k8s_name(job), "labels": {"batchmask/job": job.name}},
                 "spec": {
                     "schedule": job.schedule,
                     "timeZone": job.timezone,

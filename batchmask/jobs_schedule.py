@@ -122,6 +122,19 @@ def current_slot(expr: str, tz: str = "UTC", now: dt.datetime | None = None) -> 
     return croniter(expr, start).get_prev(dt.datetime)
 
 
+def is_slot(expr: str, tz: str, when: dt.datetime) -> bool:
+    """True when ``when`` (seconds ignored; naive = in ``tz``) is one of the schedule's run times.
+
+    Same rule as :func:`next_runs` (so a time that does not exist in spring is matched where the
+    run really happens): the first scheduled time after the minute before ``when`` is ``when``.
+    """
+    zone = validate_timezone(tz)
+    t = when.replace(tzinfo=zone) if when.tzinfo is None else when
+    t = t.astimezone(dt.UTC).replace(second=0, microsecond=0)
+    nxt = croniter(expr, (t - dt.timedelta(minutes=1)).astimezone(zone)).get_next(dt.datetime)
+    return nxt.astimezone(dt.UTC) == t
+
+
 def dom_dow_is_or(expr: str) -> bool:
     """True when cron fires on day-of-month OR day-of-week (both fields restricted, no leading '*')."""
     parts = expr.split()

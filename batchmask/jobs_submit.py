@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .jobs import JobSpec, is_url
-from .jobs_schedule import current_slot
+from .jobs_schedule import current_slot, is_slot
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,15 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 class SlotAlreadySubmitted(RuntimeError):
     """The cluster already has a submission for this job and slot."""
+
+
+class SubmitError(RuntimeError):
+    """The cluster could not be asked (unreachable, authentication, server error)."""
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    """True for the Jobs API's answer to an unknown submission id (HTTP 404)."""
+    return isinstance(exc, RuntimeError) and "status code 404" in str(exc)
 
 
 @dataclass
@@ -72,9 +81,16 @@ def submit_job(
     batchmask: str = "batchmask",
     entrypoint_num_cpus: float | None = None,
 ) -> Submission:
-    """Submit the job's run for ``slot`` (default: the latest scheduled time at or before now)."""
+    """Submit the job's run for ``slot`` (default: the latest scheduled time at or before now).
+
+    Raises ValueError when ``slot`` is not one of the schedule's times (another time would get a
+    submission id of its own, so the slot's run could happen twice), :class:`SlotAlreadySubmitted`
+    when the cluster knows the id, :class:`SubmitError` when the cluster cannot be asked.
+    """
     if slot is None:
         slot = current_slot(job.schedule, job.timezone, now)
+    elif not is_slot(job.schedule, job.timezone, slot):
+        raise ValueError(f"{slot.isoformat()} is not a scheduled time of job '{job.name}' ('{job.schedule}' {job.timezone})")
     sid = submission_id(job, slot)
     local = [k for k in ("input", "output") if not is_url(getattr(job, k))]
     if local:
@@ -87,7 +103,12 @@ def submit_job(
     client = _client(address)
     try:
         info = client.get_job_info(sid)
-    except Exception:  # noqa: BLE001 - Ray raises RuntimeError (404) when the id is unknown
+    except Exception as exc:  # noqa: BLE001 - only "not found" means not submitted
+        if not _is_not_found(exc):
+            raise SubmitError(
+                f"cannot check whether {sid} was already submitted to {address} ({type(exc).__name__}: {exc}); "
+                "nothing submitted"
+            ) from exc
         info = None
     if info is not None:
         raise SlotAlreadySubmitted(f"{sid}: already submitted to {address} (status {info.status}); not run again")

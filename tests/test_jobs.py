@@ -158,7 +158,7 @@ def test_validate_cli_reports_errors_and_duplicate_names(tmp_path):
     assert res.exit_code == EXIT_FAILED
     assert f"{tmp_path / 'b.toml'}: field 'name' = 'cam-drops': already used by" in res.output
     assert f"{tmp_path / 'c.toml'}: field 'schedule' = '*/75 * * * *'" in res.output
-    assert f"ok {tmp_path / 'a.toml'}" in res.output
+    assert f"ok {tmp_path / 'a.toml'}: cam-drops, '*/5 * * * *' Europe/Paris: {tmp_path / 'in'} -> {tmp_path.parent / 'out'}" in res.output
 
 
 def test_parse_duration():
@@ -359,3 +359,108 @@ def test_exit_code_respects_max_failures():
     assert exit_code_for({"failed": 6, "exit_code": 3}, 5) == (3, "images_failed")
     assert exit_code_for({"failed": 0, "exit_code": 0}, 0) == (0, "ok")
     assert exit_code_for({"failed": 0, "exit_code": 1}, 0) == (1, "failed")
+
+
+# ----------------------------------------------------------------- review fixes
+
+
+def test_all_problems_in_one_pass_and_unknown_values_never_echoed(tmp_path):
+    text = (
+        GOOD.replace("workers = 2", 'workers = "two"').replace('"*/5 * * * *"', '"61 * * * *"')
+        + 'aws_access = "AKIAEXAMPLE123"\nthreshold = 2.0\n[extra]\na = 1\n[more]\nb = 2\n'
+    )
+    msg = problems(write(tmp_path, text))
+    for expected in (
+        "field 'workers' = 'two': expected an integer",
+        "field 'schedule' = '61 * * * *'",
+        "unknown field 'aws_access'",
+        "field 'threshold' = 2.0: must be between 0 and 1",
+        "unexpected table [extra]",
+        "unexpected table [more]",
+    ):
+        assert expected in msg, msg
+    assert "AKIA" not in msg
+    # a wrongly typed field is reported once, its value checks skipped
+    msg = problems(write(tmp_path, GOOD.replace("timeout = \"45m\"", "timeout = true")))
+    assert msg.count("'timeout'") == 1
+
+
+def test_job_name_length_fits_kubernetes(tmp_path):
+    from batchmask.jobs_render import render_k8s
+
+    longest = "a" * 41 + "b"
+    job = load_job(write(tmp_path, GOOD.replace("cam-drops", longest)))
+    (doc,) = [d for d in yaml.safe_load_all(render_k8s([job], image="i")) if d]
+    assert doc["metadata"]["name"] == f"batchmask-{longest}" and len(doc["metadata"]["name"]) == 52
+    assert "use 1-42 lowercase" in problems(write(tmp_path, GOOD.replace("cam-drops", longest + "c")))
+    assert "field 'name'" in problems(write(tmp_path, GOOD.replace("cam-drops", "cam-")))
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [{"status": "timeout", "error": "stopped"}, {"summary": {"ok": 2, "failed": 0, "skipped": 1, "total": 3,
+                                                             "images_per_s": 1.5, "exit_code": 0}}],
+)
+def test_history_record_always_has_every_key(tmp_path, monkeypatch, outcome):
+    import batchmask.jobs_exec as jx
+
+    sub = tmp_path / "d"  # output "../out" = tmp_path / "out", this test's own
+    sub.mkdir()
+    job = load_job(write(sub, GOOD))
+    monkeypatch.setattr(jx, "_run_child", lambda *a, **k: dict(outcome))
+    result = jx.run_job(job, lock_dir=tmp_path / "locks")
+    keys = {"job", "start", "end", "duration_s", "host", "pid", "status", "exit_code", "new", "ok", "failed",
+            "skipped", "total", "images_per_s", "error", "batchmask_version"}
+    (rec,) = read_history(job)
+    assert set(rec) == keys
+    if "summary" in outcome:
+        assert (rec["status"], rec["total"], rec["images_per_s"], rec["error"]) == ("ok", 3, 1.5, None)
+    else:
+        assert (rec["status"], rec["total"], rec["new"], rec["error"]) == ("timeout", None, None, "stopped")
+        assert "timeout: stopped" in result.line()
+        res = CliRunner().invoke(main, ["jobs", "list", str(sub / "job.toml")])
+        assert "-> timeout (exit 1): stopped" in res.output
+
+
+class _FakeClient:
+    def __init__(self, error: str | None = None, info=None):
+        self.error, self.info, self.submitted = error, info, []
+
+    def get_job_info(self, sid):
+        if self.error:
+            raise RuntimeError(self.error)
+        return self.info
+
+    def submit_job(self, **kw):
+        self.submitted.append(kw["submission_id"])
+
+
+def test_submit_slot_must_be_scheduled_and_only_not_found_means_absent(tmp_path, monkeypatch):
+    import batchmask.jobs_submit as js
+    from batchmask.jobs_schedule import is_slot
+
+    assert is_slot("30 2 * * *", "Europe/Paris", dt.datetime(2026, 1, 5, 2, 30))
+    assert is_slot("30 2 * * *", "Europe/Paris", dt.datetime(2026, 1, 5, 1, 30, 20, tzinfo=dt.UTC))
+    assert not is_slot("30 2 * * *", "Europe/Paris", dt.datetime(2026, 1, 5, 2, 31))
+    assert is_slot("30 2 * * *", "Europe/Paris", dt.datetime(2026, 3, 29, 3, 0))  # spring: 02:30 -> 03:00
+
+    job_file = write(tmp_path, GOOD.replace("input = \"in\"", "input = \"s3://b/in\""))
+    job = load_job(job_file)
+    fake = _FakeClient("Request failed with status code 404: Job x does not exist.")
+    monkeypatch.setattr(js, "_client", lambda address: fake)
+    res = CliRunner().invoke(main, ["jobs", "submit", str(job_file), "--address", "http://h:8265",
+                                    "--slot", "2026-01-05T02:32"])
+    assert res.exit_code == 2 and "not a scheduled time of job 'cam-drops'" in res.output
+    assert not fake.submitted
+    with pytest.raises(ValueError, match="not a scheduled time"):
+        js.submit_job(job, "http://h", slot=dt.datetime(2026, 1, 5, 2, 32, tzinfo=dt.UTC))
+    sub = js.submit_job(job, "http://h", slot=dt.datetime(2026, 1, 5, 2, 35, tzinfo=dt.UTC))
+    assert fake.submitted == [sub.submission_id]
+    # an error other than "not found" is not "not submitted": nothing is submitted
+    fake = _FakeClient("Request failed with status code 401: Unauthorized.")
+    res = CliRunner().invoke(main, ["jobs", "submit", str(job_file), "--address", "http://h:8265"])
+    assert res.exit_code == EXIT_FAILED and "cannot check whether" in res.output and "401" in res.output
+    assert not fake.submitted
+    fake = _FakeClient(info=type("Info", (), {"status": "RUNNING"})())
+    res = CliRunner().invoke(main, ["jobs", "submit", str(job_file), "--address", "http://h:8265"])
+    assert res.exit_code == EXIT_LOCKED and "already submitted" in res.output

@@ -50,7 +50,11 @@ def validate_cmd(paths: tuple[str, ...]) -> None:
     jobs, errors = _load_all(paths)
     for job in jobs:
         state = "" if job.enabled else " (disabled)"
-        click.echo(f"ok {job.source}: {job.name}, '{job.schedule}' {job.timezone}{state}")
+        model = f" (model {job.model})" if job.model else ""
+        click.echo(
+            f"ok {job.source}: {job.name}, '{job.schedule}' {job.timezone}{state}: "
+            f"{job.input} -> {job.output}{model}"
+        )
     if errors:
         click.echo(f"{len(errors)} invalid, {len(jobs)} valid", err=True)
         sys.exit(EXIT_FAILED)
@@ -81,6 +85,7 @@ def list_cmd(paths: tuple[str, ...], n_next: int, as_json: bool) -> None:
                 "next": [t.isoformat() for t in nxt],
                 "input": job.input,
                 "output": job.output,
+                "model": job.model,
                 "source": job.source,
                 "last_run": last,
             }
@@ -94,13 +99,18 @@ def list_cmd(paths: tuple[str, ...], n_next: int, as_json: bool) -> None:
             click.echo(f"  next      {', '.join(t.strftime('%Y-%m-%d %H:%M %Z') for t in nxt)}")
         click.echo(f"  input     {job.input}")
         click.echo(f"  output    {job.output}")
+        if job.model:
+            click.echo(f"  model     {job.model}")
         if last_err:
             click.echo(f"  last run  ? ({last_err})")
         elif last:
+            if last.get("new") is None:  # the run ended without counts (failed, timeout, interrupted)
+                what = last.get("error") or "no counts"
+            else:
+                what = f"{last.get('new')} new, {last.get('ok') or 0} ok, {last.get('failed') or 0} failed"
             click.echo(
                 f"  last run  {last.get('start')} -> {last.get('status')} (exit {last.get('exit_code')}): "
-                f"{last.get('new', 0)} new, {last.get('ok', 0)} ok, {last.get('failed', 0)} failed, "
-                f"{last.get('duration_s', 0):.1f} s on {last.get('host')}"
+                f"{what}, {last.get('duration_s') or 0:.1f} s on {last.get('host')}"
             )
         else:
             click.echo("  last run  never")
@@ -231,6 +241,7 @@ def submit_cmd(
     job_file: str, address: str, slot: str | None, batchmask_cmd: str, wait: bool, wait_timeout: float | None
 ) -> None:
     """Submit one run as a Ray Job; a second submission of the same slot is refused (exit 4)."""
+    from ..jobs_schedule import current_slot, is_slot, next_runs
     from ..jobs_submit import SlotAlreadySubmitted, submit_job, wait_for
 
     job = _load_one(job_file)
@@ -244,6 +255,15 @@ def submit_cmd(
             from zoneinfo import ZoneInfo
 
             when = when.replace(tzinfo=ZoneInfo(job.timezone))
+        if not is_slot(job.schedule, job.timezone, when):
+            # another time would get a submission id of its own: the slot's run could happen twice
+            before = current_slot(job.schedule, job.timezone, now=when)
+            after = next_runs(job.schedule, job.timezone, 1, now=when)[0]
+            raise click.BadParameter(
+                f"{slot!r} is not a scheduled time of job '{job.name}' ('{job.schedule}' {job.timezone}); "
+                f"the nearest are {before.isoformat()} and {after.isoformat()}",
+                param_hint="--slot",
+            )
     try:
         sub = submit_job(job, address, slot=when, batchmask=batchmask_cmd)
     except SlotAlreadySubmitted as exc:
