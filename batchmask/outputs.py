@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import posixpath
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -59,27 +60,41 @@ def overlay_rel(rel: str) -> str:
 class MaskNames:
     """Mask paths for images in listing order, resolving collisions (``a.jpg`` and ``a.png``).
 
-    The first image takes ``masks/a.png``; a later one whose mask would collide takes
+    ``recorded`` maps images to the mask paths already in ``coverage.csv``: such an image keeps
+    its mask path, and no other image is given one of them (``a.png`` done as ``masks/a.png``,
+    then ``a.jpg`` arrives: it gets ``masks/a.jpg.png``).
+
+    Otherwise the first image takes ``masks/a.png``; a later one whose mask would collide takes
     ``masks/<its full name>.png`` (``masks/a.png.png``), then ``...-1.png`` and so on. Memory
     stays small because images that can collide share the prefix ``<stem>.``, and such keys
     are contiguous in a sorted listing and in a folder-by-folder walk (SeaweedFS): a name is
     forgotten once the listing has moved past its prefix.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, recorded: dict[str, str] | None = None) -> None:
+        self._recorded = recorded or {}
+        self._reserved = set(self._recorded.values())
         self._taken: dict[str, str] = {}  # mask path -> group prefix that may still collide
 
     def assign(self, rel: str) -> str:
+        old = self._recorded.get(rel)
+        if old:
+            return old
         if self._taken and len(self._taken) > 8:
             self._taken = {m: g for m, g in self._taken.items() if rel.startswith(g)}
         group = posixpath.splitext(rel)[0] + "."
         cand = mask_rel(rel)
         k = 0
-        while cand in self._taken:
+        while cand in self._taken or cand in self._reserved:
             cand = MASKS + (rel if k == 0 else f"{rel}-{k}") + ".png"
             k += 1
         self._taken[cand] = group
         return cand
+
+
+def recorded_masks(records: dict[str, dict]) -> dict[str, str]:
+    """{image: mask path} of the rows that name a mask."""
+    return {k: r["mask"] for k, r in records.items() if r.get("mask")}
 
 
 # ----------------------------------------------------------------------------- per image
@@ -107,7 +122,12 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            try:
+                im = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as exc:  # over 2 x Image.MAX_IMAGE_PIXELS
+                n = re.search(r"\((\d+) pixels\)", str(exc))
+                raise DataError(f"{where}: {n.group(1) + ' pixels' if n else 'image size'} exceeds the limit of "
+                                f"{max_pixels} (--max-pixels)") from exc
         with im:
             w0, h0 = im.size
             if w0 * h0 > max_pixels:

@@ -34,19 +34,27 @@ from .outputs import (
     error_row,
     merge_parts,
     part_name,
+    recorded_masks,
     rows_to_csv,
 )
-from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches
-from .worker import CRASH_ENV, DELAY_ENV, MaskWorker, WorkerOptions
+from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
+from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_IMAGES_FAILED = 0, 3  # same values as batchmask.cli.common
+EXIT_OK, EXIT_FAILED, EXIT_IMAGES_FAILED = 0, 1, 3  # same values as batchmask.cli.common
 #: Listed as images (case-insensitive): the training formats plus GIF (first frame).
 RUN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif")
 INFLIGHT_PER_ACTOR = 2
-MAX_SHARD_ATTEMPTS = 2  # driver-level, on top of Ray's max_task_retries per actor
-ACTOR_MAX_RESTARTS = 3
+#: The driver owns retries (Ray's max_task_retries is 0): a failed shard is tried again, alone
+#: on its actor, up to this many attempts in all; a shard whose worker died every time is then
+#: split into single images, each tried alone once, and an image that still kills its worker
+#: becomes an error row.
+MAX_SHARD_ATTEMPTS = 2
+#: Ray restarts a dead actor (reloading the model) up to this many times.
+ACTOR_MAX_RESTARTS = 10
+#: ready() calls that may fail on an actor that died before it is given up as dead.
+REVIVE_TRIES = 3
 ACTOR_START_TIMEOUT_S = float(os.environ.get("BATCHMASK_ACTOR_START_TIMEOUT", "600"))
 DEFAULT_SHARD_SIZE = 32
 
@@ -70,16 +78,6 @@ class RunSummary:
     def line(self) -> str:
         return (f"batchmask run: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done) "
                 f"of {self.total} images in {self.wall_s:.1f} s ({self.images_per_s:.1f} images/s)")
-
-
-def done_images(output: str, *, endpoint_url: str | None = None, storage_options: dict | None = None,
-                retry_errors: bool = False) -> set[str]:
-    """Relative paths already done under ``output`` (ok with a mask, or error unless retried)."""
-    from .outputs import load_records
-
-    out = StorageSpec(output, endpoint_url, storage_options or {}).open()
-    records, _ = load_records(out)
-    return done_set(out, records, retry_errors)
 
 
 def _now() -> str:
@@ -151,19 +149,22 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
     in_spec = StorageSpec(input, endpoint_url, dict(storage_options or {})).resolved()
     out_spec = StorageSpec(output, endpoint_url, dict(storage_options or {})).resolved()
     inp, out = in_spec.open(), out_spec.open()
+    # Refusals first: nothing is written to --output before these checks.
+    skip_prefix = inp.relative_prefix_of(out)
+    if skip_prefix == "":
+        raise RunError("--output must not be the same location as --input")
+    inp.check_input()
     model_dir = resolve_model_dir(model)
     out.ensure_root()
     records = merge_parts(out)  # leftovers of an interrupted run first
     done = set() if overwrite else done_set(out, records, retry_errors)
+    recorded = recorded_masks(records)  # an image keeps its mask path; no new image takes one
     del records
-    skip_prefix = inp.relative_prefix_of(out)
-    if skip_prefix == "":
-        raise RunError("--output must not be the same location as --input")
 
     driver_rows: list[dict] = []
     st = {"total": 0, "skipped": 0, "ok": 0, "failed": 0, "listed_all": False, "retried_shards": 0,
           "rows": driver_rows}
-    names = MaskNames()
+    names = MaskNames(recorded)
 
     def pending() -> Iterator[tuple[str, str]]:
         for rel in inp.iter_files():
@@ -202,7 +203,7 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
                               "metrics": meta.get("metrics")})
     except (OSError, ValueError):
         pass
-    interrupted = False
+    interrupted = failed_run = False
     try:
         if first is not None:
             _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
@@ -210,13 +211,19 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
     except KeyboardInterrupt:
         interrupted = True
         raise
+    except BaseException:
+        failed_run = True
+        raise
     finally:
         if driver_rows:
             out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
-        merge_parts(out)
+        if first is not None or driver_rows:  # else no part files: coverage.csv is already merged
+            merge_parts(out)
         wall = time.time() - t0
         processed = st["ok"] + st["failed"]
         code = EXIT_IMAGES_FAILED if st["failed"] else EXIT_OK
+        if interrupted or failed_run:  # the CLI exits 1: run.json says so too
+            code = EXIT_FAILED
         info.update({"end": _now(), "wall_s": round(wall, 3), "interrupted": interrupted,
                      "counts": {k: st[k] for k in ("total", "skipped", "ok", "failed", "retried_shards")},
                      "listing_complete": st["listed_all"] or first is None, "exit_code": code})
@@ -255,11 +262,11 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
                "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
                "TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                "TF_NUM_INTEROP_THREADS": "1"}
-        for hook in (CRASH_ENV, DELAY_ENV):  # test hooks only
+        for hook in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV):  # test hooks only
             if os.environ.get(hook):
                 env[hook] = os.environ[hook]
         remote_cls = ray.remote(MaskWorker).options(
-            num_cpus=per, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS,
+            num_cpus=per, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0,
             scheduling_strategy="SPREAD", runtime_env={"env_vars": env})
         wopts = WorkerOptions(batch_size=batch_size, threshold=threshold, overlays=overlays, max_pixels=max_pixels,
                               threads=threads, run_id=run_id, draft=draft)
@@ -284,6 +291,14 @@ def _raise_interrupt(signum, frame):
 
 
 def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
+    """Hand shards to ready actors and collect results; the driver owns every retry.
+
+    A shard that failed is retried *alone* on an actor (nothing else in flight there), so a
+    worker death during a retry is that shard's doing. After ``MAX_SHARD_ATTEMPTS`` deaths the
+    shard is split into single images, each tried alone once; an image whose worker still dies
+    becomes an error row. A dead actor is restarted by Ray (``ACTOR_MAX_RESTARTS``); the driver
+    waits for it with ``ready()`` and then gives it work again.
+    """
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayError
     from tqdm import tqdm
@@ -291,6 +306,8 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     starting = {a.ready.remote(): i for i, a in enumerate(actors)}
     ready: list[int] = []
     inflight = {i: 0 for i in range(len(actors))}
+    alone: set[int] = set()  # actors running a retried shard, with nothing else in flight
+    revive_failures = dict.fromkeys(range(len(actors)), 0)
     tasks: dict = {}  # ref -> (actor index, shard id, items, attempt)
     retry: deque = deque()
     next_id = [0]
@@ -299,12 +316,15 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     per_actor: dict[int, dict] = {}
     windows: list[tuple[float, float, int]] = []
     t_all_ready = None
+    last_progress = t0
     start_errors: list[str] = []
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run")
 
-    def next_shard():
-        if retry:
-            return retry.popleft()
+    def new_id() -> int:
+        next_id[0] += 1
+        return next_id[0] - 1
+
+    def next_new():
         if first_box[0] is not None:
             items, first_box[0] = first_box[0], None
         else:
@@ -312,19 +332,27 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
             if items is None:
                 gen_done[0] = True
                 return None
-        sid = next_id[0]
-        next_id[0] += 1
-        return sid, items, 1
+        return new_id(), items, 1
 
     def fill() -> None:
         for i in list(ready):
-            while inflight[i] < INFLIGHT_PER_ACTOR:
-                job = next_shard()
-                if job is None:
-                    return
-                sid, items, attempt = job
+            while inflight[i] < INFLIGHT_PER_ACTOR and i not in alone:
+                if retry:
+                    if inflight[i]:
+                        break  # a retried shard waits until it can run alone
+                    sid, items, attempt = retry.popleft()
+                    alone.add(i)
+                else:
+                    job = next_new()
+                    if job is None:
+                        return
+                    sid, items, attempt = job
                 tasks[actors[i].process.remote(sid, items)] = (i, sid, items, attempt)
                 inflight[i] += 1
+
+    def last_line(exc, n=300) -> str:
+        text = redact_urls(str(exc)).strip()
+        return text.splitlines()[-1][:n] if text else type(exc).__name__
 
     try:
         while True:
@@ -336,50 +364,71 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
             if gen_done[0] and not tasks and not retry:
                 break
             if not ready and not starting:
+                if per_actor:
+                    raise RunError("all workers died; rerun to continue (finished images are kept): "
+                                   + "; ".join(start_errors[-2:]))
                 raise RunError("no worker could start: " + "; ".join(start_errors[:3]))
             waiting = list(tasks) + list(starting)
             done_refs, _ = ray.wait(waiting, num_returns=1, timeout=5.0)
             if not done_refs:
-                if not ready and time.time() - t0 > ACTOR_START_TIMEOUT_S:
+                if not ready and time.time() - last_progress > ACTOR_START_TIMEOUT_S:
                     raise RunError(f"no worker started within {ACTOR_START_TIMEOUT_S:.0f} s; the cluster may lack "
                                    f"free CPUs ({info['ray']['cpus_per_actor']} per worker needed)")
                 continue
+            last_progress = time.time()
             ref = done_refs[0]
             if ref in starting:
                 i = starting.pop(ref)
                 try:
                     r = ray.get(ref)
+                except RayError as exc:
+                    if i in per_actor and revive_failures[i] < REVIVE_TRIES:  # died: maybe still restarting
+                        revive_failures[i] += 1
+                        time.sleep(0.5 * revive_failures[i])
+                        starting[actors[i].ready.remote()] = i
+                        continue
+                    start_errors.append(f"worker {i}: {last_line(exc)}")
+                    log.error("worker %d %s: %s", i, "is dead" if i in per_actor else "failed to start",
+                              last_line(exc))
+                    continue
+                revive_failures[i] = 0
+                if i not in ready:
                     ready.append(i)
+                if i in per_actor:  # restarted after a death
+                    if r["pid"] not in per_actor[i]["pids"]:
+                        per_actor[i]["pids"].append(r["pid"])
+                else:
                     per_actor[i] = {"actor": i, "node_id": r["node_id"], "pids": [r["pid"]],
                                     "startup_s": round(r["startup_s"], 2), "images": 0, "peak_rss_mb": r["peak_rss_mb"]}
-                    if not starting:
-                        t_all_ready = time.time()
-                        info.setdefault("throughput", {})["startup_s"] = round(t_all_ready - t0, 2)
-                except RayError as exc:
-                    start_errors.append(str(exc).strip().splitlines()[-1])
-                    log.error("worker %d failed to start: %s", i, start_errors[-1])
+                if not starting and t_all_ready is None:
+                    t_all_ready = time.time()
+                    info.setdefault("throughput", {})["startup_s"] = round(t_all_ready - t0, 2)
                 continue
             i, sid, items, attempt = tasks.pop(ref)
             inflight[i] -= 1
+            if attempt > 1:
+                alone.discard(i)
             try:
                 r = ray.get(ref)
-            except (RayActorError, RayError) as exc:
+            except RayError as exc:
                 dead = isinstance(exc, RayActorError)
-                log.warning("shard %d (attempt %d) failed on worker %d: %s", sid, attempt,
-                            i, str(exc).strip().splitlines()[-1][:200])
-                if dead and i in ready:
+                log.warning("shard %d (%d images, attempt %d) failed on worker %d: %s", sid, len(items), attempt,
+                            i, last_line(exc, 200))
+                if dead and i in ready:  # Ray restarts it; it gets work again once ready() answers
                     ready.remove(i)
-                st["retried_shards"] += 1
+                    alone.discard(i)
+                    starting[actors[i].ready.remote()] = i
                 if attempt < MAX_SHARD_ATTEMPTS:
+                    st["retried_shards"] += 1
                     retry.append((sid, items, attempt + 1))
-                elif dead:  # the process died (maybe an image crashes the decoder): error rows
+                elif dead and len(items) > 1:  # find the image(s) that kill the worker: one by one
+                    st["retried_shards"] += 1
+                    retry.extend((new_id(), [item], MAX_SHARD_ATTEMPTS) for item in items)
+                elif dead:  # this image kills the worker process (e.g. crashes the decoder): error row
                     _fail_shard(sid, items, st, info, exc)
                     bar.update(len(items))
-                else:  # an exception, e.g. storage unreachable: fail the run, keep images retryable
-                    raise RunError(f"shard {sid} failed {attempt} times: "
-                                   f"{str(exc).strip().splitlines()[-1][:300]}") from exc
-                if not ready and not starting:
-                    raise RunError("all workers died; rerun to continue (finished images are kept)") from exc
+                else:  # an exception, e.g. storage unreachable or access denied: fail the run
+                    raise RunError(f"shard {sid} failed {attempt} times: {last_line(exc)}") from exc
                 continue
             st["ok"] += r["ok"]
             st["failed"] += r["failed"]
@@ -407,8 +456,8 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
 
 
 def _fail_shard(sid, items, st, info, exc) -> None:
-    """After MAX_SHARD_ATTEMPTS: record every image of the shard as an error row (driver-side part)."""
-    reason = f"worker failed {MAX_SHARD_ATTEMPTS} times processing this shard ({type(exc).__name__})"
+    """Record the images of a (one-image) shard whose worker kept dying as error rows (driver-side part)."""
+    reason = f"the worker process died processing this image, also when it was processed alone ({type(exc).__name__})"
     rows = [error_row(rel, reason) for rel, _ in items]
     info.setdefault("failed_shards", []).append(sid)
     st["failed"] += len(rows)

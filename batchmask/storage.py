@@ -18,13 +18,16 @@ then ``AWS_ENDPOINT_URL``); credentials come from the standard AWS variables, pr
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,10 @@ class StorageSpec:
 
     url: str
     endpoint_url: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
+
+    def __repr__(self) -> str:  # no credentials, no user:password@ in the endpoint
+        return f"StorageSpec(url={strip_userinfo(self.url)!r}, endpoint_url={strip_userinfo(self.endpoint_url)!r})"
 
     def open(self) -> Storage:
         return Storage(self)
@@ -94,7 +100,29 @@ class StorageSpec:
 
     def public(self) -> dict[str, Any]:
         """What may be written to run.json / logs: no credentials."""
-        return {"url": self.url, "endpoint_url": resolve_endpoint(self.endpoint_url)}
+        return {"url": strip_userinfo(self.url), "endpoint_url": strip_userinfo(resolve_endpoint(self.endpoint_url))}
+
+
+def redact_urls(text: str) -> str:
+    """``text`` without any ``user:password@`` in the URLs it contains."""
+    return re.sub(r"://[^/\s@]+@", "://", text)
+
+
+def _redact(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: " + redact_urls(str(exc))
+
+
+def strip_userinfo(url: str | None) -> str | None:
+    """``url`` without a ``user:password@`` part (safe to log or record)."""
+    if not url or "@" not in url or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://<redacted>"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class Storage:
@@ -121,15 +149,18 @@ class Storage:
                 url = "s3://" + url.split("://", 1)[1]
             try:
                 self.fs, root = fsspec.core.url_to_fs(url, **opts)
-            except (ImportError, ValueError) as exc:
-                raise StorageError(f"{spec.url}: cannot open storage ({exc})") from exc
+            except Exception as exc:  # unknown protocol, missing s3fs, bad options
+                raise StorageError(f"{self._where()}: cannot open storage ({_redact(exc)})") from exc
             self.root = root.rstrip("/")
-            if "/" not in self.root and not self.root:
+            if not self.root:
                 raise StorageError(f"{spec.url}: no bucket in URL")
         else:
             self.fs = None
             path = url[len("file://") :] if url.startswith("file://") else url
             self.root = os.path.abspath(os.path.expanduser(path))
+
+    def _where(self) -> str:
+        return strip_userinfo(self.spec.url) or ""
 
     # ------------------------------------------------------------------ paths
     def full(self, rel: str) -> str:
@@ -159,9 +190,32 @@ class Storage:
             start = self.root if not prefix else os.path.join(self.root, *prefix.rstrip("/").split("/"))
             if os.path.isdir(start):
                 base = prefix.rstrip("/") + "/" if prefix else ""
-                yield from _walk_sorted(start, base)
-            elif not prefix and not os.path.exists(start):
-                raise StorageError(f"{self.spec.url}: no such directory")
+                if not prefix:
+                    try:
+                        os.scandir(start).close()
+                    except OSError as exc:
+                        raise StorageError(f"{self._where()}: cannot list ({exc.strerror or exc})") from exc
+                yield from _walk_sorted(start, base, frozenset())
+            elif not prefix:
+                self.check_input()
+
+    def check_input(self) -> None:
+        """Raise :class:`StorageError` unless the root can be an input: an existing folder (local),
+        or a prefix that is not itself an object (S3)."""
+        if not self.remote:
+            if os.path.isfile(self.root):
+                raise StorageError(f"{self._where()}: is a file; --input must be a folder")
+            if not os.path.isdir(self.root):
+                raise StorageError(f"{self._where()}: no such directory")
+            return
+        if "/" not in self.root:
+            return
+        try:
+            is_file = self.fs.isfile(self.root)
+        except Exception:  # unreachable storage or no permission: the listing will say so
+            return
+        if is_file:
+            raise StorageError(f"{self._where()}: is an object, not a prefix; --input must be a folder or prefix")
 
     def _iter_s3(self, prefix: str) -> Iterator[str]:
         bucket, _, key_root = self.root.partition("/")
@@ -175,9 +229,11 @@ class Storage:
             try:
                 page = self.fs.call_s3("list_objects_v2", **kwargs)
             except FileNotFoundError as exc:
-                raise StorageError(f"{self.spec.url}: bucket not found") from exc
+                raise StorageError(f"{self._where()}: bucket not found") from exc
             except PermissionError as exc:
-                raise StorageError(f"{self.spec.url}: access denied listing the bucket") from exc
+                raise StorageError(f"{self._where()}: access denied listing the bucket") from exc
+            except Exception as exc:  # endpoint unreachable, bad profile (botocore), ...
+                raise StorageError(f"{self._where()}: cannot list ({_redact(exc)})") from exc
             for obj in page.get("Contents", []):
                 key = obj["Key"]
                 if not key.endswith("/"):
@@ -207,7 +263,7 @@ class Storage:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
 
@@ -217,42 +273,45 @@ class Storage:
         return os.path.exists(self.full(rel))
 
     def delete(self, rel: str) -> None:
-        if self.remote:
-            with _suppress():
+        with contextlib.suppress(OSError):
+            if self.remote:
                 self.fs.rm_file(self.full(rel))
-        else:
-            with _suppress():
+            else:
                 os.unlink(self.full(rel))
 
     def ensure_root(self) -> None:
         """Create the local output folder; on S3 check that the bucket is reachable."""
         if not self.remote:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"{self._where()}: cannot create ({exc.strerror or exc})") from exc
             return
         bucket = self.root.split("/", 1)[0]
         try:
             self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
         except FileNotFoundError as exc:
-            raise StorageError(f"{self.spec.url}: bucket {bucket!r} not found") from exc
+            raise StorageError(f"{self._where()}: bucket {bucket!r} not found") from exc
         except PermissionError as exc:
-            raise StorageError(f"{self.spec.url}: access denied") from exc
+            raise StorageError(f"{self._where()}: access denied") from exc
+        except Exception as exc:  # endpoint unreachable, botocore ProfileNotFound, ...
+            raise StorageError(f"{self._where()}: cannot reach storage ({_redact(exc)})") from exc
 
 
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
-
-
-def _walk_sorted(path: str, base: str) -> Iterator[str]:
+def _walk_sorted(path: str, base: str, ancestors: frozenset) -> Iterator[str]:
     """Depth-first walk in code point order of the full relative path.
 
     Sorting a folder's entries by ``name`` for files and ``name + "/"`` for folders yields the
     same order as sorting all relative paths at once (what S3 returns), one folder at a time.
+    Symlinks are followed; a folder that is its own ancestor (a symlink cycle) is skipped.
     """
     try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            log.warning("skipping %s: symlink cycle", path)
+            return
+        ancestors = ancestors | {key}
         with os.scandir(path) as it:
             entries = []
             for e in it:
@@ -267,7 +326,7 @@ def _walk_sorted(path: str, base: str) -> Iterator[str]:
     entries.sort()
     for key, is_dir in entries:
         if is_dir:
-            yield from _walk_sorted(os.path.join(path, key[:-1]), base + key)
+            yield from _walk_sorted(os.path.join(path, key[:-1]), base + key, ancestors)
         elif not key.startswith(".tmp-"):
             yield base + key
 

@@ -36,6 +36,9 @@ from .storage import StorageSpec, check_rel
 #: Test hook: "N:/path/marker" makes an actor exit abruptly after N images, once (the marker
 #: file records that it happened). Used by the fault tests; never set it in production.
 CRASH_ENV = "BATCHMASK_TEST_CRASH_AFTER"
+#: Test hook: an actor exits abruptly, every time, when it reads an image whose relative path
+#: contains this string (a "poison" image that crashes the decoder). Tests only.
+CRASH_ON_ENV = "BATCHMASK_TEST_CRASH_ON"
 #: Test hook: seconds to sleep before each shard (lets the interrupt test stop a run midway).
 DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
 
@@ -65,6 +68,18 @@ def _set_threads(n: int) -> None:
         pass
 
 
+def set_pixel_limit(max_pixels: int) -> None:
+    """Make PIL's decompression-bomb limit follow ``--max-pixels`` in this process.
+
+    PIL refuses to open images over ``2 * Image.MAX_IMAGE_PIXELS`` (default about 179 M pixels),
+    which would cap ``--max-pixels`` and give PIL's limit in the error; with this, images up to
+    ``max_pixels`` open and larger ones get the documented ``--max-pixels`` error.
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
@@ -80,6 +95,7 @@ class MaskWorker:
 
             model_files = ray.get(model_files[0])
         _set_threads(opts.threads)
+        set_pixel_limit(opts.max_pixels)
         from .inference import load_model
 
         with tempfile.TemporaryDirectory(prefix="batchmask-model-") as d:
@@ -116,14 +132,18 @@ class MaskWorker:
         try:
             check_rel(rel)
             check_rel(mask)
+            if os.environ.get(CRASH_ON_ENV) and os.environ[CRASH_ON_ENV] in rel:
+                os._exit(1)
             data = self.inp.read_bytes(rel)
             d.x, d.width, d.height = decode_for_model(
                 data, self.model.image_size, self.opts.max_pixels, rel, self.opts.draft
             )
         except (DataError, ValueError) as exc:
             d.error = str(exc)
-        except OSError as exc:
+        except (FileNotFoundError, IsADirectoryError) as exc:  # this image only (e.g. deleted since listed)
             d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"
+        # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors) fails the
+        # shard, and then the run, instead of recording every image as a permanent error row.
         return d
 
     def _finish(self, d: Decoded, prob: np.ndarray) -> dict:

@@ -151,3 +151,35 @@ def test_dead_actor_is_replaced_and_output_is_exactly_once(tmp_path, demo_wider,
     info = json.loads((out / "run.json").read_text())
     assert info["actors"][0]["restarts"] >= 1
     assert int(marker.read_text()) in info["actors"][0]["pids"]
+
+
+def test_new_image_never_takes_a_recorded_mask_name(tmp_path, tiny_model_dir, local_ray):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _save(inp / "a.png", Image.new("RGB", (20, 10), (200, 10, 10)), "PNG")
+    run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    before = (out / "masks" / "a.png").read_bytes()
+    _save(inp / "a.jpg", Image.new("RGB", (30, 16), (10, 200, 10)), "JPEG")  # sorts before a.png
+    s = run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    by = {r["image"]: r for r in read_csv(out / "coverage.csv")}
+    assert (s.ok, s.skipped) == (1, 1) and by["a.png"]["mask"] == "masks/a.png"
+    assert by["a.jpg"]["mask"] not in ("", "masks/a.png") and (out / by["a.jpg"]["mask"]).is_file()
+    assert (out / "masks" / "a.png").read_bytes() == before
+    assert Image.open(out / by["a.jpg"]["mask"]).size == (30, 16)
+
+
+def test_image_that_kills_the_only_worker_becomes_an_error_row(tmp_path, demo_wider, tiny_model_dir, local_ray,
+                                                                 monkeypatch):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    real = sorted(demo_wider.glob("images/*/*.jpg"))[:3]
+    inp.mkdir()
+    for k, p in enumerate(real):
+        shutil.copy(p, inp / f"{k}.jpg")
+    shutil.copy(real[0], inp / "1b-poison.jpg")  # shares a shard with 1.jpg
+    monkeypatch.setenv("BATCHMASK_TEST_CRASH_ON", "poison")
+    s = run(str(inp), str(out), str(tiny_model_dir), workers=1, batch_size=2, shard_size=2, quiet=True)
+    by = {r["image"]: r for r in read_csv(out / "coverage.csv")}
+    assert sorted(by) == ["0.jpg", "1.jpg", "1b-poison.jpg", "2.jpg"]
+    assert by["1b-poison.jpg"]["status"] == "error" and "died" in by["1b-poison.jpg"]["error"]
+    assert all(by[k]["status"] == "ok" for k in ("0.jpg", "1.jpg", "2.jpg"))
+    assert (s.ok, s.failed, s.exit_code) == (3, 1, 3)
+    assert json.loads((out / "run.json").read_text())["actors"][0]["restarts"] >= 2

@@ -68,3 +68,37 @@ def test_interrupted_cli_run_resumes_exactly_once(tmp_path, demo_wider, tiny_mod
     rows = list(csv.DictReader(io.StringIO((out / "coverage.csv").read_text())))
     assert len(rows) == len({r["image"] for r in rows}) == 20 and all(r["status"] == "ok" for r in rows)
     assert s.skipped == len(first) and s.ok == 20 - len(first)
+
+
+def test_refusals_write_nothing_and_failed_runs_record_exit_1(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    import batchmask.runner as runner
+    from batchmask.cli import main
+    from batchmask.runner import RunError
+    from batchmask.storage import StorageError
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.jpg").write_bytes(b"")
+    with pytest.raises(RunError, match="same location"):
+        run(str(inp), str(inp), quiet=True)
+    with pytest.raises(StorageError, match="is a file"):
+        run(str(inp / "a.jpg"), str(tmp_path / "out"), quiet=True)
+    with pytest.raises(StorageError, match="no such directory"):
+        run(str(tmp_path / "nope"), str(tmp_path / "out"), quiet=True)
+    assert not (inp / "coverage.csv").exists() and not (tmp_path / "out").exists()
+
+    res = CliRunner().invoke(main, ["run", "-i", str(inp / "a.jpg"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and res.output.startswith("Error: ")
+
+    def boom(*a, **k):
+        raise RunError("all workers died")
+
+    monkeypatch.setattr(runner, "_execute", boom)
+    with pytest.raises(RunError):
+        run(str(inp), str(tmp_path / "out"), quiet=True)
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["exit_code"] == 1 and not info["interrupted"]

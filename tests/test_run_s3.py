@@ -39,6 +39,9 @@ def test_s3_in_and_out_with_actors_on_both_nodes(s3_server, two_nodes, demo_wide
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    # Slow shards a little so that on a busy machine the first actor cannot finish all six
+    # before the other node's actor has loaded the model.
+    monkeypatch.setenv("BATCHMASK_TEST_SHARD_DELAY", "2")
     s = run(f"s3://{bucket}/incoming/", f"s3://{bucket}/masks/", str(tiny_model_dir), workers=2, batch_size=2,
             shard_size=2, quiet=True)
     n = len(images) + 1

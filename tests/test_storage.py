@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -103,3 +104,75 @@ def test_mask_stats_counts_regions_above_min_area_and_matches_mask():
     assert fp == int(np.count_nonzero(m)) and faces == 2 and 0.7 < conf < 0.9
     m0, fp0, faces0, conf0 = mask_stats(np.zeros((64, 64), np.float32), 30, 20, 0.5, 64)
     assert (fp0, faces0, conf0) == (0, 0, None) and not m0.any()
+
+
+def test_mask_names_keep_recorded_masks_and_never_reuse_them():
+    names = MaskNames({"a.png": "masks/a.png", "b.jpg": "masks/b.jpg.png"})
+    # a.jpg sorts first and arrives after a.png was done: it must not take a.png's mask
+    assert [names.assign(r) for r in ["a.jpg", "a.png", "b.jpg", "b.png"]] == [
+        "masks/a.jpg.png", "masks/a.png", "masks/b.jpg.png", "masks/b.png"]
+
+
+def test_local_listing_follows_symlinks_but_not_cycles(tmp_path):
+    _make_tree(tmp_path / "real", ["x.jpg", "sub/y.jpg"])
+    os.symlink(tmp_path / "real", tmp_path / "real" / "sub" / "loop")  # a cycle
+    os.symlink(tmp_path / "real", tmp_path / "link")  # the same folder twice: listed twice
+    listed = list(StorageSpec(str(tmp_path)).open().iter_files())
+    assert listed == ["link/sub/y.jpg", "link/x.jpg", "real/sub/y.jpg", "real/x.jpg"]
+
+
+def test_specs_and_errors_never_show_credentials():
+    from batchmask.storage import StorageError
+
+    spec = StorageSpec("s3://b/p", "http://user:pw@host:8333", {"key": "AKEY", "secret": "SKEY"})
+    for text in (repr(spec), repr(spec.public())):
+        assert "AKEY" not in text and "SKEY" not in text and "pw" not in text
+    assert spec.public()["endpoint_url"] == "http://host:8333"
+    bad = StorageSpec("s3://b/p", "http://127.0.0.1:1", {"profile": "batchmask-no-such-profile"})
+    with pytest.raises(StorageError, match="ProfileNotFound"):
+        bad.open().ensure_root()
+
+
+def test_input_must_be_an_existing_folder(tmp_path):
+    from batchmask.storage import StorageError
+
+    (tmp_path / "f.jpg").write_bytes(b"x")
+    with pytest.raises(StorageError, match="is a file"):
+        StorageSpec(str(tmp_path / "f.jpg")).open().check_input()
+    with pytest.raises(StorageError, match="no such directory"):
+        StorageSpec(str(tmp_path / "nope")).open().check_input()
+
+
+def test_worker_load_rows_only_for_missing_files_and_pixel_limit(monkeypatch):
+    import struct
+    import zlib
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from batchmask.data import DataError
+    from batchmask.outputs import decode_for_model
+    from batchmask.worker import MaskWorker, WorkerOptions, set_pixel_limit
+
+    def read(rel):
+        raise {"gone.jpg": FileNotFoundError, "denied.jpg": PermissionError}[rel](rel)
+
+    w = object.__new__(MaskWorker)
+    w.inp, w.opts, w.model = SimpleNamespace(read_bytes=read), WorkerOptions(), SimpleNamespace(image_size=64)
+    assert "cannot read" in w._load("gone.jpg", "masks/gone.png").error
+    with pytest.raises(PermissionError):  # S3 AccessDenied: fail the shard, not an error row per image
+        w._load("denied.jpg", "masks/denied.png")
+
+    def png_header(wd, ht):  # a PNG that only claims its size
+        ihdr = struct.pack(">IIBBBBB", wd, ht, 8, 0, 0, 0, 0)
+        chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    big = png_header(20_000, 20_000)  # 400 M pixels: over PIL's default limit
+    for limit in (300_000_000, 1000):  # above PIL's default; far below the image
+        set_pixel_limit(limit)
+        with pytest.raises(DataError, match=f"exceeds the limit of {limit} \\(--max-pixels\\)"):
+            decode_for_model(big, 64, limit, "big.png")
+    set_pixel_limit(500_000_000)  # --max-pixels above PIL's default: PIL now opens such images
+    Image.open(io.BytesIO(big)).close()

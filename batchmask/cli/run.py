@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .common import EXIT_FAILED, EXIT_OK
+from .common import EXIT_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
     """
     from ..inference import ModelNotFoundError
     from ..runner import RunError, run
-    from ..storage import StorageError
 
     kwargs = {}
     if max_pixels is not None:
@@ -63,7 +62,7 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
     except KeyboardInterrupt:
         click.echo("Interrupted: finished images are saved; run the same command again to continue.", err=True)
         sys.exit(EXIT_FAILED)
-    except (RunError, StorageError, ModelNotFoundError, PermissionError, FileNotFoundError) as exc:
+    except (RunError, ModelNotFoundError, OSError) as exc:  # StorageError is an OSError
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     if not quiet:
@@ -71,4 +70,4 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
         if summary.failed:
             click.echo(f"{summary.failed} images failed: see the 'error' column of {output.rstrip('/')}/coverage.csv",
                        err=True)
-    sys.exit(summary.exit_code if summary.exit_code != EXIT_OK else EXIT_OK)
+    sys.exit(summary.exit_code)
