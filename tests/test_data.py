@@ -238,3 +238,19 @@ def test_write_npy_downscales(demo_wider, tmp_path):
     write_npy(samples, tmp_path / "s.npy", max_side=100)
     small = load_npy(tmp_path / "s.npy")
     assert max(small[0].image.shape[:2]) == 100
+
+
+def test_npy_protocol_2_pickle_loads(tmp_path):
+    """Older writers (Python 2 era numpy) used pickle protocol 2, which stores bytes via _codecs."""
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    arr = np.empty((1, 2), dtype=object)
+    arr[0, 0] = img
+    arr[0, 1] = sample_to_record(img, np.array([[0, 0, 2, 1]]))
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1, 2)})
+    buf.write(pickle.dumps(arr, protocol=2))
+    p = tmp_path / "old.npy"
+    p.write_bytes(buf.getvalue())
+    (s,) = load_npy(p)
+    assert np.array_equal(s.image, img)
+    np.testing.assert_allclose(s.boxes, [[0, 0, 2, 1]], atol=1e-5)
