@@ -133,13 +133,15 @@ def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int |
 
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "dice", "soft Dice")):
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "dice", "Dice (solid: batch soft Dice)")):
         ax.plot(ep, [r.get(key) for r in rows], label="train")
         ax.plot(ep, [r.get(f"val_{key}") for r in rows], label="validation")
         if key == "dice" and "val_dice_t50" in rows[0]:
             ax.plot(ep, [r.get("val_dice_t50") for r in rows], "--", label="validation Dice@0.5 per image")
         if finetune_epoch is not None:
             ax.axvline(finetune_epoch - 0.5, color="grey", lw=0.8, ls=":", label="fine-tuning starts")
+        if key == "loss":
+            ax.set_yscale("log")  # the first validation losses can be 10x the rest
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
