@@ -195,7 +195,7 @@ def train(
 
     import keras
 
-    from .inference import base_meta, save_model
+    from .inference import FaceMaskModel, base_meta, save_model
     from .losses import dice_at_half, dice_metric, get_loss
     from .model import build_unet, set_trainable
 
@@ -282,19 +282,21 @@ def train(
     plot_history(out_dir / "learning_curves.png", history, warmup + 1 if len(phases) > 1 else None)
 
     result = TrainResult(out_dir=out_dir, history=history, best_epoch=int(best["epoch"]))
-    result.metrics = _final_validation(out_dir, val_s, cfg, progress)
+    result.metrics = _final_validation(FaceMaskModel(clean, meta, out_dir), val_s, cfg)
     result.wall_s = time.time() - t0
     log.info("trained in %.0f s; best epoch %d", result.wall_s, result.best_epoch)
     return result
 
 
-def _final_validation(out_dir: Path, val_s: list[Sample], cfg: TrainConfig, progress: bool) -> dict[str, Any]:
-    """Score the saved model on the validation images at original size; tune the threshold."""
-    from .evaluation import evaluate
-    from .inference import read_meta, write_meta
+def _final_validation(model, val_s: list[Sample], cfg: TrainConfig) -> dict[str, Any]:
+    """Score the in-memory model on the validation images at original size; tune the threshold.
 
-    res = evaluate(str(out_dir), val_s, tune_threshold=cfg.tune_threshold, batch_size=cfg.batch_size)
-    meta = read_meta(out_dir)
-    meta["metrics"]["validation"] = res.metrics
-    write_meta(out_dir, meta)
+    ``model`` is the saved network as a FaceMaskModel, so it is not loaded from disk again.
+    """
+    from .evaluation import evaluate
+    from .inference import write_meta
+
+    res = evaluate(model, val_s, tune_threshold=cfg.tune_threshold, batch_size=cfg.batch_size)
+    model.meta["metrics"]["validation"] = res.metrics  # model.meta includes any tuned threshold
+    write_meta(model.path, model.meta)
     return res.metrics
