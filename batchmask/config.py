@@ -86,6 +86,15 @@ class TrainConfig:
     #: Learning rate multiplier for the fine-tuning phase.
     finetune_lr_scale: float = 0.1
     loss: str = "bce_dice"
+    #: Dice term of the loss averaged over images (True) or over the batch's pixels (False).
+    #: Per image matches the evaluation metric: an image with one small face counts as much
+    #: as a crowd.
+    dice_per_image: bool = False
+    #: Side of the square training crops; None trains at ``model.image_size``. Crops are
+    #: ``augment.crop_scale`` of the image side, so with crop_size < image_size the faces
+    #: seen in training match the scale at which ``image_size`` inference sees them, at a
+    #: fraction of the training cost.
+    crop_size: int | None = None
     val_fraction: float = 0.2
     #: "random" or "event" (hold out whole WIDER event folders).
     split: str = "random"
@@ -94,6 +103,15 @@ class TrainConfig:
     tune_threshold: bool = True
     #: Stop training (keeping the best epoch so far) after this many seconds; None = no limit.
     time_limit_s: float | None = None
+
+    @property
+    def train_size(self) -> int:
+        return self.crop_size or self.model.image_size
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.crop_size is not None and (self.crop_size < 32 or self.crop_size % 32):
+            raise ValueError(f"crop_size must be a multiple of 32 and at least 32, got {self.crop_size}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -6,6 +6,7 @@ input size, threshold, preprocessing, provenance and metrics; see docs/design.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -144,6 +145,29 @@ class FaceMaskModel:
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
         """Boolean face masks at each image's original size (probability >= threshold)."""
         return [p >= self.threshold for p in self.predict_proba(images, batch_size)]
+
+    def variant(self, image_size: int | None = None, tta_flip: bool | None = None,
+                threshold: float | None = None) -> FaceMaskModel:
+        """The same weights at another input size / test-time flip / threshold (not saved).
+
+        The network is fully convolutional, so it runs at any multiple of 32; how well it does
+        away from the size it was trained for is for ``scripts/size_sweep.py`` to measure.
+        """
+        from .model import build_unet
+
+        cfg = dataclasses.replace(
+            self.config,
+            image_size=self.config.image_size if image_size is None else image_size,
+            tta_flip=self.config.tta_flip if tta_flip is None else tta_flip,
+            threshold=self.config.threshold if threshold is None else threshold,
+        )
+        cfg.validate()
+        net = self.keras_model
+        if cfg.image_size != self.config.image_size:
+            net = build_unet(cfg, backbone_weights=None)
+            net.set_weights(self.keras_model.get_weights())
+        meta = {**self.meta, "model": cfg.to_dict()}
+        return FaceMaskModel(net, meta, None)
 
 
 def load_model(path: str | os.PathLike | None = None) -> FaceMaskModel:

@@ -76,14 +76,15 @@ LOSSES: dict[str, Callable] = {
 }
 
 
-def get_loss(name: str) -> Callable:
+def get_loss(name: str, per_image: bool = False) -> Callable:
+    """The loss called ``name``; ``per_image`` averages its Dice term over images."""
     try:
         fn = LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
 
     def loss(y_true, y_pred):
-        return fn(y_true, y_pred)
+        return fn(y_true, y_pred, per_image=per_image)
 
     loss.__name__ = name
     return loss

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,10 @@ def _build_encoder(spec: BackboneSpec, cfg: ModelConfig, x, weights: str | None)
             )
         fname = imagenet_weight_file(cfg.alpha, cfg.image_size)
         try:
-            return builder(weights="imagenet", **kwargs)
+            with warnings.catch_warnings():
+                # The 224 weights fit every input size (convolutions only); Keras warns anyway.
+                warnings.filterwarnings("ignore", message=".*input_shape. is undefined or non-square")
+                return builder(weights="imagenet", **kwargs)
         except Exception as exc:  # keras raises a bare Exception on download failure
             raise WeightsError(
                 f"could not load ImageNet weights for MobileNet alpha={cfg.alpha} ({exc}).\n"
@@ -123,13 +127,18 @@ def conv_bn_relu(x, filters: int, name: str):
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_unet(cfg: ModelConfig, backbone_weights: str | None = "imagenet") -> keras.Model:
-    """Build the U-Net for ``cfg``; ``backbone_weights`` is "imagenet", a file path or None."""
+def build_unet(cfg: ModelConfig, backbone_weights: str | None = "imagenet", any_size: bool = False) -> keras.Model:
+    """Build the U-Net for ``cfg``; ``backbone_weights`` is "imagenet", a file path or None.
+
+    ``any_size`` leaves the input's height and width open (any multiple of 32), as training
+    on crops smaller than ``cfg.image_size`` needs; saved models have the fixed size.
+    """
     cfg.validate()
     spec = BACKBONES[cfg.backbone]
     if len(cfg.decoder_filters) != len(spec.skips) + 1:
         raise ValueError(f"decoder_filters needs {len(spec.skips) + 1} entries, got {cfg.decoder_filters}")
-    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    side = None if any_size else cfg.image_size
+    inputs = keras.Input((side, side, 3), name="image")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
     encoder = _build_encoder(spec, cfg, x, None if backbone_weights in (None, "none") else backbone_weights)
     x = encoder.get_layer(spec.bottleneck).output

@@ -88,7 +88,7 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
             # Seeded per (seed, epoch, batch): reproducible whatever the worker order.
             rng = np.random.default_rng([cfg.seed, self.epoch, idx])
             sel = self.order[idx * cfg.batch_size : (idx + 1) * cfg.batch_size]
-            pairs = [make_pair(images[i], boxes[i], cfg.model.image_size, rng, cfg.augment) for i in sel]
+            pairs = [make_pair(images[i], boxes[i], cfg.train_size, rng, cfg.augment) for i in sel]
             x = np.stack([p[0] for p in pairs]).astype(np.float32)
             y = np.stack([p[1] for p in pairs]).astype(np.float32)[..., None]
             return x, y
@@ -178,7 +178,7 @@ def train(
     ``data`` is an ``images.npy`` file, a WIDER FACE folder, or a list of samples.
     """
     cfg = config or TrainConfig()
-    cfg.model.validate()
+    cfg.validate()
     out_dir = Path(out)
     from .inference import MODEL_FILE
 
@@ -200,20 +200,22 @@ def train(
     from .model import build_unet, set_trainable
 
     keras.utils.set_random_seed(cfg.seed)
-    size = cfg.model.image_size
-    max_side = max(2 * size, 256)
+    size, crop = cfg.model.image_size, cfg.train_size
+    # Keep enough pixels for the smallest crops at full resolution and for validation at size.
+    max_side = max(round(crop / cfg.augment.crop_scale[0]) if cfg.augment.enabled else crop, size, 256)
     tr_images, tr_boxes = _cache_images(train_s, max_side, "decoding training images", progress)
     va_images, va_boxes = _cache_images(val_s, max_side, "decoding validation images", progress)
     train_seq = _make_sequence(tr_images, tr_boxes, cfg, workers=min(4, os.cpu_count() or 1))
     val_xy = _fixed_pairs(va_images, va_boxes, size, cfg.batch_size)
 
-    net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights)
+    # Crops smaller than the inference size: train on crops, validate whole images at size.
+    net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights, any_size=crop != size)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / ".best.weights.h5"
     checkpoint = keras.callbacks.ModelCheckpoint(
         str(ckpt), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
     )
-    loss = get_loss(cfg.loss)
+    loss = get_loss(cfg.loss, per_image=cfg.dice_per_image)
     history: list[dict[str, float]] = []
     steps = len(train_seq)
     warmup = min(cfg.warmup_epochs, cfg.epochs) if cfg.model.trainable_blocks > 0 else cfg.epochs

@@ -61,3 +61,9 @@ def test_bce_dice_is_sum_of_parts():
     assert f(get_loss("bce_dice")(t, p)) == pytest.approx(bce + dl, rel=1e-4)
     with pytest.raises(ValueError, match="unknown loss"):
         get_loss("focal")
+
+
+def test_get_loss_per_image_uses_the_per_image_dice():
+    # bce is the same either way; the Dice terms differ: batch 1 - 3/5, per image 1 - 0.8
+    batch, per_image = f(get_loss("bce_dice")(T, P)), f(get_loss("bce_dice", per_image=True)(T, P))
+    assert batch - per_image == pytest.approx((1 - 3 / 5) - (1 - 0.8), rel=1e-4)

@@ -86,3 +86,24 @@ def test_save_load_round_trip(tiny_model_dir, demo_wider):
         np.testing.assert_allclose(a, b, atol=1e-5)
     masks = m1.predict(images)
     assert masks[0].dtype == bool and np.array_equal(masks[0], p1[0] >= m1.threshold)
+
+
+def test_variant_runs_the_same_weights_at_another_size(tiny_model_dir, demo_wider):
+    from batchmask.data import load_wider
+    from batchmask.inference import load_model
+
+    m = load_model(tiny_model_dir)
+    size = m.image_size
+    big = m.variant(image_size=2 * size, tta_flip=True, threshold=0.3)
+    assert big.keras_model.input_shape[1:3] == (2 * size, 2 * size)
+    assert (big.image_size, big.config.tta_flip, big.threshold) == (2 * size, True, 0.3)
+    assert m.image_size == size and not m.config.tta_flip  # the original is untouched
+    for a, b in zip(m.keras_model.get_weights(), big.keras_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    im = load_wider(demo_wider)[0].load_image()
+    (p,) = big.predict_proba([im])
+    assert p.shape == im.shape[:2] and 0.0 <= p.min() <= p.max() <= 1.0
+    # A model's own size gives exactly its own predictions.
+    np.testing.assert_allclose(m.variant(image_size=size).predict_proba([im])[0], m.predict_proba([im])[0], atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        m.variant(image_size=100)

@@ -76,3 +76,20 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
     train(samples, tmp_path / "m", cfg, progress=False)
     res = evaluate(str(tmp_path / "m"), samples[:6])
     assert res.metrics["dice"] > 0.6
+
+
+def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider):
+    out = tmp_path / "crops"
+    cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
+                      val_fraction=0.3, seed=7, crop_size=32, dice_per_image=True)
+    res = train(str(demo_wider), out, cfg, progress=False)
+    from batchmask.inference import load_model
+
+    m = load_model(out)
+    # Trained on 32x32 crops, saved (and validated) at the 64x64 inference size.
+    assert m.keras_model.input_shape[1:3] == (64, 64) and m.image_size == 64
+    tc = m.meta["training"]["config"]
+    assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
+    assert 0.0 <= res.metrics["dice"] <= 1.0
+    with pytest.raises(ValueError, match="crop_size"):
+        train(str(demo_wider), tmp_path / "bad", TrainConfig(model=SMALL_MODEL, crop_size=48), progress=False)

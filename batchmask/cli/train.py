@@ -24,13 +24,17 @@ from .common import user_errors
 @click.option("--warmup-epochs", default=5, type=click.IntRange(min=0), show_default=True, help="Epochs with the whole encoder frozen.")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True)
 @click.option("--learning-rate", default=1e-3, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Warm-up learning rate (fine-tuning uses 0.1x).")
-@click.option("--image-size", default=ModelConfig.image_size, show_default=True, help="Network input size (multiple of 32).")
+@click.option("--image-size", default=ModelConfig.image_size, show_default=True,
+              help="Network input size at inference, whole image (multiple of 32).")
+@click.option("--crop-size", type=int, help="Train on random crops of this side (multiple of 32; default: --image-size).")
 @click.option("--alpha", default=ModelConfig.alpha, type=click.FloatRange(min=0, min_open=True), show_default=True, help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0).")
 @click.option("--trainable-blocks", default=DEFAULT_TRAINABLE_BLOCKS, type=click.IntRange(0, 13), show_default=True,
               help="Encoder blocks (of 13) trained in the fine-tuning phase, counted from the end.")
 @click.option("--backbone-weights", default="imagenet", show_default=True,
               help="'imagenet' (Keras download or $KERAS_HOME/models cache), a .h5 file, or 'none'.")
 @click.option("--loss", type=click.Choice(["bce_dice", "dice", "bce_logdice"]), default="bce_dice", show_default=True)
+@click.option("--dice-per-image/--dice-per-batch", default=TrainConfig.dice_per_image, show_default=True,
+              help="Average the loss's Dice term over images (as the metric does) or over the batch's pixels.")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Crop/scale/flip/colour augmentation.")
 @click.option("--tta-flip/--no-tta-flip", default=False, show_default=True,
               help="Store test-time horizontal-flip averaging in the model (2x predict cost).")
@@ -40,8 +44,8 @@ from .common import user_errors
 @click.option("--force", is_flag=True, help="Overwrite an existing model in --out.")
 @click.option("--quiet", is_flag=True, help="No Keras progress bars (-v still logs each epoch).")
 def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
-              alpha, trainable_blocks, backbone_weights, loss, augment, tta_flip, seed, limit, time_limit, force,
-              quiet) -> None:
+              crop_size, alpha, trainable_blocks, backbone_weights, loss, dice_per_image, augment, tta_flip, seed,
+              limit, time_limit, force, quiet) -> None:
     """Train a MobileNet U-Net that predicts face masks from face boxes.
 
     \b
@@ -62,6 +66,8 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
         batch_size=batch_size,
         learning_rate=learning_rate,
         loss=loss,
+        dice_per_image=dice_per_image,
+        crop_size=crop_size,
         val_fraction=val_fraction,
         split=split,
         seed=seed,
@@ -69,7 +75,7 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
     )
     with user_errors(DataError, WeightsError, OutputExistsError, ValueError, FileNotFoundError):
         try:
-            cfg.model.validate()
+            cfg.validate()
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
         res = train(data, out, cfg, val_data=val_data, force=force, limit=limit, progress=not quiet,
