@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="320,384,448,512")
     ap.add_argument("--flip", choices=["both", "on", "off"], default="both")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed figure (e.g. while the machine is busy)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -59,12 +60,12 @@ def main() -> int:
                 "image_size": size, "tta_flip": flip, "images": len(samples),
                 "threshold": base.threshold, "dice": round(res.metrics["dice"], 4), "iou": round(res.metrics["iou"], 4),
                 "best_threshold": best["threshold"], "best_dice": round(best["dice"], 4),
-                "predict_images_per_s": round(predict_speed(m), 1),
+                "predict_images_per_s": None if args.no_speed else round(predict_speed(m), 1),
             }
             rows.append(row)
             print(f"size {size:<4} flip {'on ' if flip else 'off'}  Dice {row['dice']:.3f} (t={base.threshold:.2f})  "
                   f"best {row['best_dice']:.3f} (t={row['best_threshold']:.2f})  IoU {row['iou']:.3f}  "
-                  f"{row['predict_images_per_s']:5.1f} img/s", flush=True)
+                  f"{row['predict_images_per_s'] or float('nan'):5.1f} img/s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "data": where, "cpus": os.cpu_count(), "rows": rows}, f, indent=2)

@@ -40,6 +40,9 @@ def test_train_writes_model_directory(trained, demo_wider):
     assert [r["phase"] for r in rows] == ["decoder", "finetune"]
     assert {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
     assert res.best_epoch == meta["training"]["best_epoch"]
+    # The kept epoch is the one with the best per-image validation Dice (the metric's kin).
+    scores = [float(r["val_dice_t50"]) for r in rows]
+    assert scores[res.best_epoch - 1] == max(scores)
 
 
 def test_split_is_seeded(trained, demo_wider, tmp_path):
