@@ -300,7 +300,7 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     waits for it with ``ready()`` and then gives it work again.
     """
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
     from tqdm import tqdm
 
     starting = {a.ready.remote(): i for i, a in enumerate(actors)}
@@ -308,6 +308,7 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     inflight = {i: 0 for i in range(len(actors))}
     alone: set[int] = set()  # actors running a retried shard, with nothing else in flight
     revive_failures = dict.fromkeys(range(len(actors)), 0)
+    restarting_since: dict[int, float] = {}  # actor index -> when Ray first said "restarting"
     tasks: dict = {}  # ref -> (actor index, shard id, items, attempt)
     retry: deque = deque()
     next_id = [0]
@@ -382,6 +383,14 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                 try:
                     r = ray.get(ref)
                 except RayError as exc:
+                    # Ray is restarting it (a restart loads TF and the model: slow on a busy
+                    # machine): keep asking, bounded by the start timeout, not by a try count.
+                    since = restarting_since.setdefault(i, time.time())
+                    if (i in per_actor and isinstance(exc, ActorUnavailableError)
+                            and time.time() - since < ACTOR_START_TIMEOUT_S):
+                        time.sleep(0.5)
+                        starting[actors[i].ready.remote()] = i
+                        continue
                     if i in per_actor and revive_failures[i] < REVIVE_TRIES:  # died: maybe still restarting
                         revive_failures[i] += 1
                         time.sleep(0.5 * revive_failures[i])
@@ -392,6 +401,7 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                               last_line(exc))
                     continue
                 revive_failures[i] = 0
+                restarting_since.pop(i, None)
                 if i not in ready:
                     ready.append(i)
                 if i in per_actor:  # restarted after a death
