@@ -300,8 +300,10 @@ def _result(scores: Scores, threshold: float, info: dict[str, Any], best: float 
                       best_threshold=best, info=info)
 
 
-def _load_samples(data: str | os.PathLike | Sequence[Sample], subset: str | None, model, limit: int | None
-                  ) -> tuple[list[Sample], str]:
+def load_samples(data: str | os.PathLike | Sequence[Sample], subset: str | None, model, limit: int | None
+                 ) -> tuple[list[Sample], str]:
+    """The samples ``evaluate`` scores: ``data`` loaded, ``subset="val"`` keeping the model's
+    recorded validation images, then ``limit``; also a description of where they came from."""
     if isinstance(data, (str, os.PathLike)):
         samples, where = load_dataset(data, limit=None if subset else limit), str(data)
     else:
@@ -403,7 +405,7 @@ def evaluate(
     fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model)
     if tune_threshold and fmm.path is None:
         raise EvaluationError("tune_threshold needs a model loaded from a directory")
-    samples, where = _load_samples(data, subset, fmm, limit)
+    samples, where = load_samples(data, subset, fmm, limit)
     previous = fmm.threshold
     info: dict[str, Any] = {
         "model": str(fmm.path) if fmm.path else None, "model_config": fmm.config.to_dict(),

@@ -383,17 +383,16 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                 try:
                     r = ray.get(ref)
                 except RayError as exc:
-                    # Ray is restarting it (a restart loads TF and the model: slow on a busy
-                    # machine): keep asking, bounded by the start timeout, not by a try count.
+                    # A known actor that died may still be restarting. While Ray says so
+                    # (ActorUnavailableError; a restart loads TF and the model, slow on a busy
+                    # machine) keep asking until the start timeout; other errors get a few tries.
                     since = restarting_since.setdefault(i, time.time())
-                    if (i in per_actor and isinstance(exc, ActorUnavailableError)
-                            and time.time() - since < ACTOR_START_TIMEOUT_S):
-                        time.sleep(0.5)
-                        starting[actors[i].ready.remote()] = i
-                        continue
-                    if i in per_actor and revive_failures[i] < REVIVE_TRIES:  # died: maybe still restarting
-                        revive_failures[i] += 1
-                        time.sleep(0.5 * revive_failures[i])
+                    restarting = (isinstance(exc, ActorUnavailableError)
+                                  and time.time() - since < ACTOR_START_TIMEOUT_S)
+                    if i in per_actor and (restarting or revive_failures[i] < REVIVE_TRIES):
+                        if not restarting:
+                            revive_failures[i] += 1
+                        time.sleep(0.5 * max(1, revive_failures[i]))
                         starting[actors[i].ready.remote()] = i
                         continue
                     start_errors.append(f"worker {i}: {last_line(exc)}")
