@@ -254,3 +254,22 @@ def test_npy_protocol_2_pickle_loads(tmp_path):
     (s,) = load_npy(p)
     assert np.array_equal(s.image, img)
     np.testing.assert_allclose(s.boxes, [[0, 0, 2, 1]], atol=1e-5)
+
+
+def test_cv_events_folds_partition_the_data(demo_wider, tmp_path):
+    """scripts/cv_events.py: each fold holds out exactly one event and trains on the rest."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import cv_events
+
+    folds = cv_events.make_folds(demo_wider, tmp_path, None)
+    everything = {s.name: s.boxes.tolist() for s in load_wider(demo_wider)}
+    assert set(folds) == {s.split("/")[0] for s in everything}
+    for event, d in folds.items():
+        held = load_dataset(d / "heldout_bbx_gt.txt")
+        train = load_dataset(d / "train_bbx_gt.txt")
+        assert {s.group for s in held} == {event}
+        assert event not in {s.group for s in train}
+        # Together they are the whole dataset, boxes unchanged.
+        assert {s.name: s.boxes.tolist() for s in held + train} == everything
+    with pytest.raises(SystemExit, match="unknown event"):
+        cv_events.make_folds(demo_wider, tmp_path, ["99--Nope"])
