@@ -99,6 +99,7 @@ class TrainConfig:
     #: "random" or "event" (hold out whole WIDER event folders).
     split: str = "random"
     seed: int = 42
+    #: Fine-tuning ends after this many epochs without a better ``val_dice_t50``; 0 = never.
     patience: int = 8
     tune_threshold: bool = True
     #: Stop training (keeping the best epoch so far) after this many seconds; None = no limit.

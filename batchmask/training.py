@@ -235,7 +235,7 @@ def train(
             metrics=[dice_metric, dice_at_half],
         )
         callbacks: list = [checkpoint, _time_limit_callback(deadline)]
-        if finetune:
+        if finetune and cfg.patience > 0:
             callbacks.append(
                 keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience, verbose=1)
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -47,9 +48,12 @@ def test_train_bad_image_size(tmp_path, demo_wider):
 def test_train_cli_end_to_end(tmp_path, demo_wider):
     out = tmp_path / "m"
     args = ["train", "--data", str(demo_wider), "--out", str(out), "--backbone-weights", "none", "--image-size", "64",
-            "--alpha", "0.25", "--epochs", "1", "--batch-size", "4", "--quiet"]
+            "--alpha", "0.25", "--epochs", "4", "--warmup-epochs", "1", "--patience", "0", "--batch-size", "4", "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "Saved" in res.output and (out / "model.keras").is_file()
+    meta = json.loads((out / "model.json").read_text())
+    # --patience 0: no early stopping, every epoch runs (the best one is still the one kept).
+    assert meta["training"]["config"]["patience"] == 0 and meta["training"]["epochs_run"] == 4
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "--force" in again.output

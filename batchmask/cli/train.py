@@ -40,12 +40,14 @@ from .common import user_errors
               help="Store test-time horizontal-flip averaging in the model (2x predict cost).")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images (quick trials).")
+@click.option("--patience", default=TrainConfig.patience, type=click.IntRange(min=0), show_default=True,
+              help="End fine-tuning after this many epochs without a better val_dice_t50 (0: run every epoch).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Stop after this many minutes, keeping the best epoch.")
 @click.option("--force", is_flag=True, help="Overwrite an existing model in --out.")
 @click.option("--quiet", is_flag=True, help="No Keras progress bars (-v still logs each epoch).")
 def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
               crop_size, alpha, trainable_blocks, backbone_weights, loss, dice_per_image, augment, tta_flip, seed,
-              limit, time_limit, force, quiet) -> None:
+              limit, patience, time_limit, force, quiet) -> None:
     """Train a MobileNet U-Net that predicts face masks from face boxes.
 
     \b
@@ -71,6 +73,7 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
         val_fraction=val_fraction,
         split=split,
         seed=seed,
+        patience=patience,
         time_limit_s=time_limit * 60 if time_limit is not None else None,
     )
     with user_errors(DataError, WeightsError, OutputExistsError, ValueError, FileNotFoundError):
