@@ -1,9 +1,10 @@
-"""Writing samples in the exercise's ``images.npy`` format (used by scripts/wider_to_npy.py)."""
+"""Writing samples as ``images.npy`` (scripts/wider_to_npy.py) or as a WIDER bbx_gt file."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -38,3 +39,20 @@ def write_npy(samples: Sequence[Sample], path: str | os.PathLike, max_side: int 
         arr[i, 1] = sample_to_record(image, boxes)
     np.save(path, arr, allow_pickle=True)
     return len(samples)
+
+
+def write_wider_annotations(entries: Iterable[tuple[str, np.ndarray]], path: str | os.PathLike) -> int:
+    """Write ``(relative image path, boxes x1y1x2y2)`` pairs as a WIDER ``bbx_gt`` file.
+
+    Boxes become ``x y w h`` with the six attribute columns at 0 (valid, not occluded); an
+    image without faces gets the official all-zero line. ``load_wider`` reads it back.
+    """
+    lines: list[str] = []
+    for name, boxes in entries:
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        lines += [name, str(len(boxes))]
+        lines += [f"{x1:.2f} {y1:.2f} {x2 - x1:.2f} {y2 - y1:.2f} 0 0 0 0 0 0" for x1, y1, x2, y2 in boxes]
+        if not len(boxes):
+            lines.append("0 0 0 0 0 0 0 0 0 0")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return len(lines)

@@ -386,9 +386,9 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                     # A known actor that died may still be restarting. While Ray says so
                     # (ActorUnavailableError; a restart loads TF and the model, slow on a busy
                     # machine) keep asking until the start timeout; other errors get a few tries.
-                    since = restarting_since.setdefault(i, time.time())
                     restarting = (isinstance(exc, ActorUnavailableError)
-                                  and time.time() - since < ACTOR_START_TIMEOUT_S)
+                                  and time.time() - restarting_since.setdefault(i, time.time())
+                                  < ACTOR_START_TIMEOUT_S)
                     if i in per_actor and (restarting or revive_failures[i] < REVIVE_TRIES):
                         if not restarting:
                             revive_failures[i] += 1

@@ -4,7 +4,7 @@ Two phases (transfer learning): the decoder first with the whole encoder frozen
 (``warmup_epochs``), then the encoder's last ``trainable_blocks`` blocks too, at
 ``learning_rate * finetune_lr_scale`` with cosine decay. Validation runs every epoch; the
 best epoch (validation mean per-image Dice at 0.5, closest to the evaluation metric) is kept
-and early stopping ends phase two.
+and early stopping (``patience``; 0 turns it off) ends phase two.
 """
 
 from __future__ import annotations

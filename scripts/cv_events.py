@@ -29,29 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def wider_entries(ann: Path) -> list[list[str]]:
-    """Split a WIDER bbx_gt file into per-image blocks of raw lines (name, count, boxes)."""
-    lines = ann.read_text().splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        if not lines[i].strip():
-            i += 1
-            continue
-        n = int(lines[i + 1].split()[0])
-        size = 2 + max(n, 1)  # a 0-face entry is followed by one all-zero line
-        blocks.append(lines[i : i + size])
-        i += size
-    return blocks
-
-
 def make_folds(data: Path, out: Path, events: list[str] | None) -> dict[str, Path]:
     """Write OUT/folds/E/{train,heldout}_bbx_gt.txt with an images/ link to DATA/images."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from batchmask.data import find_wider_annotations
+    from batchmask.convert import write_wider_annotations
+    from batchmask.data import find_wider_annotations, load_wider
 
-    ann, images = find_wider_annotations(data)
-    blocks = wider_entries(ann)
-    groups = sorted({b[0].split("/")[0] for b in blocks})
+    _, images = find_wider_annotations(data)
+    samples = load_wider(data)
+    groups = sorted({s.group for s in samples})
     unknown = set(events or []) - set(groups)
     if unknown:
         raise SystemExit(f"unknown event(s) {sorted(unknown)}; --data has {groups}")
@@ -62,8 +47,8 @@ def make_folds(data: Path, out: Path, events: list[str] | None) -> dict[str, Pat
         link = d / "images"
         if not link.exists():
             link.symlink_to(images.resolve(), target_is_directory=True)
-        (d / "train_bbx_gt.txt").write_text("\n".join(x for b in blocks if not b[0].startswith(ev + "/") for x in b) + "\n")
-        (d / "heldout_bbx_gt.txt").write_text("\n".join(x for b in blocks if b[0].startswith(ev + "/") for x in b) + "\n")
+        write_wider_annotations(((s.name, s.boxes) for s in samples if s.group != ev), d / "train_bbx_gt.txt")
+        write_wider_annotations(((s.name, s.boxes) for s in samples if s.group == ev), d / "heldout_bbx_gt.txt")
         folds[ev] = d
     return folds
 

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Model-quality experiments on a GPU machine (JAX backend), all in parallel on one GPU.
+# Model-quality experiments on a GPU machine (JAX backend), PARALLEL (default 2) at a time.
 #
-#   DATA=.devdata/wf WEIGHTS=.devdata/weights EPOCHS=40 MINUTES=6 OUT=/tmp/out scripts/device_experiments.sh
+#   DATA=.devdata/wf WEIGHTS=.devdata/weights EPOCHS=40 MINUTES=6 PARALLEL=2 OUT=/tmp/out scripts/device_experiments.sh
 #
 # DATA: a WIDER folder (e.g. made by scripts/shrink_wider.py); WEIGHTS: folder with the Keras
 # MobileNet .h5 files. Each "proxy-*" run trains on 4 of the 5 event folders and validates on the
 # fifth (--split event, seed 42); "final" trains the default-model configuration on all events
 # with a random 15% validation split. Results: $OUT/runs/<name>/ and $OUT/summary.tsv.
+# Keep PARALLEL small: 10 runs at once on a 16-core H100 host drove the load average to 100
+# (each XLA compilation uses every core) and no run got past epoch 1 in 5 minutes, while one
+# run alone trains an epoch in 1.2 s (docs/experiments.md).
 set -uo pipefail
 DATA=${DATA:-.devdata/wf}
 EPOCHS=${EPOCHS:-40}
 MINUTES=${MINUTES:-6}
+PARALLEL=${PARALLEL:-2}
 OUT=${OUT:-/tmp/bm-experiments}
 export KERAS_BACKEND=${KERAS_BACKEND:-jax}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -35,6 +39,7 @@ declare -A RUNS=(
 )
 for name in "${!RUNS[@]}"; do
   [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && continue
+  while (( $(jobs -rp | wc -l) >= PARALLEL )); do wait -n; done
   # shellcheck disable=SC2086
   ( $PY -m batchmask train "${common[@]}" ${RUNS[$name]} --out "$OUT/runs/$name" \
       > "$OUT/runs/$name.log" 2>&1; echo "exit $?" >> "$OUT/runs/$name.log" ) &

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from batchmask.augment import downscale_sample
+from batchmask.convert import write_wider_annotations
 from batchmask.data import find_wider_annotations, load_wider
 
 
@@ -29,17 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ann, _ = find_wider_annotations(Path(args.wider))
     out = Path(args.out)
-    lines = []
+    entries = []
     for s in tqdm(load_wider(args.wider), unit="img"):
         image, boxes = downscale_sample(s, args.max_side)
         dst = out / "images" / s.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(dst, quality=args.quality)
-        lines += [s.name, str(len(boxes))]
-        lines += [f"{x1:.2f} {y1:.2f} {x2 - x1:.2f} {y2 - y1:.2f} 0 0 0 0 0 0" for x1, y1, x2, y2 in boxes]
-        if not len(boxes):
-            lines.append("0 0 0 0 0 0 0 0 0 0")
-    (out / ann.name).write_text("\n".join(lines) + "\n")
+        entries.append((s.name, boxes))
+    write_wider_annotations(entries, out / ann.name)
     return 0
 
 

@@ -273,3 +273,18 @@ def test_cv_events_folds_partition_the_data(demo_wider, tmp_path):
         assert {s.name: s.boxes.tolist() for s in held + train} == everything
     with pytest.raises(SystemExit, match="unknown event"):
         cv_events.make_folds(demo_wider, tmp_path, ["99--Nope"])
+
+
+def test_write_wider_annotations_roundtrip(tmp_path):
+    """The shared WIDER writer (shrink_wider.py, cv_events.py): boxes and empty entries read back."""
+    from batchmask.convert import write_wider_annotations
+
+    entries = [("0--A/a.jpg", np.array([[10, 20, 40, 60], [1.5, 2, 3.5, 9]], np.float32)),
+               ("0--A/empty.jpg", np.zeros((0, 4), np.float32)),
+               ("1--B/b.jpg", np.array([[0, 0, 5, 5]], np.float32))]
+    p = tmp_path / "wider_face_train_bbx_gt.txt"
+    write_wider_annotations(entries, p)
+    back = parse_wider_annotations(p)
+    assert [name for name, _, _ in back] == [name for name, _ in entries]
+    for (_, got, _), (_, want) in zip(back, entries, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-2)
