@@ -16,6 +16,22 @@ DEFAULT_ALPHA = 1.0
 DEFAULT_TRAINABLE_BLOCKS = 4
 DEFAULT_THRESHOLD = 0.5
 
+#: Named decoders (``--decoder``): block type, filters per stage (deepest first; fewer than
+#: five stages stop at a coarser resolution and upsample the logits bilinearly) and the width
+#: of the 1x1 projection of the encoder's last features (0 = none). See docs/experiments.md.
+DECODERS: dict[str, dict[str, Any]] = {
+    # The original U-Net decoder: two full 3x3 convolutions per stage down to the input size.
+    # 13.6 G multiply-adds at 512x512, 82% of the network.
+    "unet": {"decoder_block": "conv", "decoder_filters": (192, 128, 64, 32, 16), "decoder_projection": 0},
+    # Depthwise-separable stages after a 1x1 projection, stopping at half the input size.
+    "lean": {"decoder_block": "sepconv", "decoder_filters": (128, 64, 48, 24), "decoder_projection": 128},
+    # The same, stopping at a quarter of the input size.
+    "lean4": {"decoder_block": "sepconv", "decoder_filters": (128, 64, 48), "decoder_projection": 128},
+}
+DEFAULT_DECODER = "lean"
+#: What model.json files written before the decoder was configurable mean.
+LEGACY_DECODER = "unet"
+
 
 @dataclass
 class ModelConfig:
@@ -24,7 +40,13 @@ class ModelConfig:
     backbone: str = "mobilenet"
     alpha: float = DEFAULT_ALPHA
     image_size: int = DEFAULT_IMAGE_SIZE
-    decoder_filters: tuple[int, ...] = (192, 128, 64, 32, 16)
+    #: "conv" (two 3x3 Conv-BN-ReLU per stage) or "sepconv" (two depthwise-separable ones).
+    decoder_block: str = DECODERS[DEFAULT_DECODER]["decoder_block"]
+    #: Filters per decoder stage, deepest first; stage i works at 1/2**(4-i) of the input size,
+    #: so four stages end at half the input size and five at the full size.
+    decoder_filters: tuple[int, ...] = DECODERS[DEFAULT_DECODER]["decoder_filters"]
+    #: Width of a 1x1 projection of the encoder's deepest features before the decoder; 0 = none.
+    decoder_projection: int = DECODERS[DEFAULT_DECODER]["decoder_projection"]
     #: Number of the encoder's last blocks left trainable during fine-tuning.
     trainable_blocks: int = DEFAULT_TRAINABLE_BLOCKS
     #: Probability above which a pixel counts as face.
@@ -41,6 +63,19 @@ class ModelConfig:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.trainable_blocks < 0:
             raise ValueError(f"trainable_blocks must be >= 0, got {self.trainable_blocks}")
+        if self.decoder_block not in ("conv", "sepconv"):
+            raise ValueError(f"decoder_block must be 'conv' or 'sepconv', got {self.decoder_block!r}")
+        if not 1 <= len(self.decoder_filters) <= 5 or min(self.decoder_filters) < 1:
+            raise ValueError(f"decoder_filters needs 1 to 5 positive entries, got {self.decoder_filters}")
+        if self.decoder_projection < 0:
+            raise ValueError(f"decoder_projection must be >= 0, got {self.decoder_projection}")
+
+    @classmethod
+    def with_decoder(cls, name: str, **kwargs: Any) -> ModelConfig:
+        """A config using the named decoder of :data:`DECODERS`."""
+        if name not in DECODERS:
+            raise ValueError(f"unknown decoder {name!r} (choose from {', '.join(DECODERS)})")
+        return cls(**{**DECODERS[name], **kwargs})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -50,7 +85,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        # A model.json from before the decoder was configurable describes the U-Net decoder.
+        legacy = {k: v for k, v in DECODERS[LEGACY_DECODER].items() if k not in d}
+        kwargs = {**legacy, **{k: v for k, v in d.items() if k in names}}
         if "decoder_filters" in kwargs:
             kwargs["decoder_filters"] = tuple(kwargs["decoder_filters"])
         return cls(**kwargs)

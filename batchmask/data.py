@@ -373,6 +373,41 @@ def load_dataset(path: str | os.PathLike, limit: int | None = None) -> list[Samp
     return load_wider(p, limit=limit)
 
 
+DataSource = str | os.PathLike
+
+
+def as_sources(data: DataSource | Sequence[DataSource]) -> list[DataSource]:
+    """One path or several, as a list (a string is one path, not a sequence of letters)."""
+    if isinstance(data, (str, os.PathLike)):
+        return [data]
+    return list(data)
+
+
+def load_datasets(paths: DataSource | Sequence[DataSource], limit: int | None = None
+                  ) -> tuple[list[Sample], list[dict]]:
+    """Load and concatenate several sources (``images.npy`` files, WIDER folders).
+
+    Returns the samples and, per source, ``{"path", "images", "faces", "fingerprint"}`` for
+    model.json. ``limit`` applies to each source. Sample names must be unique across
+    sources, since validation splits are recorded by name.
+    """
+    samples: list[Sample] = []
+    sources: list[dict] = []
+    seen: dict[str, str] = {}
+    for path in as_sources(paths):
+        part = load_dataset(path, limit=limit)
+        for s in part:
+            if s.name in seen:
+                raise DataError(f"{path}: image {s.name!r} is also in {seen[s.name]}; sources must not overlap")
+            seen[s.name] = str(path)
+        sources.append({"path": str(path), "images": len(part), "faces": int(sum(len(s.boxes) for s in part)),
+                        "fingerprint": fingerprint(part)})
+        samples += part
+    if not sources:
+        raise DataError("no training data given")
+    return samples, sources
+
+
 def boxes_to_mask(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     """Rasterise boxes (x1, y1, x2, y2 in pixels) into an HxW uint8 mask of 0/1.
 
@@ -404,7 +439,9 @@ def split_samples(
     """Deterministic train/validation split of sample indices.
 
     ``by="random"`` shuffles images with ``seed``; ``by="event"`` holds out whole groups
-    (WIDER event folders), chosen with ``seed``, until ``val_fraction`` is reached.
+    (WIDER event folders), chosen with ``seed``, until ``val_fraction`` is reached;
+    ``by="stratified"`` holds out ``val_fraction`` of every group's images (at least one of
+    each group with two or more), so validation covers every kind of scene.
     """
     n = len(samples)
     if n < 2:
@@ -421,10 +458,22 @@ def split_samples(
                 break
             val_groups.add(g)
         val = [i for i, s in enumerate(samples) if s.group in val_groups]
+    elif by == "stratified":
+        by_group: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_group.setdefault(s.group, []).append(i)
+        val = []
+        for g in sorted(by_group):
+            idx = by_group[g]
+            k = min(max(1, round(val_fraction * len(idx))), len(idx) - 1)
+            val += [idx[j] for j in rng.permutation(len(idx))[:k]]
+        val.sort()
+        if not val:
+            raise DataError("stratified split: no group has two or more images to hold one out")
     elif by == "random":
         k = min(max(1, round(val_fraction * n)), n - 1)
         val = sorted(rng.permutation(n)[:k].tolist())
     else:
-        raise ValueError(f"unknown split {by!r} (use 'random' or 'event')")
+        raise ValueError(f"unknown split {by!r} (use 'random', 'event' or 'stratified')")
     vs = set(val)
     return [i for i in range(n) if i not in vs], val

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import DataError, Sample, boxes_to_mask, fingerprint, load_dataset
+from .data import DataError, DataSource, Sample, as_sources, boxes_to_mask, fingerprint, load_datasets
 from .report import format_table  # noqa: F401  (re-exported: the CLI prints it)
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,17 @@ class Scores:
             })
         return out
 
+    def by_group(self, j: int) -> list[dict[str, Any]]:
+        """Per group (WIDER event folder; "" for images.npy): images, faces, mean Dice and IoU."""
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(self.counts):
+            groups.setdefault(c.group, []).append(i)
+        return [{
+            "group": g, "images": len(idx), "faces": int(sum(len(self.counts[i].face_sizes) for i in idx)),
+            "dice": float(np.mean([self.per_edge[i]["dice"][j] for i in idx])),
+            "iou": float(np.mean([self.per_edge[i]["iou"][j] for i in idx])),
+        } for g, idx in sorted(groups.items())]
+
     def threshold_table(self) -> list[dict[str, Any]]:
         keys = ("threshold", "dice", "iou", "precision", "recall", "face_coverage")
         return [{k: self.metrics(j)[k] for k in keys} for j in range(len(self.values))]
@@ -281,6 +292,7 @@ class EvalResult:
     threshold: float
     threshold_table: list[dict[str, Any]]
     by_face_size: list[dict[str, Any]]
+    by_group: list[dict[str, Any]] = field(default_factory=list)
     best_threshold: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
     baseline: EvalResult | None = None
@@ -297,15 +309,17 @@ def _result(scores: Scores, threshold: float, info: dict[str, Any], best: float 
     j = scores.edge_index(threshold)
     return EvalResult(metrics=scores.metrics(j), rows=scores.rows(j), threshold=scores.values[j],
                       threshold_table=scores.threshold_table(), by_face_size=scores.by_face_size(j),
-                      best_threshold=best, info=info)
+                      by_group=scores.by_group(j), best_threshold=best, info=info)
 
 
-def load_samples(data: str | os.PathLike | Sequence[Sample], subset: str | None, model, limit: int | None
-                 ) -> tuple[list[Sample], str]:
+def load_samples(data: DataSource | Sequence[DataSource] | Sequence[Sample], subset: str | None, model,
+                 limit: int | None) -> tuple[list[Sample], str]:
     """The samples ``evaluate`` scores: ``data`` loaded, ``subset="val"`` keeping the model's
     recorded validation images, then ``limit``; also a description of where they came from."""
-    if isinstance(data, (str, os.PathLike)):
-        samples, where = load_dataset(data, limit=None if subset else limit), str(data)
+    if isinstance(data, (str, os.PathLike)) or not isinstance(next(iter(data), None), Sample):
+        paths = as_sources(data)
+        samples, _ = load_datasets(paths, limit=None if subset else limit)
+        where = ", ".join(str(p) for p in paths)
     else:
         samples, where = list(data), "in-memory samples"
     if subset == "val":
@@ -367,7 +381,7 @@ def _is_shipped_model(model) -> bool:
 
 def evaluate(
     model,
-    data: str | os.PathLike | Sequence[Sample],
+    data: DataSource | Sequence[DataSource] | Sequence[Sample],
     *,
     out_dir: str | os.PathLike | None = None,
     subset: str | None = None,

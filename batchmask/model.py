@@ -11,6 +11,7 @@ pixel at the input resolution.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
@@ -120,8 +121,13 @@ def _build_encoder(spec: BackboneSpec, cfg: ModelConfig, x, weights: str | None)
     return encoder
 
 
-def conv_bn_relu(x, filters: int, name: str):
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def conv_bn_relu(x, filters: int, name: str, block: str = "conv"):
+    """A 3x3 convolution (full, or depthwise-separable for ``block="sepconv"``), BN, ReLU."""
+    if block == "sepconv":
+        x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"{name}_dw")(x)
+        x = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_conv")(x)
+    else:
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9: moving statistics settle within a few hundred steps on small datasets.
     x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
@@ -130,29 +136,68 @@ def conv_bn_relu(x, filters: int, name: str):
 def build_unet(cfg: ModelConfig, backbone_weights: str | None = "imagenet", any_size: bool = False) -> keras.Model:
     """Build the U-Net for ``cfg``; ``backbone_weights`` is "imagenet", a file path or None.
 
+    The decoder has ``len(cfg.decoder_filters)`` stages, each upsampling by 2 and joining the
+    encoder's skip connection of that stride; with fewer than five stages the logits are
+    upsampled bilinearly to the input size (the mask is resized to the photo's size anyway).
     ``any_size`` leaves the input's height and width open (any multiple of 32), as training
     on crops smaller than ``cfg.image_size`` needs; saved models have the fixed size.
     """
     cfg.validate()
     spec = BACKBONES[cfg.backbone]
-    if len(cfg.decoder_filters) != len(spec.skips) + 1:
-        raise ValueError(f"decoder_filters needs {len(spec.skips) + 1} entries, got {cfg.decoder_filters}")
     side = None if any_size else cfg.image_size
     inputs = keras.Input((side, side, 3), name="image")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
     encoder = _build_encoder(spec, cfg, x, None if backbone_weights in (None, "none") else backbone_weights)
     x = encoder.get_layer(spec.bottleneck).output
+    if cfg.decoder_projection:
+        x = keras.layers.Conv2D(cfg.decoder_projection, 1, use_bias=False, name="decoder_proj_conv")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name="decoder_proj_bn")(x)
+        x = keras.layers.ReLU(name="decoder_proj_relu")(x)
     skips = [encoder.get_layer(n).output for n in spec.skips] + [None]
-    for i, (skip, filters) in enumerate(zip(skips, cfg.decoder_filters, strict=True)):
+    for i, filters in enumerate(cfg.decoder_filters):
         x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"decoder{i}_up")(x)
-        if skip is not None:
-            x = keras.layers.Concatenate(name=f"decoder{i}_concat")([x, skip])
-        x = conv_bn_relu(x, filters, f"decoder{i}a")
-        x = conv_bn_relu(x, filters, f"decoder{i}b")
-    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask", dtype="float32")(x)
+        if skips[i] is not None:
+            x = keras.layers.Concatenate(name=f"decoder{i}_concat")([x, skips[i]])
+        x = conv_bn_relu(x, filters, f"decoder{i}a", cfg.decoder_block)
+        x = conv_bn_relu(x, filters, f"decoder{i}b", cfg.decoder_block)
+    factor = 2 ** (len(spec.skips) + 1 - len(cfg.decoder_filters))
+    if factor == 1:
+        outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask", dtype="float32")(x)
+    else:
+        x = keras.layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
+        x = keras.layers.UpSampling2D(factor, interpolation="bilinear", name="logits_up", dtype="float32")(x)
+        outputs = keras.layers.Activation("sigmoid", name="mask", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name=f"unet_{cfg.backbone}_{cfg.alpha}")
     set_trainable(model, cfg, finetune=True)
     return model
+
+
+def layer_macs(layer) -> int:
+    """Multiply-accumulates of one layer for one image (0 for layers not counted)."""
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw = layer.kernel.shape[:2]
+        per_output = kh * kw
+    elif isinstance(layer, keras.layers.Conv2D):
+        kh, kw, c_in = layer.kernel.shape[:3]
+        per_output = kh * kw * c_in
+    elif isinstance(layer, keras.layers.Dense):
+        per_output = layer.kernel.shape[0]
+    else:
+        return 0
+    dims = layer.output.shape[1:]
+    if any(d is None for d in dims):
+        raise ValueError(f"counting multiply-adds needs a fixed input size ({layer.name}: {layer.output.shape})")
+    return int(math.prod(dims)) * int(per_output)
+
+
+def count_macs(model: keras.Model, prefix: str | None = None) -> int:
+    """Multiply-accumulates of one forward pass for one image.
+
+    Counts convolutions (full, depthwise, pointwise) and dense layers, which dominate; bias
+    adds, batch norm, activations, resizing and concatenation are left out (well under 1%
+    here). ``prefix`` restricts the count to layers whose name starts with it ("decoder").
+    """
+    return sum(layer_macs(ly) for ly in model.layers if prefix is None or ly.name.startswith(prefix))
 
 
 def encoder_block(layer_name: str, backbone: str = "mobilenet") -> int | None:

@@ -296,6 +296,8 @@ def write_report(out: Path, result: EvalResult, examples: Examples, k: int = 6) 
         size_rows.append(vals)
     size_head = ["face size", "faces", "coverage"] + (["Haar coverage"] if has_haar else [])
     size_head += ["images", "Dice"] + (["Haar Dice"] if has_haar else [])
+    group_rows = [[g["group"] or "(no event)", g["images"], g["faces"], g["dice"], g["iou"]]
+                  for g in sorted(result.by_group, key=lambda g: g["dice"])]
     sweep = _table(["threshold", "Dice", "IoU", "precision", "recall", "face coverage"],
                    [[f"{r['threshold']:.2f}"] + list(r.values())[1:] for r in result.threshold_table],
                    bold_row=[r["threshold"] for r in result.threshold_table].index(result.threshold))
@@ -329,6 +331,8 @@ face box predicted as face, averaged over faces.</p>
 {_table(size_head, size_rows)}
 <p class="note">Face size = sqrt(box area) in pixels at the original image size. "coverage" scores each face on its
 own (fraction of its box predicted as face); "Dice" groups whole images by their median face size.</p>
+<h2>By event</h2><p class="note">WIDER event folders, lowest mean Dice first.</p>
+{_table(["event", "images", "faces", "Dice", "IoU"], group_rows)}
 <h2>Best images</h2>{key}{_figures(examples.get(best), img_dir, "best", has_haar)}
 <h2>Worst images</h2>{_figures(examples.get(worst), img_dir, "worst", has_haar)}
 <h2>Threshold sweep (model)</h2><p class="note">Bold: the threshold used above.</p>{sweep}

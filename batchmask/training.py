@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .augment import downscale_sample, make_pair
 from .config import TrainConfig
-from .data import DataError, Sample, fingerprint, load_dataset, split_samples
+from .data import DataError, DataSource, Sample, fingerprint, load_datasets, split_samples
 
 log = logging.getLogger(__name__)
 
@@ -155,23 +155,39 @@ def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int |
     plt.close(fig)
 
 
+def _is_samples(data) -> bool:
+    return isinstance(data, list) and bool(data) and isinstance(data[0], Sample)
+
+
+def _load(data, limit: int | None) -> tuple[list[Sample], list[dict]]:
+    if _is_samples(data):
+        return data, [{"path": "<samples>", "images": len(data), "fingerprint": fingerprint(data)}]
+    return load_datasets(data, limit=limit)
+
+
+def _path_field(sources: list[dict]) -> str | list[str]:
+    """model.json's ``data.path``: a string for one source (as before), a list for several."""
+    paths = [src["path"] for src in sources]
+    return paths[0] if len(paths) == 1 else paths
+
+
 def _load_split(data, val_data, cfg: TrainConfig, limit: int | None):
-    samples = data if isinstance(data, list) else load_dataset(data, limit=limit)
+    samples, sources = _load(data, limit)
     if val_data is not None:
-        val = val_data if isinstance(val_data, list) else load_dataset(val_data, limit=limit)
-        split = {"method": "separate", "val_data": str(val_data) if not isinstance(val_data, list) else "<samples>"}
-        return samples, val, split
+        val, val_sources = _load(val_data, limit)
+        split = {"method": "separate", "val_data": _path_field(val_sources), "val_sources": val_sources}
+        return samples, val, split, sources
     tr_idx, va_idx = split_samples(samples, cfg.val_fraction, cfg.seed, by=cfg.split)
     split = {"method": cfg.split, "seed": cfg.seed, "val_fraction": cfg.val_fraction}
-    return [samples[i] for i in tr_idx], [samples[i] for i in va_idx], split
+    return [samples[i] for i in tr_idx], [samples[i] for i in va_idx], split, sources
 
 
 def train(
-    data: str | os.PathLike | list[Sample],
+    data: DataSource | Sequence[DataSource] | list[Sample],
     out: str | os.PathLike,
     config: TrainConfig | None = None,
     *,
-    val_data: str | os.PathLike | list[Sample] | None = None,
+    val_data: DataSource | Sequence[DataSource] | list[Sample] | None = None,
     force: bool = False,
     limit: int | None = None,
     progress: bool = True,
@@ -179,7 +195,8 @@ def train(
 ) -> TrainResult:
     """Train a face-mask U-Net and write the model directory ``out``.
 
-    ``data`` is an ``images.npy`` file, a WIDER FACE folder, or a list of samples.
+    ``data`` is an ``images.npy`` file or a WIDER FACE folder, a list of those (trained on
+    together), or a list of samples; ``val_data`` likewise (default: a split of ``data``).
     """
     cfg = config or TrainConfig()
     cfg.validate()
@@ -192,7 +209,7 @@ def train(
         raise ValueError("epochs and batch_size must be at least 1")
     t0 = time.time()
     deadline = t0 + cfg.time_limit_s if cfg.time_limit_s else None
-    train_s, val_s, split = _load_split(data, val_data, cfg, limit)
+    train_s, val_s, split, sources = _load_split(data, val_data, cfg, limit)
     if not train_s or not val_s:
         raise DataError(f"empty split: {len(train_s)} training and {len(val_s)} validation images")
     log.info("training on %d images, validating on %d", len(train_s), len(val_s))
@@ -272,7 +289,8 @@ def train(
         "wall_s": round(train_wall, 1),
     }
     meta["data"] = {
-        "path": str(data) if not isinstance(data, list) else "<samples>",
+        "path": _path_field(sources),
+        "sources": sources,
         "fingerprint": fingerprint(train_s + val_s),
         "train_images": len(train_s),
         "val_images": len(val_s),
@@ -304,5 +322,7 @@ def _final_validation(model, val_s: list[Sample], cfg: TrainConfig) -> dict[str,
 
     res = evaluate(model, val_s, tune_threshold=cfg.tune_threshold, batch_size=cfg.batch_size)
     model.meta["metrics"]["validation"] = res.metrics  # model.meta includes any tuned threshold
+    model.meta["metrics"]["validation_by_face_size"] = res.by_face_size
+    model.meta["metrics"]["validation_by_group"] = res.by_group
     write_meta(model.path, model.meta)
     return res.metrics

@@ -16,6 +16,24 @@ SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights"
 
 
+def synthetic_wider(root: Path, events: dict[str, int], split: str = "val") -> Path:
+    """A WIDER folder with ``events[name]`` 32x32 images each, one box per image."""
+    import numpy as np
+    from PIL import Image
+
+    from batchmask.convert import write_wider_annotations
+
+    entries = []
+    for event, n in events.items():
+        (root / "images" / event).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            name = f"{event}/{event}_{i}.jpg"
+            Image.new("RGB", (32, 32), (i * 7 % 255, 90, 160)).save(root / "images" / name)
+            entries.append((name, np.array([[2 + i % 5, 3, 20, 24]], np.float32)))
+    write_wider_annotations(entries, root / f"wider_face_{split}_bbx_gt.txt")
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_wider() -> Path:
     """The 10 WIDER FACE images shipped in demo/wider (native WIDER layout)."""

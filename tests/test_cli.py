@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import synthetic_wider
 
 from batchmask.cli import main
 
@@ -46,8 +47,11 @@ def test_train_bad_image_size(tmp_path, demo_wider):
 
 
 def test_train_cli_end_to_end(tmp_path, demo_wider):
+    """Two sources (the second with WIDER's *val* annotation file), a split that holds out every event."""
     out = tmp_path / "m"
-    args = ["train", "--data", str(demo_wider), "--out", str(out), "--backbone-weights", "none", "--image-size", "64",
+    pool = synthetic_wider(tmp_path / "pool", {"0--Parade": 2, "7--Cheering": 3})
+    args = ["train", "--data", str(demo_wider), "--data", str(pool), "--split", "stratified", "--out", str(out),
+            "--backbone-weights", "none", "--image-size", "64", "--decoder", "lean4", "--crop-scale", "0.4",
             "--alpha", "0.25", "--epochs", "4", "--warmup-epochs", "1", "--patience", "0", "--batch-size", "4", "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
@@ -55,5 +59,13 @@ def test_train_cli_end_to_end(tmp_path, demo_wider):
     meta = json.loads((out / "model.json").read_text())
     # --patience 0: no early stopping, every epoch runs (the best one is still the one kept).
     assert meta["training"]["config"]["patience"] == 0 and meta["training"]["epochs_run"] == 4
+    assert meta["data"]["path"] == [str(demo_wider), str(pool)]
+    assert [s["images"] for s in meta["data"]["sources"]] == [10, 5]
+    val_events = {name.split("/")[0] for name in meta["data"]["split"]["val_names"]}
+    assert meta["data"]["split"]["method"] == "stratified" and len(val_events) == 7  # 5 demo + 2 pool events
+    assert {g["group"] for g in meta["metrics"]["validation_by_group"]} == val_events
+    assert [b["bucket"] for b in meta["metrics"]["validation_by_face_size"]] == ["small", "medium", "large"]
+    assert meta["model"]["decoder_filters"] == [128, 64, 48] and meta["model"]["decoder_block"] == "sepconv"
+    assert meta["training"]["config"]["augment"]["crop_scale"] == [0.4, 1.0]
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "--force" in again.output

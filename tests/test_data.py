@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_wider
 
 from batchmask.augment import make_pair
 from batchmask.config import AugmentConfig
@@ -18,6 +19,7 @@ from batchmask.data import (
     DataError,
     boxes_to_mask,
     load_dataset,
+    load_datasets,
     load_npy,
     load_wider,
     parse_wider_annotations,
@@ -288,3 +290,33 @@ def test_write_wider_annotations_roundtrip(tmp_path):
     assert [name for name, _, _ in back] == [name for name, _ in entries]
     for (_, got, _), (_, want) in zip(back, entries, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-2)
+
+
+def test_load_datasets_concatenates_sources(demo_wider, tmp_path):
+    """Several sources train together; WIDER's *val* annotation file is accepted as training data."""
+    pool = synthetic_wider(tmp_path / "pool", {"0--Parade": 3, "61--Street_Battle": 2}, split="val")
+    samples, sources = load_datasets([demo_wider, pool])
+    assert len(samples) == 15 and [s["images"] for s in sources] == [10, 5]
+    assert [s["path"] for s in sources] == [str(demo_wider), str(pool)]
+    assert sources[1]["faces"] == 5 and len(sources[0]["fingerprint"]) == 64
+    assert {s.group for s in samples[10:]} == {"0--Parade", "61--Street_Battle"}
+    # One path works as before; the limit applies per source.
+    assert len(load_datasets(str(pool))[0]) == 5
+    assert len(load_datasets([demo_wider, pool], limit=2)[0]) == 4
+    with pytest.raises(DataError, match="also in"):
+        load_datasets([demo_wider, demo_wider])
+
+
+def test_stratified_split_holds_out_every_event():
+    from batchmask.data import Sample
+
+    sizes = {"a": 1, "b": 2, "c": 5, "d": 40}
+    samples = [Sample(name=f"{g}/{i}.jpg", boxes=np.zeros((0, 4), np.float32), group=g)
+               for g, n in sizes.items() for i in range(n)]
+    tr, va = split_samples(samples, 0.1, seed=3, by="stratified")
+    assert sorted(tr + va) == list(range(len(samples))) and not set(tr) & set(va)
+    held = {g: sum(samples[i].group == g for i in va) for g in sizes}
+    # At least one of every event with two or more images; never a whole event; 10% of big ones.
+    assert held == {"a": 0, "b": 1, "c": 1, "d": 4}
+    assert split_samples(samples, 0.1, seed=3, by="stratified") == (tr, va)
+    assert split_samples(samples, 0.1, seed=4, by="stratified")[1] != va

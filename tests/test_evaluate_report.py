@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -48,8 +49,15 @@ def test_cli_report_with_haar_baseline(tiny_model_dir, demo_wider, tmp_path):
     srcs = re.findall(r'src="([^"]+)"', page)
     assert len(srcs) >= 3 + 2 * 5  # three plots, five best and five worst images
     assert all((rep / s).is_file() and (rep / s).stat().st_size > 1000 for s in srcs)
-    assert "Haar baseline" in page and "By face size" in page
+    assert "Haar baseline" in page and "By face size" in page and "By event" in page
     doc = json.loads((out / "metrics.json").read_text())
+    # Per event: the mean of that event's per-image Dice in per_image.csv (2 demo images per event).
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert [g["images"] for g in doc["by_group"]] == [2] * 5
+    for g in doc["by_group"]:
+        mine = [float(r["dice"]) for r in rows if r["group"] == g["group"]]
+        assert g["dice"] == pytest.approx(sum(mine) / len(mine), abs=1e-5)
+        assert f"<td>{g['group']}</td>" in page
     haar = doc["baseline"]
     assert haar["info"]["settings"]["cascade"] == "haarcascade_frontalface_default.xml"
     # the detector finds faces in these photos: its Dice is clearly above zero

@@ -107,3 +107,59 @@ def test_variant_runs_the_same_weights_at_another_size(tiny_model_dir, demo_wide
     np.testing.assert_allclose(m.variant(image_size=size).predict_proba([im])[0], m.predict_proba([im])[0], atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 32"):
         m.variant(image_size=100)
+
+
+def test_count_macs_matches_a_hand_count():
+    """Conv, depthwise, pointwise and dense layers, counted by hand for one image."""
+    import keras
+
+    from batchmask.model import count_macs
+
+    x = inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(x)          # 8*8 positions * 4 out * 3*3*3 = 6912
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)    # 8*8 * 4 channels * 3*3       = 2304
+    x = keras.layers.Conv2D(2, 1, strides=2)(x)               # 4*4 * 2 out * 1*1*4          = 128
+    x = keras.layers.BatchNormalization()(x)                  # not counted
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(5)(x)                              # 5 * 32                       = 160
+    assert count_macs(keras.Model(inp, x)) == 6912 + 2304 + 128 + 160
+
+
+def test_unet_mac_count_matches_the_issue_figures():
+    """The 512² U-Net decoder's first conv by hand (32²x1536 -> 32²x192, 3x3), and the totals."""
+    from batchmask.model import count_macs, layer_macs
+
+    net = build_unet(ModelConfig.with_decoder("unet", image_size=512), backbone_weights=None)
+    assert layer_macs(net.get_layer("decoder0a_conv")) == 32 * 32 * 192 * 3 * 3 * 1536
+    total, decoder = count_macs(net), count_macs(net, "decoder")
+    assert round(total / 1e9, 1) == 16.6 and round(decoder / 1e9, 1) == 13.6
+    lean = build_unet(ModelConfig.with_decoder("lean", image_size=512), backbone_weights=None)
+    assert count_macs(lean) < total / 4  # the issue's "a quarter would be better still"
+    assert count_macs(lean, "conv") == total - decoder - layer_macs(net.get_layer("mask"))  # same encoder
+
+
+@pytest.mark.parametrize("decoder,stages", [("lean", 4), ("lean4", 3), ("unet", 5)])
+def test_named_decoders_output_the_input_size(decoder, stages):
+    cfg = ModelConfig.with_decoder(decoder, alpha=0.25, image_size=64)
+    net = build_unet(cfg, backbone_weights=None)
+    assert net.output_shape == (None, 64, 64, 1)
+    assert len(cfg.decoder_filters) == stages
+    assert any(layer.name == f"decoder{stages - 1}b_conv" for layer in net.layers)
+    assert not any(layer.name == f"decoder{stages}a_conv" for layer in net.layers)
+    assert any(layer.name.endswith("_dw") for layer in net.layers if layer.name.startswith("decoder")) == (decoder != "unet")
+    # Fully convolutional: the same weights run on other sizes (training crops).
+    open_net = build_unet(cfg, backbone_weights=None, any_size=True)
+    assert open_net(np.zeros((1, 96, 96, 3), np.float32)).shape == (1, 96, 96, 1)
+
+
+def test_model_json_without_decoder_fields_means_the_unet_decoder():
+    """model.json files written before the decoder was configurable keep loading as they were built."""
+    old = {"backbone": "mobilenet", "alpha": 1.0, "image_size": 512, "decoder_filters": [192, 128, 64, 32, 16],
+           "trainable_blocks": 4, "threshold": 0.65, "tta_flip": False}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.decoder_block, cfg.decoder_projection, cfg.decoder_filters) == ("conv", 0, (192, 128, 64, 32, 16))
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()  # new files round-trip
+    with pytest.raises(ValueError, match="unknown decoder"):
+        ModelConfig.with_decoder("huge")
+    with pytest.raises(ValueError, match="decoder_block"):
+        ModelConfig(decoder_block="dense").validate()

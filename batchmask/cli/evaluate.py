@@ -10,8 +10,8 @@ from .common import user_errors
 @click.command("evaluate")
 @click.option("--model", "model_dir", type=click.Path(file_okay=True, dir_okay=True), default=None,
               help="Model directory (default: the model shipped with batchmask).")
-@click.option("--data", required=True, type=click.Path(),
-              help="images.npy, a WIDER FACE folder, or its wider_face_*_bbx_gt.txt.")
+@click.option("--data", required=True, multiple=True, type=click.Path(),
+              help="images.npy, a WIDER FACE folder, or its wider_face_*_bbx_gt.txt (repeatable).")
 @click.option("--out", "out_dir", default="evaluation", show_default=True, type=click.Path(),
               help="Folder for metrics.json, per_image.csv and predictions.png.")
 @click.option("--subset", type=click.Choice(["val"]), default=None,
@@ -36,7 +36,7 @@ def evaluate_cmd(model_dir, data, out_dir, subset, tune_threshold, report_dir, b
     from ..inference import ModelNotFoundError
 
     with user_errors(DataError, ModelNotFoundError, EvaluationError, BaselineUnavailableError, OSError):
-        result = evaluate(model_dir, data, out_dir=out_dir, subset=subset, tune_threshold=tune_threshold,
+        result = evaluate(model_dir, list(data), out_dir=out_dir, subset=subset, tune_threshold=tune_threshold,
                           report_dir=report_dir, baseline=baseline, batch_size=batch_size, limit=limit)
     click.echo(format_table(result))
     for label, key in (("metrics", "metrics_json"), ("per-image rows", "per_image_csv"),
