@@ -200,6 +200,12 @@ def count_macs(model: keras.Model, prefix: str | None = None) -> int:
     return sum(layer_macs(ly) for ly in model.layers if prefix is None or ly.name.startswith(prefix))
 
 
+def model_cost(model: keras.Model) -> dict[str, int]:
+    """What one image costs and what the file holds: model.json's ``cost``."""
+    return {"multiply_adds": count_macs(model), "decoder_multiply_adds": count_macs(model, "decoder"),
+            "parameters": int(model.count_params())}
+
+
 def encoder_block(layer_name: str, backbone: str = "mobilenet") -> int | None:
     """Block number of an encoder layer (0 for the stem), or None for decoder layers."""
     m = re.match(BACKBONES[backbone].layer_pattern, layer_name)

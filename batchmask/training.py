@@ -218,7 +218,7 @@ def train(
 
     from .inference import FaceMaskModel, base_meta, save_model
     from .losses import dice_at_half, dice_metric, get_loss
-    from .model import build_unet, set_trainable
+    from .model import build_unet, model_cost, set_trainable
 
     keras.utils.set_random_seed(cfg.seed)
     size, crop = cfg.model.image_size, cfg.train_size
@@ -301,6 +301,7 @@ def train(
     # Save a fresh, uncompiled copy: the optimizer state would double the file size.
     clean = build_unet(cfg.model, backbone_weights=None)
     clean.set_weights(net.get_weights())
+    meta["cost"] = model_cost(clean)
     save_model(clean, out_dir, meta)
     write_history(out_dir / "history.csv", history)
     plot_history(out_dir / "learning_curves.png", history, warmup + 1 if len(phases) > 1 else None)

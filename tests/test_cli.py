@@ -67,5 +67,11 @@ def test_train_cli_end_to_end(tmp_path, demo_wider):
     assert [b["bucket"] for b in meta["metrics"]["validation_by_face_size"]] == ["small", "medium", "large"]
     assert meta["model"]["decoder_filters"] == [128, 64, 48] and meta["model"]["decoder_block"] == "sepconv"
     assert meta["training"]["config"]["augment"]["crop_scale"] == [0.4, 1.0]
+    from batchmask.inference import load_model
+    from batchmask.model import count_macs
+
+    net = load_model(out).keras_model
+    assert meta["cost"] == {"multiply_adds": count_macs(net), "decoder_multiply_adds": count_macs(net, "decoder"),
+                            "parameters": net.count_params()}
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "--force" in again.output
