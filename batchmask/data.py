@@ -376,6 +376,11 @@ def load_dataset(path: str | os.PathLike, limit: int | None = None) -> list[Samp
 DataSource = str | os.PathLike
 
 
+def is_samples(data) -> bool:
+    """True for a sequence of :class:`Sample` (in-memory data) rather than paths."""
+    return not isinstance(data, (str, os.PathLike)) and isinstance(next(iter(data), None), Sample)
+
+
 def as_sources(data: DataSource | Sequence[DataSource]) -> list[DataSource]:
     """One path or several, as a list (a string is one path, not a sequence of letters)."""
     if isinstance(data, (str, os.PathLike)):
@@ -404,7 +409,7 @@ def load_datasets(paths: DataSource | Sequence[DataSource], limit: int | None = 
                         "fingerprint": fingerprint(part)})
         samples += part
     if not sources:
-        raise DataError("no training data given")
+        raise DataError("no data sources given")
     return samples, sources
 
 

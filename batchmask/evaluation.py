@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import DataError, DataSource, Sample, as_sources, boxes_to_mask, fingerprint, load_datasets
+from .data import (
+    DataError,
+    DataSource,
+    Sample,
+    as_sources,
+    boxes_to_mask,
+    fingerprint,
+    is_samples,
+    load_datasets,
+)
 from .report import format_table  # noqa: F401  (re-exported: the CLI prints it)
 
 log = logging.getLogger(__name__)
@@ -316,7 +325,7 @@ def load_samples(data: DataSource | Sequence[DataSource] | Sequence[Sample], sub
                  limit: int | None) -> tuple[list[Sample], str]:
     """The samples ``evaluate`` scores: ``data`` loaded, ``subset="val"`` keeping the model's
     recorded validation images, then ``limit``; also a description of where they came from."""
-    if isinstance(data, (str, os.PathLike)) or not isinstance(next(iter(data), None), Sample):
+    if not is_samples(data):
         paths = as_sources(data)
         samples, _ = load_datasets(paths, limit=None if subset else limit)
         where = ", ".join(str(p) for p in paths)

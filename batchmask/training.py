@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .augment import downscale_sample, make_pair
 from .config import TrainConfig
-from .data import DataError, DataSource, Sample, fingerprint, load_datasets, split_samples
+from .data import DataError, DataSource, Sample, fingerprint, is_samples, load_datasets, split_samples
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,9 @@ def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int |
     plt.close(fig)
 
 
-def _is_samples(data) -> bool:
-    return isinstance(data, list) and bool(data) and isinstance(data[0], Sample)
-
-
 def _load(data, limit: int | None) -> tuple[list[Sample], list[dict]]:
-    if _is_samples(data):
-        return data, [{"path": "<samples>", "images": len(data), "fingerprint": fingerprint(data)}]
+    if is_samples(data):
+        return list(data), [{"path": "<samples>", "images": len(data), "fingerprint": fingerprint(data)}]
     return load_datasets(data, limit=limit)
 
 

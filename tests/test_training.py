@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,10 @@ import pytest
 from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
 from batchmask.training import OutputExistsError, train
 
-SMALL_MODEL = ModelConfig(alpha=0.25, image_size=64, decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2)
+# Full 3x3 decoder convolutions (the "unet" block): the mechanics tests below were calibrated
+# with it; test_cli.py trains the default depthwise-separable decoder end to end.
+SMALL_MODEL = ModelConfig(alpha=0.25, image_size=64, decoder_block="conv", decoder_projection=0,
+                          decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +77,9 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
         x, y = rng.integers(5, 50, 2)
         img[y : y + 40, x : x + 40] = 230
         samples.append(Sample(name=f"s{i}", boxes=np.array([[x, y, x + 40, y + 40]], np.float32), image=img))
-    cfg = TrainConfig(model=SMALL_MODEL, augment=AugmentConfig(enabled=False), backbone_weights="none",
+    cfg = TrainConfig(model=dataclasses.replace(SMALL_MODEL, trainable_blocks=13),
+                      augment=AugmentConfig(enabled=False), backbone_weights="none",
                       epochs=10, warmup_epochs=0, batch_size=4, learning_rate=3e-3, val_fraction=0.25, seed=1)
-    cfg.model.trainable_blocks = 13
     train(samples, tmp_path / "m", cfg, progress=False)
     res = evaluate(str(tmp_path / "m"), samples[:6])
     assert res.metrics["dice"] > 0.6
