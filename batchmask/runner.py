@@ -156,6 +156,8 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
     inp.check_input()
     model_dir = resolve_model_dir(model)
     out.ensure_root()
+    if not inp.remote and not out.remote:
+        inp.exclude_dir(out.root)  # the output, also where a symlink inside the input leads to it
     records = merge_parts(out)  # leftovers of an interrupted run first
     done = set() if overwrite else done_set(out, records, retry_errors)
     recorded = recorded_masks(records)  # an image keeps its mask path; no new image takes one
