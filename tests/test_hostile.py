@@ -143,3 +143,137 @@ def test_output_reached_through_a_symlink_in_the_input_is_not_listed(tmp_path):
     os.symlink(inp, tmp_path / "in-link")
     assert StorageSpec(str(tmp_path / "in-link")).open().relative_prefix_of(StorageSpec(str(inp / "sub")).open()) == "sub/"
 
+
+
+# ----------------------------------------------------------------------------- model, lock, errors
+
+
+def _bad_models(tmp_path, good):
+    import shutil
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        return d
+
+    cases = {}
+    d = copy("truncated")
+    (d / "model.keras").write_bytes((good / "model.keras").read_bytes()[:50_000])
+    cases["truncated"] = (d, "model.keras: not a readable Keras archive")
+    d = copy("garbage-json")
+    (d / "model.json").write_text("{not json")
+    cases["garbage-json"] = (d, "model.json: not valid JSON")
+    d = copy("empty-json")
+    (d / "model.json").write_text("{}")
+    cases["empty-json"] = (d, "model.json: no model configuration")
+    d = copy("wrong-size")
+    import json
+
+    meta = json.loads((good / "model.json").read_text())
+    meta["model"]["image_size"] = 96
+    (d / "model.json").write_text(json.dumps(meta))
+    cases["wrong-size"] = (d, "input is 64x64 but")
+    return cases
+
+
+def test_a_bad_model_is_one_line_before_anything_is_written(tmp_path, tiny_model_dir):
+    import ray
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.jpg").write_bytes(b"x")
+    for name, (model, expected) in _bad_models(tmp_path, tiny_model_dir).items():
+        out = tmp_path / f"out-{name}"
+        res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(model), "-q"])
+        assert res.exit_code == 1, (name, res.output)
+        assert res.output.startswith("Error: ") and res.output.count("\n") == 1, (name, res.output)
+        assert expected in res.output, (name, res.output)
+        assert not out.exists(), name  # nothing written, not even the folder
+    assert not ray.is_initialized()
+
+
+def test_second_run_on_a_locked_output_is_refused_naming_the_holder(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from batchmask.storage import StorageSpec\n"
+        "from batchmask.outlock import OutputLock\n"
+        f"lock = OutputLock(StorageSpec({str(out)!r}).open()).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q"])
+        assert res.exit_code == 4, res.output
+        assert f"pid {holder.pid}" in res.output and "--wait" in res.output and res.output.count("\n") == 1
+        assert json.loads((out / "_lock.json").read_text())["pid"] == holder.pid
+        assert not (out / "run.json").exists() and not (out / "coverage.csv").exists()
+        res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q",
+                                        "--wait", "--wait-timeout", "1"])
+        assert res.exit_code == 4, res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: the kernel dropped its flock, the next run goes ahead
+    res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "run.json").exists() and (out / "_lock.json").read_text() == ""
+
+
+MERGER = """
+import sys
+from batchmask.outlock import OutputLock
+from batchmask.outputs import merge_parts, ok_row, part_name, rows_to_csv
+from batchmask.storage import StorageSpec
+
+out = StorageSpec(sys.argv[1]).open()
+who, n = sys.argv[2], int(sys.argv[3])
+for k in range(n):
+    rows = [ok_row(f"{who}/{k:04d}-{j}.jpg", f"masks/{who}/{k:04d}-{j}.png", 1, 1, 0, 0, None) for j in range(200)]
+    out.write_bytes(part_name(f"run-{who}", k), rows_to_csv(rows))
+    with OutputLock(out).acquire(wait=True):
+        merge_parts(out)
+"""
+
+
+def test_two_processes_merging_parts_under_the_lock_lose_no_row(tmp_path):
+    import subprocess
+    import sys
+
+    out = _out(tmp_path)
+    script = tmp_path / "merger.py"
+    script.write_text(MERGER)
+    n = 50
+    procs = [subprocess.Popen([sys.executable, str(script), out.root, who, str(n)], stderr=subprocess.PIPE, text=True)
+             for who in ("a", "b")]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    records, parts = load_records(out)
+    assert parts == [] and len(records) == 2 * n * 200
+
+
+def test_disk_full_while_writing_a_mask_fails_the_shard_not_the_image():
+    import errno
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from batchmask.outputs import Decoded
+    from batchmask.worker import MaskWorker, WorkerOptions
+
+    def full(rel, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w = object.__new__(MaskWorker)
+    w.threshold, w.opts = 0.5, WorkerOptions()
+    w.model = SimpleNamespace(image_size=8)
+    w.out = SimpleNamespace(write_bytes=full)
+    d = Decoded("a.jpg", "masks/a.png", width=8, height=8)
+    with pytest.raises(OSError, match="No space"):
+        w._finish(d, np.zeros((8, 8), np.float32))
