@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 
 import pytest
@@ -277,3 +278,144 @@ def test_disk_full_while_writing_a_mask_fails_the_shard_not_the_image():
     d = Decoded("a.jpg", "masks/a.png", width=8, height=8)
     with pytest.raises(OSError, match="No space"):
         w._finish(d, np.zeros((8, 8), np.float32))
+
+
+def _hold_lock(url: str, env: dict | None = None):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from batchmask.storage import StorageSpec\n"
+        "from batchmask.outlock import OutputLock\n"
+        f"lock = OutputLock(StorageSpec({url!r}).open()).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_jobs_run_respects_the_output_lock_of_a_manual_run(tmp_path, tiny_model_dir):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    job = tmp_path / "cam.toml"
+    job.write_text(GOOD_JOB + f'model = "{tiny_model_dir}"\n')
+    holder = _hold_lock(str(out))
+    try:
+        res = CliRunner().invoke(main, ["jobs", "run", str(job), "--quiet", "--lock-dir", str(tmp_path / "locks")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.exit_code == 4, res.output
+    assert "in use" in res.output and f"pid {holder.pid}" in res.output
+
+
+def test_s3_url_with_credentials_is_refused_without_echoing_them(s3_server):
+    from batchmask.runner import run
+    from batchmask.storage import StorageError
+
+    bucket = s3_server.new_bucket("cred")
+    url = f"s3://AKIAEXAMPLE:{s3_server.secret}@{bucket}/in/"
+    with pytest.raises(StorageError) as ei:
+        run(url, f"s3://{bucket}/out/", endpoint_url=s3_server.endpoint_url, quiet=True)
+    assert s3_server.secret not in str(ei.value) and "AKIAEXAMPLE" not in str(ei.value)
+    assert "credentials in the URL" in str(ei.value)
+    res = CliRunner().invoke(main, ["run", "-i", url, "-o", f"s3://{bucket}/out/", "--endpoint-url",
+                                    s3_server.endpoint_url])
+    assert res.exit_code == 1 and s3_server.secret not in res.output and res.output.count("\n") == 1
+
+
+def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
+    import json
+
+    import batchmask.outlock as outlock
+    from batchmask.outlock import LOCK_FILE, OutputLock, OutputLocked
+
+    bucket = s3_server.new_bucket("lock")
+    spec = StorageSpec(f"s3://{bucket}/out/", s3_server.endpoint_url, s3_server.storage_options)
+    a = OutputLock(spec.open()).acquire()
+    with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+        OutputLock(spec.open()).acquire()
+    a.release()
+    assert not s3_server.fs().exists(f"{bucket}/out/{LOCK_FILE}")
+    # a crashed holder: its lock object stays, but expires
+    monkeypatch.setattr(outlock, "S3_LOCK_TTL_S", 2.0)
+    crashed = OutputLock(spec.open())
+    crashed._write_s3()
+    with pytest.raises(OutputLocked):
+        OutputLock(spec.open()).acquire()
+    import time
+
+    time.sleep(2.5)
+    b = OutputLock(spec.open()).acquire()
+    assert json.loads(s3_server.fs().cat_file(f"{bucket}/out/{LOCK_FILE}"))["token"] == b.token
+    time.sleep(1.5)  # renewed (every TTL/3): still ours, still in the future
+    rec = json.loads(s3_server.fs().cat_file(f"{bucket}/out/{LOCK_FILE}"))
+    assert rec["token"] == b.token and rec["expires"] > time.time()
+    b.release()
+
+
+# ----------------------------------------------------------------------------- with Ray (slow)
+
+
+@pytest.mark.slow
+def test_s3_keys_that_look_odd_are_processed_into_a_local_output(s3_server, tiny_model_dir, demo_wider, tmp_path):
+    """'c:/drive.jpg' is a name, not a drive; 'q.png' and 'q.png/r.jpg' both get masks on disk."""
+    from batchmask.runner import run
+
+    bucket = s3_server.new_bucket("keys")
+    fs = s3_server.fs()
+    jpg = next(demo_wider.glob("images/*/*.jpg")).read_bytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 60, 30)).save(buf, "PNG")
+    for key, data in {"c:/drive.jpg": jpg, "q.png": buf.getvalue(), "q.png/r.jpg": jpg, "cr\rname.jpg": jpg}.items():
+        fs.pipe_file(f"{bucket}/in/{key}", data)
+    out = tmp_path / "out"
+    s = run(f"s3://{bucket}/in/", str(out), str(tiny_model_dir), endpoint_url=s3_server.endpoint_url,
+            storage_options=s3_server.storage_options, quiet=True)
+    assert (s.total, s.ok, s.failed, s.exit_code) == (4, 4, 0, 0), s.run_json
+    with open(out / "coverage.csv", newline="") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["c:/drive.jpg", "cr\rname.jpg", "q.png", "q.png/r.jpg"]
+    for r in rows.values():
+        assert (out / r["mask"]).is_file(), r
+    s2 = run(f"s3://{bucket}/in/", str(out), str(tiny_model_dir), endpoint_url=s3_server.endpoint_url,
+             storage_options=s3_server.storage_options, quiet=True)
+    assert (s2.skipped, s2.ok) == (4, 0)  # the \r row was kept: nothing redone
+
+
+@pytest.mark.slow
+def test_quiet_run_prints_nothing_and_a_stalled_shard_fails_the_run_in_bounded_time(tmp_path, tiny_model_dir,
+                                                                                    demo_wider):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    inp = tmp_path / "in"
+    shutil.copytree(demo_wider / "images", inp)
+    exe = str(Path(sys.executable).parent / "batchmask")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("BATCHMASK_TEST_SHARD_DELAY", None)
+    p = subprocess.run([exe, "run", "-i", str(inp), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir), "-q"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    # every shard sleeps 600 s (a stalled storage): stopped after --shard-timeout, retried, then the run fails
+    env["BATCHMASK_TEST_SHARD_DELAY"] = "600"
+    out = tmp_path / "out2"
+    t = time.monotonic()
+    p = subprocess.run([exe, "run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q",
+                        "--shard-timeout", "4"], capture_output=True, text=True, env=env, timeout=400)
+    wall = time.monotonic() - t
+    assert p.returncode == 1, p.stderr[-2000:]
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("Error: shard") and "no progress for 4 s" in lines[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["exit_code"] == 1 and "no progress" in info["error"]
+    assert wall < 200, wall
