@@ -280,7 +280,7 @@ class Storage:
         """botocore/aiohttp errors (not OSErrors: endpoint unreachable, timeouts) as StorageError."""
         try:
             yield
-        except OSError:
+        except (OSError, UnsafePathError):
             raise
         except Exception as exc:
             raise StorageError(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})") from exc
