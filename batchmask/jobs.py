@@ -46,7 +46,8 @@ class JobError(ValueError):
     def __init__(self, path: str | os.PathLike, problems: list[str]):
         self.path = str(path)
         self.problems = problems
-        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+        shown = self.path if line_unsafe(self.path) is None else repr(self.path)  # one line per problem
+        super().__init__("\n".join(f"{shown}: {p}" for p in problems))
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,18 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     s = str(value)
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def line_unsafe(value: str) -> str | None:
+    """Why ``value`` cannot go into a crontab line or a systemd unit (both line-based), or None.
+
+    A newline (or another control character, or a Unicode line separator) in a path would end
+    the line and let the rest be read as a cron entry or a unit directive of its own.
+    """
+    for c in value:
+        if ord(c) < 0x20 or ord(c) == 0x7F or c in "\u0085\u2028\u2029":
+            return f"contains the control character {c!r}; cron and systemd files are line-based"
+    return None
 
 
 def is_url(path: str) -> bool:
@@ -282,6 +295,10 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
                 problems.append(f"field '{key}' = {_shown(ok[key])}: only used with s3:// input or output")
     if "glob" in ok and not ok["glob"].strip():
         problems.append("field 'glob' = '': must not be empty (leave it out for the default)")
+    if path.name != "<job>":
+        why = line_unsafe(str(path.resolve()))
+        if why:
+            problems.append(f"the job file's path {why}; rename it (it is written into cron lines)")
     if problems:
         raise JobError(path, problems)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli.common import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
+from .cli.common import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCKED, EXIT_OK
 from .jobs import JobSpec
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,8 @@ def run_job(
     with job_lock(job.name, lock_dir, wait=wait, wait_timeout=wait_timeout):
         start = utcnow()
         t0 = time.monotonic()
-        outcome = _run_child(job, quiet=quiet, address=address)
+        outcome = _run_child(job, quiet=quiet, address=address,
+                             wait={"wait": True, "wait_timeout": wait_timeout} if wait else None)
         end = utcnow()
         record: dict[str, Any] = {
             "job": job.name,
@@ -249,7 +250,9 @@ def run_job(
         else:
             # No summary (the run failed, timed out or was interrupted): the counts are unknown.
             # Images finished before a timeout are kept, so 0 would be wrong: null instead.
-            code = EXIT_FAILED
+            # Another run (cron plus a manual one, or a job sharing the output) holds the output's
+            # lock: exit 4, like the job's own lock.
+            code = EXIT_LOCKED if outcome.get("status") == "locked" else EXIT_FAILED
             record.update(
                 status=outcome.get("status", "failed"),
                 exit_code=code,
@@ -276,10 +279,12 @@ def run_job(
         return JobResult(code, record)
 
 
-def _run_child(job: JobSpec, *, quiet: bool, address: str | None) -> dict[str, Any]:
+def _run_child(job: JobSpec, *, quiet: bool, address: str | None, wait: dict | None = None) -> dict[str, Any]:
     """Run the runner in a child process group; {"summary": ...} or {"status", "error"}."""
     kwargs = job.runner_kwargs()
     kwargs["quiet"] = quiet
+    if wait:
+        kwargs.update(wait)
     if address:
         kwargs["address"] = address
     with tempfile.TemporaryDirectory(prefix="batchmask-job-") as tmp:
@@ -343,12 +348,16 @@ def _child_main(argv: list[str]) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which records it
         from .inference import ModelNotFoundError
+        from .outlock import OutputLocked
         from .runner import RunError
-        from .storage import StorageError
+        from .storage import StorageError, redact_urls
 
+        if isinstance(exc, OutputLocked):
+            result_path.write_text(json.dumps({"status": "locked", "error": str(exc)}))
+            return EXIT_LOCKED
         if not isinstance(exc, (RunError, StorageError, ModelNotFoundError)):
             log.exception("the run failed")  # unexpected: keep the traceback in the log
-        result_path.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        result_path.write_text(json.dumps({"error": f"{type(exc).__name__}: {redact_urls(str(exc))}"}))
         return 1
 
 

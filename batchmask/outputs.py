@@ -38,6 +38,8 @@ COLUMNS = ["image", "width", "height", "face_pixels", "coverage", "faces", "mean
 COVERAGE = "coverage.csv"
 RUN_JSON = "run.json"
 PARTS = "_parts/"
+#: Suffix given to a part file that cannot be parsed (kept for inspection, never merged).
+UNREADABLE = ".unreadable"
 MASKS = "masks/"
 OVERLAYS = "overlays/"
 #: A connected face region counts in ``faces`` when its area is at least this many network
@@ -45,6 +47,9 @@ OVERLAYS = "overlays/"
 #: (and at least ``MIN_FACE_PIXELS``).
 MIN_FACE_NET_PIXELS = 4
 MIN_FACE_PIXELS = 16
+#: Error rows that older versions wrote for disk-full/permission/connection failures while
+#: writing a mask: not a property of the image, so they are always processed again.
+LEGACY_STORAGE_ERROR = "cannot write outputs"
 #: Default decompression-bomb guard: images with more pixels are error rows.
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -74,7 +79,9 @@ class MaskNames:
     def __init__(self, recorded: dict[str, str] | None = None) -> None:
         self._recorded = recorded or {}
         self._reserved = set(self._recorded.values())
-        self._taken: dict[str, str] = {}  # mask path -> group prefix that may still collide
+        for m in list(self._reserved):
+            self._reserved.update(_png_dirs(m))
+        self._taken: dict[str, str] = {}  # mask path (or folder) -> group prefix that may still collide
 
     def assign(self, rel: str) -> str:
         old = self._recorded.get(rel)
@@ -85,11 +92,25 @@ class MaskNames:
         group = posixpath.splitext(rel)[0] + "."
         cand = mask_rel(rel)
         k = 0
-        while cand in self._taken or cand in self._reserved:
+        while True:
+            clash = next((d for d in _png_dirs(cand) if d in self._taken or d in self._reserved), None)
+            if clash:  # a folder of this mask is another image's mask file ("q.png" and "q.png/r.jpg")
+                cand = clash + ".d" + cand[len(clash):]
+                continue
+            if cand not in self._taken and cand not in self._reserved:
+                break
             cand = MASKS + (rel if k == 0 else f"{rel}-{k}") + ".png"
             k += 1
         self._taken[cand] = group
+        for d in _png_dirs(cand):  # a later "q.tif" must not take "masks/q.png", a folder here
+            self._taken.setdefault(d, d[len(MASKS):-len(".png")] + ".")
         return cand
+
+
+def _png_dirs(mask: str) -> list[str]:
+    """The folders of a mask path that end in ``.png``: only these can clash with a mask file."""
+    parts = mask.split("/")
+    return [d for d in ("/".join(parts[:k]) for k in range(2, len(parts))) if d.endswith(".png")]
 
 
 def recorded_masks(records: dict[str, dict]) -> dict[str, str]:
@@ -216,11 +237,19 @@ def error_row(rel: str, error: str, width: int = 0, height: int = 0) -> dict:
 
 
 def rows_to_csv(rows) -> bytes:
+    """CSV with ``\n`` line ends; a row with a carriage return in a field is written fully quoted.
+
+    The csv module quotes a field only for the delimiter, the quote character or a character of
+    the line terminator, so a bare ``\r`` in an image name would be written unquoted and make the
+    file unreadable; such rows (rare) are written with every field quoted, which any CSV reader
+    reads back exactly. Other rows keep the minimal quoting.
+    """
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w_all = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", quoting=csv.QUOTE_ALL)
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        (w_all if any("\r" in str(v) for v in r.values()) else w).writerow(r)
     return buf.getvalue().encode("utf-8")
 
 
@@ -249,14 +278,31 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
         for r in csv_to_rows(out.read_bytes(COVERAGE), COVERAGE):
             records[r["image"]] = r
     parts = list_parts(out)
+    readable = []
     for p in parts:  # run ids sort chronologically
-        for r in csv_to_rows(out.read_bytes(p), p):
-            records[r["image"]] = r
-    return records, parts
+        data = out.read_bytes(p)
+        try:
+            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            # Never deleted: its masks exist and its rows may be recoverable by hand.
+            log.warning("%s: unreadable (%s); kept as %s%s, its images will be processed again",
+                        p, exc, p, UNREADABLE)
+            out.write_bytes(p + UNREADABLE, data)
+            out.delete(p)
+            continue
+        readable.append(p)
+        for r in rows:
+            if r.get("image") and r.get("status") in ("ok", "error"):
+                records[r["image"]] = r
+    return records, readable
 
 
 def merge_parts(out: Storage) -> dict[str, dict]:
-    """Fold part files into ``coverage.csv`` (one atomic write), then delete them."""
+    """Fold part files into ``coverage.csv`` (one atomic write), then delete them.
+
+    Read-modify-write: callers hold the output lock (:mod:`batchmask.outlock`), so two merges
+    never run at once on one output.
+    """
     records, parts = load_records(out)
     if parts or not out.exists(COVERAGE):
         out.write_bytes(COVERAGE, rows_to_csv(records[k] for k in sorted(records)))
@@ -270,6 +316,8 @@ def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False)
     masks = set(out.iter_files(MASKS)) if any(r["status"] == "ok" for r in records.values()) else set()
     done = set()
     for k, r in records.items():
-        if r["status"] == "ok" and r["mask"] in masks or r["status"] == "error" and not retry_errors:
+        if r["status"] == "ok" and r["mask"] in masks or (
+            r["status"] == "error" and not retry_errors and not r.get("error", "").startswith(LEGACY_STORAGE_ERROR)
+        ):
             done.add(k)
     return done

@@ -26,6 +26,8 @@ from itertools import islice
 from . import __version__
 from .data import IMAGE_EXTENSIONS
 from .inference import META_FILE, MODEL_FILE, read_meta, resolve_model_dir
+from .modelcheck import check_model
+from .outlock import OutputLock
 from .outputs import (
     DEFAULT_MAX_PIXELS,
     RUN_JSON,
@@ -37,6 +39,7 @@ from .outputs import (
     recorded_masks,
     rows_to_csv,
 )
+from .quiet import ray_output_hidden
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, MaskWorker, WorkerOptions
 
@@ -57,6 +60,9 @@ ACTOR_MAX_RESTARTS = 10
 REVIVE_TRIES = 3
 ACTOR_START_TIMEOUT_S = float(os.environ.get("BATCHMASK_ACTOR_START_TIMEOUT", "600"))
 DEFAULT_SHARD_SIZE = 32
+#: A shard whose actor returns nothing for this long (no result, no progress) is stopped (the
+#: actor is killed and restarted by Ray) and tried again; twice in a row fails the run.
+DEFAULT_SHARD_TIMEOUT_S = float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300"))
 
 
 class RunError(RuntimeError):
@@ -131,18 +137,24 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         overlays: bool = False, overwrite: bool = False, address: str | None = None,
         shared_fs: bool = False, quiet: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
         shard_size: int = DEFAULT_SHARD_SIZE, storage_options: dict | None = None,
-        retry_errors: bool = False, draft: bool = True) -> RunSummary:
+        retry_errors: bool = False, draft: bool = True, wait: bool = False, wait_timeout: float | None = None,
+        shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S) -> RunSummary:
     """Predict masks for every image under ``input``; write masks, coverage.csv and run.json to ``output``.
 
     Returns a :class:`RunSummary` (exit code 0 when every image processed in this run is ok, 3
     when some failed); raises :class:`RunError`, :class:`~batchmask.storage.StorageError` or
     :class:`~batchmask.inference.ModelNotFoundError` when the run cannot be done, and
-    ``KeyboardInterrupt`` when interrupted (after saving what was finished).
+    ``KeyboardInterrupt`` when interrupted (after saving what was finished). The model is checked
+    (:func:`~batchmask.modelcheck.check_model`) before anything is written; the output's lock
+    (:mod:`batchmask.outlock`) is held from the first merge to run.json, and
+    :class:`~batchmask.outlock.OutputLocked` raised when another run holds it (unless ``wait``).
     """
     if workers < 1 or batch_size < 1 or shard_size < 1 or max_pixels < 1:
         raise RunError("--workers, --batch-size, --shard-size and --max-pixels must be at least 1")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise RunError(f"--threshold must be between 0 and 1, got {threshold}")
+    if shard_timeout <= 0:
+        raise RunError("--shard-timeout must be more than 0 seconds")
     t0 = time.time()
     started = _now()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + f"{int(t0 * 1e6) % 1_000_000:06d}-{uuid.uuid4().hex[:6]}"
@@ -155,11 +167,19 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         raise RunError("--output must not be the same location as --input")
     inp.check_input()
     model_dir = resolve_model_dir(model)
+    check_model(model_dir)  # a corrupt or mismatched model: one line, before anything is written
     out.ensure_root()
-    records = merge_parts(out)  # leftovers of an interrupted run first
-    done = set() if overwrite else done_set(out, records, retry_errors)
-    recorded = recorded_masks(records)  # an image keeps its mask path; no new image takes one
-    del records
+    if not inp.remote and not out.remote:
+        inp.exclude_dir(out.root)  # the output, also where a symlink inside the input leads to it
+    lock = OutputLock(out).acquire(wait=wait, wait_timeout=wait_timeout)
+    try:
+        records = merge_parts(out)  # leftovers of an interrupted run first
+        done = set() if overwrite else done_set(out, records, retry_errors)
+        recorded = recorded_masks(records)  # an image keeps its mask path; no new image takes one
+        del records
+    except BaseException:
+        lock.release()
+        raise
 
     driver_rows: list[dict] = []
     st = {"total": 0, "skipped": 0, "ok": 0, "failed": 0, "listed_all": False, "retried_shards": 0,
@@ -191,10 +211,10 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
 
     items = pending()
     shards = iter(lambda: list(islice(items, shard_size)), [])
-    first = next(shards, None)
+    first = None
     opts = {"workers": workers, "batch_size": batch_size, "shard_size": shard_size, "glob": glob,
             "threshold": threshold, "overlays": overlays, "overwrite": overwrite, "retry_errors": retry_errors,
-            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft}
+            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft, "shard_timeout": shard_timeout}
     info: dict = {"format_version": 1, "run_id": run_id, "input": in_spec.public(), "output": out_spec.public(),
                   "model": {"path": str(model_dir)}, "options": opts, "versions": _versions(), "start": started}
     try:
@@ -205,20 +225,25 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         pass
     interrupted = failed_run = False
     try:
+        first = next(shards, None)  # the listing starts here: its failure is recorded in run.json too
         if first is not None:
-            _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
-                     threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft)
+            with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
+                _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
+                         threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft)
     except KeyboardInterrupt:
         interrupted = True
         raise
-    except BaseException:
+    except BaseException as exc:
         failed_run = True
+        info["error"] = f"{type(exc).__name__}: {redact_urls(str(exc)).strip()}"[:1000]
         raise
     finally:
-        if driver_rows:
-            out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
-        if first is not None or driver_rows:  # else no part files: coverage.csv is already merged
-            merge_parts(out)
+        try:
+            _save_rows(out, run_id, driver_rows, first is not None or bool(driver_rows),
+                       interrupted or failed_run, info)
+        except BaseException:
+            lock.release()
+            raise
         wall = time.time() - t0
         processed = st["ok"] + st["failed"]
         code = EXIT_IMAGES_FAILED if st["failed"] else EXIT_OK
@@ -226,11 +251,39 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
             code = EXIT_FAILED
         info.update({"end": _now(), "wall_s": round(wall, 3), "interrupted": interrupted,
                      "counts": {k: st[k] for k in ("total", "skipped", "ok", "failed", "retried_shards")},
-                     "listing_complete": st["listed_all"] or first is None, "exit_code": code})
+                     "listing_complete": st["listed_all"] or (first is None and not failed_run),
+                     "exit_code": code})
         info.setdefault("throughput", {})["images_per_s"] = round(processed / wall, 3) if wall > 0 else 0.0
-        out.write_bytes(RUN_JSON, (json.dumps(info, indent=2, default=str) + "\n").encode())
+        try:
+            _write_run_json(out, info, interrupted or failed_run)
+        finally:
+            lock.release()
     return RunSummary(st["total"], st["ok"], st["failed"], st["skipped"], round(wall, 3),
                       info["throughput"]["images_per_s"], code, output, info)
+
+
+def _save_rows(out: Storage, run_id: str, driver_rows: list[dict], merge: bool, failing: bool, info: dict) -> None:
+    """Write the driver's rows and merge part files; when the run is already failing (e.g. the
+    storage went away), a failure here is logged and recorded instead of hiding the first one."""
+    try:
+        if driver_rows:
+            out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
+        if merge:  # else no part files: coverage.csv is already merged
+            merge_parts(out)
+    except Exception as exc:
+        if not failing:
+            raise
+        info["merge_error"] = redact_urls(str(exc))[:500]
+        log.warning("could not merge the finished rows (%s); the next run merges them", redact_urls(str(exc)))
+
+
+def _write_run_json(out: Storage, info: dict, failing: bool) -> None:
+    try:
+        out.write_bytes(RUN_JSON, (json.dumps(info, indent=2, default=str) + "\n").encode())
+    except Exception as exc:
+        if not failing:
+            raise
+        log.warning("could not write %s: %s", RUN_JSON, redact_urls(str(exc)))
 
 
 def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Storage, model_dir, workers,
@@ -319,6 +372,9 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     t_all_ready = None
     last_progress = t0
     start_errors: list[str] = []
+    shard_timeout = float(info["options"].get("shard_timeout") or DEFAULT_SHARD_TIMEOUT_S)
+    progress: dict[int, float] = {}  # actor index -> last time it started work or returned a result
+    stalled: set[int] = set()  # actors killed because their shard made no progress
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run")
 
     def new_id() -> int:
@@ -348,6 +404,8 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                     if job is None:
                         return
                     sid, items, attempt = job
+                if not inflight[i]:
+                    progress[i] = time.time()
                 tasks[actors[i].process.remote(sid, items)] = (i, sid, items, attempt)
                 inflight[i] += 1
 
@@ -369,6 +427,12 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                     raise RunError("all workers died; rerun to continue (finished images are kept): "
                                    + "; ".join(start_errors[-2:]))
                 raise RunError("no worker could start: " + "; ".join(start_errors[:3]))
+            for i in ready:  # bounded time: a shard that returns nothing for shard_timeout is stopped
+                if inflight[i] and i not in stalled and time.time() - progress.get(i, time.time()) > shard_timeout:
+                    log.warning("worker %d made no progress for %.0f s; restarting it and retrying its shards "
+                                "(--shard-timeout)", i, shard_timeout)
+                    stalled.add(i)
+                    ray.kill(actors[i], no_restart=False)
             waiting = list(tasks) + list(starting)
             done_refs, _ = ray.wait(waiting, num_returns=1, timeout=5.0)
             if not done_refs:
@@ -415,12 +479,20 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                 continue
             i, sid, items, attempt = tasks.pop(ref)
             inflight[i] -= 1
+            progress[i] = time.time()
+            timed_out = i in stalled
+            if timed_out and not inflight[i]:
+                stalled.discard(i)
             if attempt > 1:
                 alone.discard(i)
             try:
                 r = ray.get(ref)
             except RayError as exc:
                 dead = isinstance(exc, RayActorError)
+                if timed_out and attempt >= MAX_SHARD_ATTEMPTS:  # not the image's fault: fail the run
+                    raise RunError(f"shard {sid} made no progress for {shard_timeout:.0f} s, {attempt} times; is the "
+                                   "storage reachable? (finished images are kept; raise --shard-timeout for "
+                                   "very slow images)") from exc
                 log.warning("shard %d (%d images, attempt %d) failed on worker %d: %s", sid, len(items), attempt,
                             i, last_line(exc, 200))
                 if dead and i in ready:  # Ray restarts it; it gets work again once ready() answers

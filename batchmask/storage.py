@@ -36,6 +36,16 @@ class StorageError(OSError):
     """A storage location cannot be used (bad URL, unreachable endpoint, missing bucket)."""
 
 
+#: S3 client limits (botocore): seconds to connect, seconds a socket read may stall, attempts per
+#: request; s3fs retries a timed-out request ``S3FS_RETRIES`` times in all. Together they bound a
+#: call to a stalled endpoint to about 2 minutes instead of hanging. ``storage_options``
+#: (``config_kwargs``) may override the botocore values.
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 20
+S3_MAX_ATTEMPTS = 2
+S3FS_RETRIES = 3
+
+
 class UnsafePathError(ValueError):
     """A relative path that would read or write outside the storage root."""
 
@@ -50,7 +60,10 @@ def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
 
 def check_rel(rel: str) -> str:
     """Return ``rel`` if it is a safe relative POSIX path, else raise :class:`UnsafePathError`."""
-    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or (len(rel) > 1 and rel[1] == ":"):
+    # A drive letter ("c:/x.jpg") only means something on Windows; on POSIX and in S3 keys it
+    # is an ordinary name.
+    drive = os.name == "nt" and len(rel) > 1 and rel[1] == ":"
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or drive:
         raise UnsafePathError(f"refusing unsafe path {rel!r} (absolute or malformed)")
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -140,7 +153,15 @@ class Storage:
 
             proto = url.split("://", 1)[0]
             opts = dict(spec.storage_options or {})
+            if "@" in urlsplit(url).netloc:  # s3fs would take "KEY:SECRET@bucket" as the bucket name
+                raise StorageError(f"{self._where()}: credentials in the URL are not supported; use "
+                                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
             if proto in ("s3", "s3a"):
+                cfg = dict(opts.get("config_kwargs") or {})
+                cfg.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+                cfg.setdefault("read_timeout", S3_READ_TIMEOUT_S)
+                cfg.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+                opts["config_kwargs"] = cfg
                 endpoint = resolve_endpoint(spec.endpoint_url)
                 if endpoint:
                     ck = dict(opts.get("client_kwargs") or {})
@@ -151,6 +172,8 @@ class Storage:
                 self.fs, root = fsspec.core.url_to_fs(url, **opts)
             except Exception as exc:  # unknown protocol, missing s3fs, bad options
                 raise StorageError(f"{self._where()}: cannot open storage ({_redact(exc)})") from exc
+            if hasattr(self.fs, "retries"):
+                self.fs.retries = S3FS_RETRIES
             self.root = root.rstrip("/")
             if not self.root:
                 raise StorageError(f"{spec.url}: no bucket in URL")
@@ -158,6 +181,7 @@ class Storage:
             self.fs = None
             path = url[len("file://") :] if url.startswith("file://") else url
             self.root = os.path.abspath(os.path.expanduser(path))
+        self._exclude: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders never listed
 
     def _where(self) -> str:
         return strip_userinfo(self.spec.url) or ""
@@ -175,8 +199,9 @@ class Storage:
         if self.remote != other.remote:
             return None
         a, b = self.root.rstrip("/") + "/", other.root.rstrip("/") + "/"
-        if not self.remote:
-            a, b = self.root.rstrip(os.sep) + os.sep, other.root.rstrip(os.sep) + os.sep
+        if not self.remote:  # real paths: a symlinked input or output is still recognised
+            a = os.path.realpath(self.root).rstrip(os.sep) + os.sep
+            b = os.path.realpath(other.root).rstrip(os.sep) + os.sep
         if b.startswith(a) and b != a:
             return b[len(a) :].replace(os.sep, "/")
         return "" if a == b else None
@@ -195,9 +220,16 @@ class Storage:
                         os.scandir(start).close()
                     except OSError as exc:
                         raise StorageError(f"{self._where()}: cannot list ({exc.strerror or exc})") from exc
-                yield from _walk_sorted(start, base, frozenset())
+                yield from _walk_sorted(start, base, frozenset(), frozenset(self._exclude))
             elif not prefix:
                 self.check_input()
+
+    def exclude_dir(self, path: str) -> None:
+        """Never list the folder ``path`` (local), wherever it appears: the output, when a symlink
+        inside the input leads to it."""
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            self._exclude.add((st.st_dev, st.st_ino))
 
     def check_input(self) -> None:
         """Raise :class:`StorageError` unless the root can be an input: an existing folder (local),
@@ -243,21 +275,34 @@ class Storage:
             token = page.get("NextContinuationToken")
 
     # ------------------------------------------------------------ read/write
+    @contextlib.contextmanager
+    def _remote_errors(self, what: str, rel: str) -> Iterator[None]:
+        """botocore/aiohttp errors (not OSErrors: endpoint unreachable, timeouts) as StorageError."""
+        try:
+            yield
+        except (OSError, UnsafePathError):
+            raise
+        except Exception as exc:
+            raise StorageError(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})") from exc
+
     def read_bytes(self, rel: str) -> bytes:
         if self.remote:
-            return self.fs.cat_file(self.full(rel))
+            with self._remote_errors("read", rel):
+                return self.fs.cat_file(self.full(rel))
         with open(self.full(rel), "rb") as f:
             return f.read()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic write: temp file + rename locally, a single PUT on S3."""
         if self.remote:
-            self.fs.pipe_file(self.full(rel), data)
+            with self._remote_errors("write", rel):
+                self.fs.pipe_file(self.full(rel), data)
             return
         path = self.full(rel)
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        # Short and fixed-length: a name of up to 255 bytes still leaves room for it (NAME_MAX).
+        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:16]}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -269,13 +314,15 @@ class Storage:
 
     def exists(self, rel: str) -> bool:
         if self.remote:
-            return self.fs.exists(self.full(rel))
+            with self._remote_errors("check", rel):
+                return self.fs.exists(self.full(rel))
         return os.path.exists(self.full(rel))
 
     def delete(self, rel: str) -> None:
         with contextlib.suppress(OSError):
             if self.remote:
-                self.fs.rm_file(self.full(rel))
+                with self._remote_errors("delete", rel):
+                    self.fs.rm_file(self.full(rel))
             else:
                 os.unlink(self.full(rel))
 
@@ -298,7 +345,7 @@ class Storage:
             raise StorageError(f"{self._where()}: cannot reach storage ({_redact(exc)})") from exc
 
 
-def _walk_sorted(path: str, base: str, ancestors: frozenset) -> Iterator[str]:
+def _walk_sorted(path: str, base: str, ancestors: frozenset, exclude: frozenset = frozenset()) -> Iterator[str]:
     """Depth-first walk in code point order of the full relative path.
 
     Sorting a folder's entries by ``name`` for files and ``name + "/"`` for folders yields the
@@ -310,6 +357,9 @@ def _walk_sorted(path: str, base: str, ancestors: frozenset) -> Iterator[str]:
         key = (st.st_dev, st.st_ino)
         if key in ancestors:
             log.warning("skipping %s: symlink cycle", path)
+            return
+        if key in exclude:
+            log.info("skipping %s: it is the output folder", path)
             return
         ancestors = ancestors | {key}
         with os.scandir(path) as it:
@@ -326,7 +376,7 @@ def _walk_sorted(path: str, base: str, ancestors: frozenset) -> Iterator[str]:
     entries.sort()
     for key, is_dir in entries:
         if is_dir:
-            yield from _walk_sorted(os.path.join(path, key[:-1]), base + key, ancestors)
+            yield from _walk_sorted(os.path.join(path, key[:-1]), base + key, ancestors, exclude)
         elif not key.startswith(".tmp-"):
             yield base + key
 

@@ -152,8 +152,10 @@ class MaskWorker:
             self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
                 self.out.write_bytes(overlay_rel(d.rel), encode_overlay(self.inp.read_bytes(d.rel), m, d.rel))
-        except Exception as exc:  # a write failure or an image too big for memory: one error row
-            return error_row(d.rel, f"cannot write outputs ({type(exc).__name__}: {exc})", d.width, d.height)
+        except (MemoryError, ValueError, DataError) as exc:  # the image's own problem (too big for memory)
+            return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
+        # Anything else (disk full, permission denied, storage unreachable) is the run's problem, not
+        # the image's: it fails the shard, and then the run, and the image is done next time.
         return ok_row(d.rel, d.mask, d.width, d.height, face_pixels, faces, conf)
 
     # ------------------------------------------------------------------ per shard

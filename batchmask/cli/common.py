@@ -15,7 +15,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command could not do its work (bad input data, missing model, crash)
 EXIT_USAGE = 2  # bad command-line usage (click's own code)
 EXIT_IMAGES_FAILED = 3  # `run`: finished, but some images could not be processed
-EXIT_LOCKED = 4  # `jobs run`: another run of the same job holds the lock
+EXIT_LOCKED = 4  # `run`/`jobs run`: another run holds the output's (or the job's) lock
 
 
 def setup_logging(verbose: int = 0) -> None:

@@ -212,7 +212,12 @@ def crontab_cmd(
         who = None if no_user else (user or getpass.getuser())
         logs = os.path.abspath(log_dir) if log_dir else str(default_log_dir())
         srcs = [os.path.abspath(p) for p in paths]
-        click.echo(render_crontab(jobs, batchmask=exe, log_dir=logs, user=who, lock_dir=lock_abs, sources=srcs), nl=False)
+        try:
+            text = render_crontab(jobs, batchmask=exe, log_dir=logs, user=who, lock_dir=lock_abs, sources=srcs)
+        except ValueError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+        click.echo(text, nl=False)
         return
     try:
         units = render_systemd(jobs, batchmask=exe, user=None if no_user else user, lock_dir=lock_abs)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .common import EXIT_FAILED
+from .common import EXIT_FAILED, EXIT_LOCKED
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +39,36 @@ log = logging.getLogger(__name__)
 @click.option("--shard-size", default=None, type=click.IntRange(min=1),
               help="Images per unit of work handed to an actor [default: 32].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line (for cron).")
+@click.option("--wait", is_flag=True, help="If another run holds the output's lock, wait for it instead of exiting 4.")
+@click.option("--wait-timeout", default=None, type=click.FloatRange(min=0), metavar="S",
+              help="With --wait: give up (exit 4) after S seconds.")
+@click.option("--shard-timeout", default=None, type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="A shard that makes no progress for S seconds is stopped and retried; twice fails the run "
+                   "[default: 300].")
 def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_size: int, glob: str | None,
             endpoint_url: str | None, threshold: float | None, overlays: bool, overwrite: bool,
             retry_errors: bool, address: str | None, shared_fs: bool, max_pixels: int | None,
-            shard_size: int | None, quiet: bool) -> None:
+            shard_size: int | None, quiet: bool, wait: bool = False, wait_timeout: float | None = None,
+            shard_timeout: float | None = None) -> None:
     """Predict face masks for every image under --input and write them to --output.
 
-    Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed.
+    Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed,
+    4 another run holds the output's lock.
     """
     from ..inference import ModelNotFoundError
+    from ..outlock import OutputLocked
     from ..runner import RunError, run
+    from ..storage import redact_urls
 
     kwargs = {}
     if max_pixels is not None:
         kwargs["max_pixels"] = max_pixels
     if shard_size is not None:
         kwargs["shard_size"] = shard_size
+    if shard_timeout is not None:
+        kwargs["shard_timeout"] = shard_timeout
+    if wait:
+        kwargs.update(wait=True, wait_timeout=wait_timeout)
     try:
         summary = run(input_, output, model, workers=workers, batch_size=batch_size, glob=glob,
                       endpoint_url=endpoint_url, threshold=threshold, overlays=overlays, overwrite=overwrite,
@@ -62,8 +76,15 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
     except KeyboardInterrupt:
         click.echo("Interrupted: finished images are saved; run the same command again to continue.", err=True)
         sys.exit(EXIT_FAILED)
+    except OutputLocked as exc:
+        click.echo(f"batchmask: {exc}; exit {EXIT_LOCKED}", err=True)
+        sys.exit(EXIT_LOCKED)
     except (RunError, ModelNotFoundError, OSError) as exc:  # StorageError is an OSError
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {redact_urls(str(exc))}", err=True)
+        sys.exit(EXIT_FAILED)
+    except Exception as exc:  # unexpected: still one line (the traceback with -v)
+        log.debug("the run failed", exc_info=True)
+        click.echo(f"Error: {type(exc).__name__}: {(redact_urls(str(exc)).strip().splitlines() or [''])[-1]}", err=True)
         sys.exit(EXIT_FAILED)
     if not quiet:
         click.echo(summary.line(), err=True)
