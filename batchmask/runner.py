@@ -21,11 +21,10 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 
 from . import __version__
 from .data import IMAGE_EXTENSIONS
-from .inference import META_FILE, MODEL_FILE, read_meta, resolve_model_dir
+from .inference import read_meta, resolve_model_dir
 from .outputs import (
     DEFAULT_MAX_PIXELS,
     RUN_JSON,
@@ -36,6 +35,13 @@ from .outputs import (
     part_name,
     recorded_masks,
     rows_to_csv,
+)
+from .runplan import (
+    DEFAULT_IN_PROCESS_MAX,
+    execute_in_process,
+    in_process_reason,
+    plan_shards,
+    prepare_model_files,
 )
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, MaskWorker, WorkerOptions
@@ -57,6 +63,9 @@ ACTOR_MAX_RESTARTS = 10
 REVIVE_TRIES = 3
 ACTOR_START_TIMEOUT_S = float(os.environ.get("BATCHMASK_ACTOR_START_TIMEOUT", "600"))
 DEFAULT_SHARD_SIZE = 32
+#: An actor gets a second shard only once every starting actor has one, or this long after the
+#: first actor was ready (an actor that cannot be placed must not hold the others back).
+BALANCE_WAIT_S = 60.0
 
 
 class RunError(RuntimeError):
@@ -131,18 +140,31 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         overlays: bool = False, overwrite: bool = False, address: str | None = None,
         shared_fs: bool = False, quiet: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
         shard_size: int = DEFAULT_SHARD_SIZE, storage_options: dict | None = None,
-        retry_errors: bool = False, draft: bool = True) -> RunSummary:
+        retry_errors: bool = False, draft: bool = True, runtime: str = "auto", gpus_per_worker: float = 0.0,
+        in_process_max: int = DEFAULT_IN_PROCESS_MAX) -> RunSummary:
     """Predict masks for every image under ``input``; write masks, coverage.csv and run.json to ``output``.
 
     Returns a :class:`RunSummary` (exit code 0 when every image processed in this run is ok, 3
     when some failed); raises :class:`RunError`, :class:`~batchmask.storage.StorageError` or
     :class:`~batchmask.inference.ModelNotFoundError` when the run cannot be done, and
     ``KeyboardInterrupt`` when interrupted (after saving what was finished).
+
+    ``runtime``: "auto" (ONNX Runtime when installed, else Keras), "keras" or "onnx";
+    ``gpus_per_worker``: GPUs Ray gives each actor (fractions share a card); runs with at most
+    ``in_process_max`` images to do are processed in this process, without Ray (0: always Ray).
     """
     if workers < 1 or batch_size < 1 or shard_size < 1 or max_pixels < 1:
         raise RunError("--workers, --batch-size, --shard-size and --max-pixels must be at least 1")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise RunError(f"--threshold must be between 0 and 1, got {threshold}")
+    if gpus_per_worker < 0 or in_process_max < 0:
+        raise RunError("--gpus-per-worker and --in-process-max must not be negative")
+    from .runtime import RuntimeUnavailableError, check_runtime
+
+    try:
+        check_runtime(runtime)
+    except (ValueError, RuntimeUnavailableError) as exc:
+        raise RunError(str(exc)) from exc
     t0 = time.time()
     started = _now()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + f"{int(t0 * 1e6) % 1_000_000:06d}-{uuid.uuid4().hex[:6]}"
@@ -190,11 +212,12 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         st["listed_all"] = True
 
     items = pending()
-    shards = iter(lambda: list(islice(items, shard_size)), [])
+    shards, n_todo, planned_shard = plan_shards(items, st, workers, batch_size, shard_size, INFLIGHT_PER_ACTOR)
     first = next(shards, None)
     opts = {"workers": workers, "batch_size": batch_size, "shard_size": shard_size, "glob": glob,
             "threshold": threshold, "overlays": overlays, "overwrite": overwrite, "retry_errors": retry_errors,
-            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft}
+            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft, "runtime": runtime,
+            "gpus_per_worker": gpus_per_worker, "in_process_max": in_process_max}
     info: dict = {"format_version": 1, "run_id": run_id, "input": in_spec.public(), "output": out_spec.public(),
                   "model": {"path": str(model_dir)}, "options": opts, "versions": _versions(), "start": started}
     try:
@@ -206,8 +229,21 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
     interrupted = failed_run = False
     try:
         if first is not None:
-            _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
-                     threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft)
+            files, info["runtime"] = prepare_model_files(model_dir, runtime)
+            wopts = WorkerOptions(batch_size=batch_size, threshold=threshold, overlays=overlays,
+                                  max_pixels=max_pixels, run_id=run_id, draft=draft, runtime=runtime,
+                                  gpus=gpus_per_worker)
+            why_ray = in_process_reason(n_todo, in_process_max, gpus_per_worker, address)
+            info["plan"] = {"images_to_do": n_todo, "shard_size": planned_shard,
+                            "mode": "ray" if why_ray else "in-process", "why_ray": why_ray}
+            if why_ray is None:
+                log.info("%d images to do (<= --in-process-max %d): processing them here, without Ray",
+                         n_todo, in_process_max)
+                execute_in_process(first, shards, st, info, in_spec, out_spec, files, wopts, quiet)
+            else:
+                _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
+                         threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft,
+                         files=files, wopts=wopts)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -215,6 +251,8 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         failed_run = True
         raise
     finally:
+        if "runtime" in info:
+            _runtime_used(info)
         if driver_rows:
             out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
         if first is not None or driver_rows:  # else no part files: coverage.csv is already merged
@@ -234,7 +272,8 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
 
 
 def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Storage, model_dir, workers,
-             batch_size, threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft) -> None:
+             batch_size, threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft, *,
+             files: dict[str, bytes], wopts: WorkerOptions) -> None:
     import ray
 
     t0 = time.time()
@@ -251,12 +290,14 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
                            "workers on other nodes cannot see; use s3:// URLs, or --shared-fs if every node "
                            "mounts it at the same path")
         node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+        cluster_gpus = sum(float(n["Resources"].get("GPU", 0)) for n in nodes)
+        if wopts.gpus > cluster_gpus:
+            raise RunError(f"--gpus-per-worker {wopts.gpus:g}, but the Ray cluster has {cluster_gpus:g} GPUs")
         per, threads = _plan_cpus(workers, node_cpus)
         if per < 1:
             log.warning("%d workers > %g CPUs in the cluster: each actor gets %.2f CPU (fractional) and 1 thread",
                         workers, sum(node_cpus), per)
         log.info("starting %d actors, %g CPU and %d TF threads each, on %d node(s)", workers, per, threads, len(nodes))
-        files = {n: (model_dir / n).read_bytes() for n in (MODEL_FILE, META_FILE)}
         blob = ray.put(files)
         env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
                "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
@@ -266,15 +307,15 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
             if os.environ.get(hook):
                 env[hook] = os.environ[hook]
         remote_cls = ray.remote(MaskWorker).options(
-            num_cpus=per, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0,
+            num_cpus=per, num_gpus=wopts.gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0,
             scheduling_strategy="SPREAD", runtime_env={"env_vars": env})
-        wopts = WorkerOptions(batch_size=batch_size, threshold=threshold, overlays=overlays, max_pixels=max_pixels,
-                              threads=threads, run_id=run_id, draft=draft)
+        wopts.threads = threads
         # The ref goes inside a list: the actor fetches it itself, and the driver keeps it alive
         # for restarts (a top-level ref argument makes Ray warn about restartability).
         actors = [remote_cls.remote([blob], in_spec, out_spec, wopts) for _ in range(workers)]
         info["ray"] = {"nodes": len(nodes), "cluster_cpus": sum(node_cpus), "cpus_per_actor": per,
-                       "threads_per_actor": threads, "owns_cluster": owns_ray}
+                       "threads_per_actor": threads, "owns_cluster": owns_ray, "gpus_per_actor": wopts.gpus,
+                       "cluster_gpus": cluster_gpus}
         _dispatch(actors, first, shards, st, info, quiet, t0)
     finally:
         for a in actors:
@@ -320,6 +361,15 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     last_progress = t0
     start_errors: list[str] = []
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run")
+    given = dict.fromkeys(range(len(actors)), 0)  # shards handed to each actor
+    first_ready = [0.0]
+
+    def others_first(i: int) -> bool:
+        """Actor i has work while another live actor has none yet: it waits (see BALANCE_WAIT_S)."""
+        if not given[i] or time.time() - first_ready[0] > BALANCE_WAIT_S:
+            return False
+        live = set(ready) | set(starting.values())
+        return any(not given[j] for j in live if j != i)
 
     def new_id() -> int:
         next_id[0] += 1
@@ -344,12 +394,15 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                     sid, items, attempt = retry.popleft()
                     alone.add(i)
                 else:
+                    if others_first(i):
+                        break
                     job = next_new()
                     if job is None:
                         return
                     sid, items, attempt = job
                 tasks[actors[i].process.remote(sid, items)] = (i, sid, items, attempt)
                 inflight[i] += 1
+                given[i] += 1
 
     def last_line(exc, n=300) -> str:
         text = redact_urls(str(exc)).strip()
@@ -403,12 +456,14 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                 restarting_since.pop(i, None)
                 if i not in ready:
                     ready.append(i)
+                    first_ready[0] = first_ready[0] or time.time()
                 if i in per_actor:  # restarted after a death
                     if r["pid"] not in per_actor[i]["pids"]:
                         per_actor[i]["pids"].append(r["pid"])
                 else:
                     per_actor[i] = {"actor": i, "node_id": r["node_id"], "pids": [r["pid"]],
                                     "startup_s": round(r["startup_s"], 2), "images": 0, "peak_rss_mb": r["peak_rss_mb"]}
+                    per_actor[i].update({k: r[k] for k in _DEVICE_KEYS if k in r})
                 if not starting and t_all_ready is None:
                     t_all_ready = time.time()
                     info.setdefault("throughput", {})["startup_s"] = round(t_all_ready - t0, 2)
@@ -462,6 +517,19 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
         info["actors"] = [per_actor[k] for k in sorted(per_actor)]
         info["nodes_used"] = sorted({a["node_id"] for a in per_actor.values() if a.get("images")})
         info.setdefault("throughput", {})["steady_images_per_s"] = _steady_rate(windows, t_all_ready)
+
+
+_DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
+
+
+def _runtime_used(info: dict) -> None:
+    """run.json's runtime.used / runtime.version: what the actors (or the driver) predicted with."""
+    rows = info.get("actors") or []
+    used = sorted({a["runtime"] for a in rows if a.get("runtime")})
+    versions = sorted({a["runtime_version"] for a in rows if a.get("runtime_version")})
+    rt = info.setdefault("runtime", {})
+    rt["used"] = used[0] if len(used) == 1 else (used or None)
+    rt["version"] = versions[0] if len(versions) == 1 else (versions or None)
 
 
 def _fail_shard(sid, items, st, info, exc) -> None:
