@@ -43,6 +43,9 @@ CRASH_ENV = "BATCHMASK_TEST_CRASH_AFTER"
 CRASH_ON_ENV = "BATCHMASK_TEST_CRASH_ON"
 #: Test hook: seconds to sleep before each shard (lets the interrupt test stop a run midway).
 DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
+#: Test hook: "S:/path/marker": the first actor to create the marker starts S seconds late (the
+#: balancing test needs one slow actor). Tests only.
+START_DELAY_ENV = "BATCHMASK_TEST_START_DELAY"
 
 
 @dataclass
@@ -102,6 +105,18 @@ def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
         return load_model(d, runtime="keras")
 
 
+def _maybe_start_late() -> None:
+    spec = os.environ.get(START_DELAY_ENV)
+    if not spec:
+        return
+    seconds, _, marker = spec.partition(":")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    time.sleep(float(seconds))
+
+
 def _in_ray() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
@@ -133,6 +148,7 @@ class MaskWorker:
             import ray
 
             model_files = ray.get(model_files[0])
+        _maybe_start_late()
         _set_threads(opts.threads, tf_too=False)
         set_pixel_limit(opts.max_pixels)
         self.model = _load_worker_model(model_files, opts)
