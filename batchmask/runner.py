@@ -38,10 +38,12 @@ from .outputs import (
 )
 from .runplan import (
     DEFAULT_IN_PROCESS_MAX,
+    DEVICE_KEYS,
     execute_in_process,
     in_process_reason,
     plan_shards,
     prepare_model_files,
+    runtime_used,
 )
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
@@ -129,7 +131,8 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     v = {"batchmask": __version__, "python": platform.python_version()}
-    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec"):
+    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec", "onnxruntime",
+                 "onnxruntime-gpu"):
         with contextlib.suppress(PackageNotFoundError):
             v[dist] = version(dist)
     return v
@@ -252,7 +255,7 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         raise
     finally:
         if "runtime" in info:
-            _runtime_used(info)
+            runtime_used(info)
         if driver_rows:
             out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
         if first is not None or driver_rows:  # else no part files: coverage.csv is already merged
@@ -463,7 +466,7 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                 else:
                     per_actor[i] = {"actor": i, "node_id": r["node_id"], "pids": [r["pid"]],
                                     "startup_s": round(r["startup_s"], 2), "images": 0, "peak_rss_mb": r["peak_rss_mb"]}
-                    per_actor[i].update({k: r[k] for k in _DEVICE_KEYS if k in r})
+                    per_actor[i].update({k: r[k] for k in DEVICE_KEYS if k in r})
                 if not starting and t_all_ready is None:
                     t_all_ready = time.time()
                     info.setdefault("throughput", {})["startup_s"] = round(t_all_ready - t0, 2)
@@ -517,19 +520,6 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
         info["actors"] = [per_actor[k] for k in sorted(per_actor)]
         info["nodes_used"] = sorted({a["node_id"] for a in per_actor.values() if a.get("images")})
         info.setdefault("throughput", {})["steady_images_per_s"] = _steady_rate(windows, t_all_ready)
-
-
-_DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
-
-
-def _runtime_used(info: dict) -> None:
-    """run.json's runtime.used / runtime.version: what the actors (or the driver) predicted with."""
-    rows = info.get("actors") or []
-    used = sorted({a["runtime"] for a in rows if a.get("runtime")})
-    versions = sorted({a["runtime_version"] for a in rows if a.get("runtime_version")})
-    rt = info.setdefault("runtime", {})
-    rt["used"] = used[0] if len(used) == 1 else (used or None)
-    rt["version"] = versions[0] if len(versions) == 1 else (versions or None)
 
 
 def _fail_shard(sid, items, st, info, exc) -> None:

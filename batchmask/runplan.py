@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from itertools import chain, islice
@@ -50,6 +52,19 @@ def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict
         else:
             info["onnx"] = {"export_failed": True}
     return files, info
+
+
+DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
+
+
+def runtime_used(info: dict) -> None:
+    """run.json's runtime.used / runtime.version: what the actors (or the driver) predicted with."""
+    rows = info.get("actors") or []
+    used = sorted({a["runtime"] for a in rows if a.get("runtime")})
+    versions = sorted({a["runtime_version"] for a in rows if a.get("runtime_version")})
+    rt = info.setdefault("runtime", {})
+    rt["used"] = used[0] if len(used) == 1 else (used or None)
+    rt["version"] = versions[0] if len(versions) == 1 else (versions or None)
 
 
 def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: int) -> int:
@@ -97,6 +112,20 @@ def in_process_reason(n: int | None, in_process_max: int, gpus_per_worker: float
 def execute_in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_spec: StorageSpec,
                        out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
     """Process every shard here with one :class:`MaskWorker` using all cores (no Ray, no actor)."""
+    from .runner import _raise_interrupt
+
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: save what is done, as with Ray
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _in_process(first, shards, st, info, in_spec, out_spec, files, wopts, quiet)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_spec: StorageSpec,
+                out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
     from tqdm import tqdm
 
     from .runner import RunError, _steady_rate
