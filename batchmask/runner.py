@@ -300,7 +300,8 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
         if per < 1:
             log.warning("%d workers > %g CPUs in the cluster: each actor gets %.2f CPU (fractional) and 1 thread",
                         workers, sum(node_cpus), per)
-        log.info("starting %d actors, %g CPU and %d TF threads each, on %d node(s)", workers, per, threads, len(nodes))
+        log.info("starting %d actors, %g CPU, %g GPU and %d threads each, on %d node(s)", workers, per, wopts.gpus, threads,
+                 len(nodes))
         blob = ray.put(files)
         env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
                "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
