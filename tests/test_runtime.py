@@ -220,3 +220,12 @@ def test_cli_has_runtime_options():
 def test_default_model_dir_has_no_onnx_file():
     """The ONNX file is made from the shipped model on first use, not shipped (no second copy to drift)."""
     assert not (default_model_dir() / rt.ONNX_FILE).exists()
+
+
+def test_evaluate_with_each_runtime_scores_the_same(demo_wider, tiny_model_dir):
+    from batchmask.evaluation import evaluate
+
+    res = {r: evaluate(str(tiny_model_dir), str(demo_wider), runtime=r, limit=4) for r in ("keras", "onnx")}
+    assert res["keras"].info["runtime"] == "keras" and res["onnx"].info["runtime"] == "onnx"
+    for key in ("dice", "iou", "soft_dice_global"):
+        assert res["onnx"].metrics[key] == pytest.approx(res["keras"].metrics[key], abs=1e-3), key
