@@ -401,6 +401,7 @@ def evaluate(
     batch_size: int = 8,
     limit: int | None = None,
     grid_images: int = 8,
+    runtime: str = "keras",
 ) -> EvalResult:
     """Score ``model`` (a directory, a loaded :class:`FaceMaskModel`, or None for the default
     model) on ``data`` (an ``images.npy``, a WIDER folder, or samples).
@@ -409,6 +410,7 @@ def evaluate(
     model's ``model.json`` and the returned metrics are scored at it (optimistic on these
     images). ``out_dir`` gets metrics.json, per_image.csv and predictions.png; ``report_dir`` an
     HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
+    ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.runtime`).
     """
     from . import report
     from .inference import FaceMaskModel, default_model_dir, load_model
@@ -425,7 +427,7 @@ def evaluate(
         from .baseline import HaarBaseline
 
         haar = HaarBaseline()  # fail early when OpenCV is missing
-    fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model)
+    fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime)
     if tune_threshold and fmm.path is None:
         raise EvaluationError("tune_threshold needs a model loaded from a directory")
     samples, where = load_samples(data, subset, fmm, limit)
@@ -433,7 +435,7 @@ def evaluate(
     info: dict[str, Any] = {
         "model": str(fmm.path) if fmm.path else None, "model_config": fmm.config.to_dict(),
         "data": where, "subset": subset, "images": len(samples), "data_fingerprint": fingerprint(samples),
-        "threshold_source": "model.json",
+        "threshold_source": "model.json", "runtime": fmm.runtime,
     }
     t0 = time.perf_counter()
     scores = score(lambda ims: fmm.predict_proba(ims, batch_size=batch_size), samples,

@@ -104,11 +104,23 @@ def upsample_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
 class FaceMaskModel:
     """A trained network plus the metadata needed to use it."""
 
-    def __init__(self, keras_model, meta: dict[str, Any], path: Path | None = None):
+    def __init__(self, keras_model, meta: dict[str, Any], path: Path | None = None, session=None):
+        """``session``: an ONNX Runtime session of the same network, used instead of ``keras_model``."""
         self.keras_model = keras_model
+        self.session = session
         self.meta = meta
         self.path = path
         self.config = ModelConfig.from_dict(meta.get("model", {}))
+        #: "onnx" or "keras": what predicts, for run.json and evaluation results.
+        self.runtime = "onnx" if session is not None else "keras"
+        self.runtime_info: dict[str, Any] = {}
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            from .runtime import run_session
+
+            return run_session(self.session, x)[..., 0]
+        return np.asarray(self.keras_model.predict_on_batch(x), np.float32)[..., 0]
 
     @property
     def image_size(self) -> int:
@@ -127,9 +139,9 @@ class FaceMaskModel:
         x = np.asarray(batch, np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected a batch of shape (n, {self.image_size}, {self.image_size}, 3), got {x.shape}")
-        p = np.asarray(self.keras_model.predict_on_batch(x), np.float32)[..., 0]
+        p = self._forward(x)
         if self.config.tta_flip:
-            pf = np.asarray(self.keras_model.predict_on_batch(x[:, :, ::-1]), np.float32)[..., 0]
+            pf = self._forward(x[:, :, ::-1])
             p = 0.5 * (p + pf[:, :, ::-1])
         return p
 
@@ -163,6 +175,10 @@ class FaceMaskModel:
         )
         cfg.validate()
         net = self.keras_model
+        if self.session is not None:
+            if cfg.image_size != self.config.image_size:
+                raise ValueError("an ONNX Runtime model runs at its exported size only; load it with runtime='keras'")
+            return FaceMaskModel(None, {**self.meta, "model": cfg.to_dict()}, None, self.session)
         if cfg.image_size != self.config.image_size:
             net = build_unet(cfg, backbone_weights=None)
             net.set_weights(self.keras_model.get_weights())
@@ -170,9 +186,14 @@ class FaceMaskModel:
         return FaceMaskModel(net, meta, None)
 
 
-def load_model(path: str | os.PathLike | None = None) -> FaceMaskModel:
-    """Load a model directory (default: the model shipped with the package)."""
-    import keras  # deferred: importing Keras starts the backend
+def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", threads: int = 0) -> FaceMaskModel:
+    """Load a model directory (default: the model shipped with the package).
+
+    ``runtime``: "keras", "onnx" or "auto" (ONNX Runtime when installed; see
+    :mod:`batchmask.runtime`). A model that cannot be exported to ONNX loads with Keras.
+    ``threads``: ONNX Runtime intra-op threads (0: its default, all cores).
+    """
+    from .runtime import cached_onnx, make_session, wants_onnx
 
     model_dir = resolve_model_dir(path)
     meta = read_meta(model_dir)
@@ -180,11 +201,20 @@ def load_model(path: str | os.PathLike | None = None) -> FaceMaskModel:
         raise ModelNotFoundError(
             f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
         )
+    if wants_onnx(runtime):
+        found = cached_onnx(model_dir)
+        if found is not None:
+            m = FaceMaskModel(None, meta, model_dir, make_session(str(found[0]), threads))
+            m.runtime_info = found[1]
+            return m
+    import keras  # deferred: importing Keras starts the backend
+
     net = keras.saving.load_model(model_dir / MODEL_FILE, compile=False)
     return FaceMaskModel(net, meta, model_dir)
 
 
-def predict(images: Sequence[np.ndarray], model: FaceMaskModel | str | os.PathLike | None = None) -> list[np.ndarray]:
+def predict(images: Sequence[np.ndarray], model: FaceMaskModel | str | os.PathLike | None = None,
+            runtime: str = "keras") -> list[np.ndarray]:
     """Boolean face masks for RGB uint8 images, with ``model`` (default: the shipped model)."""
-    m = model if isinstance(model, FaceMaskModel) else load_model(model)
+    m = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime)
     return m.predict(images)

@@ -67,6 +67,8 @@ class JobSpec:
     threshold: float | None = None
     glob: str | None = None
     overlays: bool = False
+    runtime: str = "auto"
+    gpus_per_worker: float = 0.0
     max_failures: int = 0
     timeout: float | None = None
     enabled: bool = True
@@ -89,6 +91,8 @@ class JobSpec:
             "endpoint_url": self.endpoint_url,
             "threshold": self.threshold,
             "overlays": self.overlays,
+            "runtime": self.runtime,
+            "gpus_per_worker": self.gpus_per_worker,
             "storage_options": opts or None,
         }
 
@@ -175,6 +179,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "threshold": ((float, int), False),
     "glob": ((str,), False),
     "overlays": ((bool,), False),
+    "runtime": ((str,), False),
+    "gpus_per_worker": ((float, int), False),
     "max_failures": ((int,), False),
     "timeout": ((int, float, str), False),
     "enabled": ((bool,), False),
@@ -268,6 +274,10 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
     for key in ("workers", "batch_size"):
         if key in ok and ok[key] < 1:
             problems.append(f"field '{key}' = {ok[key]!r}: must be at least 1")
+    if "runtime" in ok and ok["runtime"] not in ("auto", "keras", "onnx"):
+        problems.append(f"field 'runtime' = {_shown(ok['runtime'])}: must be auto, keras or onnx")
+    if "gpus_per_worker" in ok and ok["gpus_per_worker"] < 0:
+        problems.append(f"field 'gpus_per_worker' = {ok['gpus_per_worker']!r}: must be 0 or more")
     if "max_failures" in ok and ok["max_failures"] < 0:
         problems.append(f"field 'max_failures' = {ok['max_failures']!r}: must be 0 or more")
     if "threshold" in ok and not 0.0 < float(ok["threshold"]) < 1.0:
@@ -319,6 +329,8 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
         threshold=float(data["threshold"]) if "threshold" in data else None,
         glob=data.get("glob"),
         overlays=data.get("overlays", False),
+        runtime=data.get("runtime", "auto"),
+        gpus_per_worker=float(data.get("gpus_per_worker", 0.0)),
         max_failures=data.get("max_failures", 0),
         timeout=timeout,
         enabled=data.get("enabled", True),

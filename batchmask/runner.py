@@ -21,11 +21,10 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 
 from . import __version__
 from .data import IMAGE_EXTENSIONS
-from .inference import META_FILE, MODEL_FILE, read_meta, resolve_model_dir
+from .inference import read_meta, resolve_model_dir
 from .modelcheck import check_model
 from .outlock import OutputLock
 from .outputs import (
@@ -40,8 +39,17 @@ from .outputs import (
     rows_to_csv,
 )
 from .quiet import ray_output_hidden
+from .runplan import (
+    DEFAULT_IN_PROCESS_MAX,
+    DEVICE_KEYS,
+    execute_in_process,
+    in_process_reason,
+    plan_shards,
+    prepare_model_files,
+    runtime_used,
+)
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
-from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, MaskWorker, WorkerOptions
+from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,9 @@ DEFAULT_SHARD_SIZE = 32
 #: A shard whose actor returns nothing for this long (no result, no progress) is stopped (the
 #: actor is killed and restarted by Ray) and tried again; twice in a row fails the run.
 DEFAULT_SHARD_TIMEOUT_S = float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300"))
+#: An actor gets a second shard only once every starting actor has one, or this long after the
+#: first actor was ready (an actor that cannot be placed must not hold the others back).
+BALANCE_WAIT_S = 60.0
 
 
 class RunError(RuntimeError):
@@ -126,7 +137,8 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     v = {"batchmask": __version__, "python": platform.python_version()}
-    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec"):
+    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec", "onnxruntime",
+                 "onnxruntime-gpu"):
         with contextlib.suppress(PackageNotFoundError):
             v[dist] = version(dist)
     return v
@@ -138,7 +150,8 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         shared_fs: bool = False, quiet: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
         shard_size: int = DEFAULT_SHARD_SIZE, storage_options: dict | None = None,
         retry_errors: bool = False, draft: bool = True, wait: bool = False, wait_timeout: float | None = None,
-        shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S) -> RunSummary:
+        shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S, runtime: str = "auto", gpus_per_worker: float = 0.0,
+        in_process_max: int = DEFAULT_IN_PROCESS_MAX) -> RunSummary:
     """Predict masks for every image under ``input``; write masks, coverage.csv and run.json to ``output``.
 
     Returns a :class:`RunSummary` (exit code 0 when every image processed in this run is ok, 3
@@ -148,6 +161,10 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
     (:func:`~batchmask.modelcheck.check_model`) before anything is written; the output's lock
     (:mod:`batchmask.outlock`) is held from the first merge to run.json, and
     :class:`~batchmask.outlock.OutputLocked` raised when another run holds it (unless ``wait``).
+
+    ``runtime``: "auto" (ONNX Runtime when installed, else Keras), "keras" or "onnx";
+    ``gpus_per_worker``: GPUs Ray gives each actor (fractions share a card); runs with at most
+    ``in_process_max`` images to do are processed in this process, without Ray (0: always Ray).
     """
     if workers < 1 or batch_size < 1 or shard_size < 1 or max_pixels < 1:
         raise RunError("--workers, --batch-size, --shard-size and --max-pixels must be at least 1")
@@ -155,6 +172,14 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         raise RunError(f"--threshold must be between 0 and 1, got {threshold}")
     if shard_timeout <= 0:
         raise RunError("--shard-timeout must be more than 0 seconds")
+    if gpus_per_worker < 0 or in_process_max < 0:
+        raise RunError("--gpus-per-worker and --in-process-max must not be negative")
+    from .runtime import RuntimeUnavailableError, check_runtime
+
+    try:
+        check_runtime(runtime)
+    except (ValueError, RuntimeUnavailableError) as exc:
+        raise RunError(str(exc)) from exc
     t0 = time.time()
     started = _now()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + f"{int(t0 * 1e6) % 1_000_000:06d}-{uuid.uuid4().hex[:6]}"
@@ -210,11 +235,11 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         st["listed_all"] = True
 
     items = pending()
-    shards = iter(lambda: list(islice(items, shard_size)), [])
     first = None
     opts = {"workers": workers, "batch_size": batch_size, "shard_size": shard_size, "glob": glob,
             "threshold": threshold, "overlays": overlays, "overwrite": overwrite, "retry_errors": retry_errors,
-            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft, "shard_timeout": shard_timeout}
+            "max_pixels": max_pixels, "shared_fs": shared_fs, "draft": draft, "shard_timeout": shard_timeout,
+            "runtime": runtime, "gpus_per_worker": gpus_per_worker, "in_process_max": in_process_max}
     info: dict = {"format_version": 1, "run_id": run_id, "input": in_spec.public(), "output": out_spec.public(),
                   "model": {"path": str(model_dir)}, "options": opts, "versions": _versions(), "start": started}
     try:
@@ -225,11 +250,26 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         pass
     interrupted = failed_run = False
     try:
-        first = next(shards, None)  # the listing starts here: its failure is recorded in run.json too
+        # The listing starts here: its failure is recorded in run.json too.
+        shards, n_todo, planned_shard = plan_shards(items, st, workers, batch_size, shard_size, INFLIGHT_PER_ACTOR)
+        first = next(shards, None)
         if first is not None:
-            with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
-                _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
-                         threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft)
+            files, info["runtime"] = prepare_model_files(model_dir, runtime)
+            wopts = WorkerOptions(batch_size=batch_size, threshold=threshold, overlays=overlays,
+                                  max_pixels=max_pixels, run_id=run_id, draft=draft, runtime=runtime,
+                                  gpus=gpus_per_worker)
+            why_ray = in_process_reason(n_todo, in_process_max, gpus_per_worker, address)
+            info["plan"] = {"images_to_do": n_todo, "shard_size": planned_shard,
+                            "mode": "ray" if why_ray else "in-process", "why_ray": why_ray}
+            if why_ray is None:
+                log.info("%d images to do (<= --in-process-max %d): processing them here, without Ray",
+                         n_todo, in_process_max)
+                execute_in_process(first, shards, st, info, in_spec, out_spec, files, wopts, quiet)
+            else:
+                with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
+                    _execute(first, shards, st, info, in_spec, out_spec, inp, out, model_dir, workers, batch_size,
+                             threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft,
+                             files=files, wopts=wopts)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -238,6 +278,8 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         info["error"] = f"{type(exc).__name__}: {redact_urls(str(exc)).strip()}"[:1000]
         raise
     finally:
+        if "runtime" in info:
+            runtime_used(info)
         try:
             _save_rows(out, run_id, driver_rows, first is not None or bool(driver_rows),
                        interrupted or failed_run, info)
@@ -287,7 +329,8 @@ def _write_run_json(out: Storage, info: dict, failing: bool) -> None:
 
 
 def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Storage, model_dir, workers,
-             batch_size, threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft) -> None:
+             batch_size, threshold, overlays, max_pixels, address, shared_fs, quiet, run_id, draft, *,
+             files: dict[str, bytes], wopts: WorkerOptions) -> None:
     import ray
 
     t0 = time.time()
@@ -304,30 +347,33 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
                            "workers on other nodes cannot see; use s3:// URLs, or --shared-fs if every node "
                            "mounts it at the same path")
         node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+        cluster_gpus = sum(float(n["Resources"].get("GPU", 0)) for n in nodes)
+        if wopts.gpus > cluster_gpus:
+            raise RunError(f"--gpus-per-worker {wopts.gpus:g}, but the Ray cluster has {cluster_gpus:g} GPUs")
         per, threads = _plan_cpus(workers, node_cpus)
         if per < 1:
             log.warning("%d workers > %g CPUs in the cluster: each actor gets %.2f CPU (fractional) and 1 thread",
                         workers, sum(node_cpus), per)
-        log.info("starting %d actors, %g CPU and %d TF threads each, on %d node(s)", workers, per, threads, len(nodes))
-        files = {n: (model_dir / n).read_bytes() for n in (MODEL_FILE, META_FILE)}
+        log.info("starting %d actors, %g CPU, %g GPU and %d threads each, on %d node(s)", workers, per, wopts.gpus, threads,
+                 len(nodes))
         blob = ray.put(files)
         env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
                "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
                "TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                "TF_NUM_INTEROP_THREADS": "1"}
-        for hook in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV):  # test hooks only
+        for hook in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV):  # test hooks only
             if os.environ.get(hook):
                 env[hook] = os.environ[hook]
         remote_cls = ray.remote(MaskWorker).options(
-            num_cpus=per, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0,
+            num_cpus=per, num_gpus=wopts.gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0,
             scheduling_strategy="SPREAD", runtime_env={"env_vars": env})
-        wopts = WorkerOptions(batch_size=batch_size, threshold=threshold, overlays=overlays, max_pixels=max_pixels,
-                              threads=threads, run_id=run_id, draft=draft)
+        wopts.threads = threads
         # The ref goes inside a list: the actor fetches it itself, and the driver keeps it alive
         # for restarts (a top-level ref argument makes Ray warn about restartability).
         actors = [remote_cls.remote([blob], in_spec, out_spec, wopts) for _ in range(workers)]
         info["ray"] = {"nodes": len(nodes), "cluster_cpus": sum(node_cpus), "cpus_per_actor": per,
-                       "threads_per_actor": threads, "owns_cluster": owns_ray}
+                       "threads_per_actor": threads, "owns_cluster": owns_ray, "gpus_per_actor": wopts.gpus,
+                       "cluster_gpus": cluster_gpus}
         _dispatch(actors, first, shards, st, info, quiet, t0)
     finally:
         for a in actors:
@@ -376,6 +422,15 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
     progress: dict[int, float] = {}  # actor index -> last time it started work or returned a result
     stalled: set[int] = set()  # actors killed because their shard made no progress
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run")
+    given = dict.fromkeys(range(len(actors)), 0)  # shards handed to each actor
+    first_ready = [0.0]
+
+    def others_first(i: int) -> bool:
+        """Actor i has work while another live actor has none yet: it waits (see BALANCE_WAIT_S)."""
+        if not given[i] or time.time() - first_ready[0] > BALANCE_WAIT_S:
+            return False
+        live = set(ready) | set(starting.values())
+        return any(not given[j] for j in live if j != i)
 
     def new_id() -> int:
         next_id[0] += 1
@@ -400,6 +455,8 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                     sid, items, attempt = retry.popleft()
                     alone.add(i)
                 else:
+                    if others_first(i):
+                        break
                     job = next_new()
                     if job is None:
                         return
@@ -408,6 +465,7 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                     progress[i] = time.time()
                 tasks[actors[i].process.remote(sid, items)] = (i, sid, items, attempt)
                 inflight[i] += 1
+                given[i] += 1
 
     def last_line(exc, n=300) -> str:
         text = redact_urls(str(exc)).strip()
@@ -467,12 +525,14 @@ def _dispatch(actors, first, shards, st, info, quiet, t0) -> None:
                 restarting_since.pop(i, None)
                 if i not in ready:
                     ready.append(i)
+                    first_ready[0] = first_ready[0] or time.time()
                 if i in per_actor:  # restarted after a death
                     if r["pid"] not in per_actor[i]["pids"]:
                         per_actor[i]["pids"].append(r["pid"])
                 else:
                     per_actor[i] = {"actor": i, "node_id": r["node_id"], "pids": [r["pid"]],
                                     "startup_s": round(r["startup_s"], 2), "images": 0, "peak_rss_mb": r["peak_rss_mb"]}
+                    per_actor[i].update({k: r[k] for k in DEVICE_KEYS if k in r})
                 if not starting and t_all_ready is None:
                     t_all_ready = time.time()
                     info.setdefault("throughput", {})["startup_s"] = round(t_all_ready - t0, 2)

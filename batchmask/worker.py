@@ -8,8 +8,10 @@ next batch is predicted, and finally writes the shard's rows as one part file.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,9 @@ CRASH_ENV = "BATCHMASK_TEST_CRASH_AFTER"
 CRASH_ON_ENV = "BATCHMASK_TEST_CRASH_ON"
 #: Test hook: seconds to sleep before each shard (lets the interrupt test stop a run midway).
 DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
+#: Test hook: "S:/path/marker": the first actor to create the marker starts S seconds late (the
+#: balancing test needs one slow actor). Tests only.
+START_DELAY_ENV = "BATCHMASK_TEST_START_DELAY"
 
 
 @dataclass
@@ -53,12 +58,19 @@ class WorkerOptions:
     io_threads: int = 2
     draft: bool = True
     run_id: str = ""
+    #: "auto", "keras" or "onnx" (see batchmask.runtime); onnx needs "model.onnx" among the model files.
+    runtime: str = "keras"
+    #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
+    gpus: float = 0.0
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(n: int, tf_too: bool = True) -> None:
+    """Intra-op threads for TF (env and, with ``tf_too``, its config); ONNX Runtime gets them per session."""
     for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(n)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    if not tf_too:  # importing TensorFlow costs seconds an ONNX Runtime actor does not need
+        return
     try:
         import tensorflow as tf
 
@@ -66,6 +78,48 @@ def _set_threads(n: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except (ImportError, RuntimeError):  # another backend, or TF already initialised
         pass
+
+
+def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
+    """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
+    from .inference import META_FILE, FaceMaskModel, load_model
+    from .runtime import (
+        ONNX_FILE,
+        cuda_provider_available,
+        make_session,
+        set_keras_gpu_memory_growth,
+        wants_onnx,
+    )
+
+    gpu = opts.gpus > 0
+    if ONNX_FILE in model_files and wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available()):
+        meta = json.loads(model_files[META_FILE])
+        return FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+    if gpu:
+        set_keras_gpu_memory_growth()
+    _set_threads(opts.threads)
+    with tempfile.TemporaryDirectory(prefix="batchmask-model-") as d:
+        for name, blob in model_files.items():
+            if name != ONNX_FILE:
+                Path(d, name).write_bytes(blob)
+        return load_model(d, runtime="keras")
+
+
+def _maybe_start_late() -> None:
+    spec = os.environ.get(START_DELAY_ENV)
+    if not spec:
+        return
+    seconds, _, marker = spec.partition(":")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    time.sleep(float(seconds))
+
+
+def _in_ray() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def set_pixel_limit(max_pixels: int) -> None:
@@ -94,14 +148,10 @@ class MaskWorker:
             import ray
 
             model_files = ray.get(model_files[0])
-        _set_threads(opts.threads)
+        _maybe_start_late()
+        _set_threads(opts.threads, tf_too=False)
         set_pixel_limit(opts.max_pixels)
-        from .inference import load_model
-
-        with tempfile.TemporaryDirectory(prefix="batchmask-model-") as d:
-            for name, blob in model_files.items():
-                Path(d, name).write_bytes(blob)
-            self.model = load_model(d)
+        self.model = _load_worker_model(model_files, opts)
         self.threshold = opts.threshold if opts.threshold is not None else self.model.threshold
         self.opts = opts
         self.inp = inp.open()
@@ -115,16 +165,35 @@ class MaskWorker:
         self.startup_s = time.time() - t0
 
     def ready(self) -> dict:
-        return {"startup_s": self.startup_s, **self._ident()}
+        return {"startup_s": self.startup_s, **self._ident(), **self.device()}
 
     def _ident(self) -> dict:
-        try:
+        node = ""
+        if _in_ray():  # get_runtime_context() would start Ray in a process that has none
             import ray
 
             node = ray.get_runtime_context().get_node_id()
-        except Exception:  # outside Ray (direct use in tests)
-            node = ""
         return {"pid": os.getpid(), "node_id": node, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+    def device(self) -> dict:
+        """What predicts here: runtime, its version, and the device (the GPU ids Ray assigned)."""
+        gpu_ids: list[str] = []
+        if self.opts.gpus > 0 and _in_ray():
+            import ray
+
+            gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+        d = {"runtime": self.model.runtime, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
+        if self.model.session is not None:
+            from .runtime import onnxruntime_version
+
+            d["runtime_version"] = onnxruntime_version()
+            d["providers"] = list(self.model.session.get_providers())
+        else:
+            import keras
+
+            d["runtime_version"] = f"keras {keras.__version__} ({keras.backend.backend()})"
+        return d
 
     # ------------------------------------------------------------------ per image
     def _load(self, rel: str, mask: str) -> Decoded:

@@ -11,6 +11,11 @@ Figures (issue 3):
 Plus per-image CPU costs of the non-model stages, and the end-to-end rate without JPEG draft
 decoding, to show where the time goes.
 
+With ``--runtime keras onnx`` (issue 11) (a) and (b) are measured for each runtime in the same
+run, interleaved, (b) through Ray (``in_process_max=0``); ``--small 10`` adds the wall time of
+the ``batchmask run`` command for 10 new images: Keras through Ray (before issue 11) and the
+default (ONNX Runtime, in process). ``--limit N`` uses the first N images only.
+
     .venv/bin/python scripts/bench_run.py --images ../shared/data/widerface-dev/images \
         [--model DIR] [--out bench_run.json]
 
@@ -52,20 +57,21 @@ def list_images(root: Path) -> list[Path]:
     return [root / r for r in st.iter_files() if matches(r, RUN_EXTENSIONS, None)]
 
 
-def model_only(model_dir: Path, files: list[Path], batch_size: int) -> dict:
+def model_only(model_dir: Path, files: list[Path], batch_size: int, runtime: str = "keras") -> dict:
     import numpy as np
 
     from batchmask.data import read_image
     from batchmask.inference import load_model
 
-    m = load_model(model_dir)
+    m = load_model(model_dir, runtime=runtime)
+    assert m.runtime == runtime, f"asked for {runtime}, got {m.runtime}"
     xs = np.stack([m.preprocess(read_image(p)) for p in files])
     m.predict_batch(xs[:batch_size])  # warm-up
     t = time.perf_counter()
     for i in range(0, len(xs), batch_size):
         m.predict_batch(xs[i : i + batch_size])
     dt = time.perf_counter() - t
-    return {"images": len(xs), "seconds": round(dt, 2), "images_per_s": round(len(xs) / dt, 2),
+    return {"runtime": runtime, "images": len(xs), "seconds": round(dt, 2), "images_per_s": round(len(xs) / dt, 2),
             "ms_per_image": round(1000 * dt / len(xs), 2), "image_size": m.image_size}
 
 
@@ -94,21 +100,69 @@ def stage_costs(files: list[Path], size: int, n: int = 100) -> dict:
     return out
 
 
-def end_to_end(inp: Path, model_dir: Path, workers: int, batch_size: int, draft: bool = True) -> dict:
+def end_to_end(inp: Path, model_dir: Path, workers: int, batch_size: int, draft: bool = True,
+               runtime: str = "keras") -> dict:
     from batchmask.runner import run
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-run-w{workers}-"))
     try:
         s = run(str(inp), str(out), str(model_dir), workers=workers, batch_size=batch_size, quiet=True,
-                draft=draft)
+                draft=draft, runtime=runtime, in_process_max=0)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     tp = s.run_json.get("throughput", {})
-    return {"workers": workers, "draft": draft, "images": s.ok + s.failed, "failed": s.failed,
+    return {"runtime": s.run_json.get("runtime", {}).get("used"), "workers": workers, "draft": draft,
+            "images": s.ok + s.failed, "failed": s.failed,
             "wall_s": s.wall_s, "startup_s": tp.get("startup_s"), "steady_images_per_s": tp.get("steady_images_per_s"),
             "overall_images_per_s": s.images_per_s,
             "actors": [{k: a.get(k) for k in ("images", "peak_rss_mb", "busy_s", "startup_s")}
                        for a in s.run_json.get("actors", [])]}
+
+
+def small_run(files: list[Path], model_dir: Path, n: int, extra: list[str]) -> float:
+    """Wall time of the `batchmask run` command (a new process, as cron starts it) for n new images."""
+    import subprocess
+    import sys
+
+    d = Path(tempfile.mkdtemp(prefix="bench-small-"))
+    try:
+        (d / "in").mkdir()
+        for p in files[:n]:
+            os.symlink(p, d / "in" / p.name)
+        exe = str(Path(sys.executable).parent / "batchmask")
+        t = time.perf_counter()
+        subprocess.run([exe, "run", "-i", str(d / "in"), "-o", str(d / "out"), "-m", str(model_dir), "-q", *extra],
+                       check=True)
+        return round(time.perf_counter() - t, 2)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def compare_runtimes(root: Path, model_dir: Path, files: list[Path], args) -> dict:
+    """(a) and (b) for each runtime, interleaved so that other load hits them alike."""
+    from batchmask.runtime import cached_onnx
+
+    if "onnx" in args.runtime:
+        cached_onnx(model_dir)  # export once, outside the timings (as a cron run finds it cached)
+    res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "images": len(files),
+                 "batch_size": args.batch_size, "model": str(model_dir), "model_only": {}, "end_to_end": []}
+    for r in args.runtime:
+        res["model_only"][r] = model_only(model_dir, files, args.batch_size, r)
+        print("(a)", res["model_only"][r], flush=True)
+    for w in args.workers:
+        for r in args.runtime:
+            e = end_to_end(root, model_dir, w, args.batch_size, runtime=r)
+            e["ratio_to_model_only"] = round((e["steady_images_per_s"] or 0) / res["model_only"][r]["images_per_s"], 3)
+            res["end_to_end"].append(e)
+            print("(b)", {k: v for k, v in e.items() if k != "actors"}, [a["images"] for a in e["actors"]], flush=True)
+    if args.small:
+        res["small"] = {"images": args.small,
+                        "before_keras_ray_s": small_run(files, model_dir, args.small,
+                                                        ["--runtime", "keras", "--in-process-max", "0"]),
+                        "onnx_ray_s": small_run(files, model_dir, args.small, ["--in-process-max", "0"]),
+                        "after_default_s": small_run(files, model_dir, args.small, [])}
+        print("small", res["small"], flush=True)
+    return res
 
 
 def main() -> None:
@@ -119,6 +173,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default="bench_run.json")
     ap.add_argument("--skip-x3", action="store_true", help="skip the 3 x N images RSS run")
+    ap.add_argument("--runtime", nargs="+", default=None, choices=["keras", "onnx"],
+                    help="compare these runtimes (a, b) in one run; skips the draft, x3 and stage figures")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images")
+    ap.add_argument("--small", type=int, default=0, help="also time `batchmask run` for this many new images")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = Path(args.images).resolve()
@@ -127,6 +185,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-run-"))
     model_dir = Path(args.model) if args.model else build_model(tmp / "model")
     files = list_images(root)
+    if args.limit:
+        files = files[: args.limit]
+        root = tmp / "limited"
+        for p in files:
+            (root / p.name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(p, root / p.name)
+    if args.runtime:
+        res = compare_runtimes(root, model_dir, files, args)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                  "images": len(files), "batch_size": args.batch_size, "model": str(model_dir)}
     print(f"{len(files)} images under {root}; model {model_dir}", flush=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# ONNX exports made by tests (run/evaluate default to --runtime auto) never go to ~/.cache.
+os.environ.setdefault("BATCHMASK_CACHE_DIR", tempfile.mkdtemp(prefix="batchmask-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_WIDER = REPO / "demo" / "wider"

@@ -87,7 +87,7 @@ def test_bad_input_corpus_then_rerun_skips(tmp_path, demo_wider, tiny_model_dir,
     inp, out = tmp_path / "in", tmp_path / "out"
     exp = make_corpus(inp, demo_wider)
     s = run(str(inp), str(out), str(tiny_model_dir), workers=2, batch_size=3, shard_size=4,
-            max_pixels=MAX_PIXELS, quiet=True, overlays=True)
+            max_pixels=MAX_PIXELS, quiet=True, overlays=True, in_process_max=0)
     rows = read_csv(out / "coverage.csv")
     got = {r["image"]: r["status"] for r in rows}
     assert got == exp, {k: (got.get(k), v) for k, v in exp.items() if got.get(k) != v}

@@ -95,6 +95,7 @@ def test_refusals_write_nothing_and_failed_runs_record_exit_1(tmp_path, monkeypa
         raise RunError("all workers died")
 
     monkeypatch.setattr(runner, "_execute", boom)
+    monkeypatch.setattr(runner, "execute_in_process", boom)  # one image: done in process, without Ray
     with pytest.raises(RunError):
         run(str(inp), str(tmp_path / "out"), quiet=True)
     info = json.loads((tmp_path / "out" / "run.json").read_text())

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
               help="Images with more pixels are error rows (decompression-bomb guard) [default: 50000000].")
 @click.option("--shard-size", default=None, type=click.IntRange(min=1),
               help="Images per unit of work handed to an actor [default: 32].")
+@click.option("--runtime", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True,
+              help="What predicts: ONNX Runtime (auto: when installed; same masks, faster on CPU) or Keras.")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="GPUs Ray gives each worker; fractions (0.25) let workers share a card.")
+@click.option("--in-process-max", default=None, type=click.IntRange(min=0),
+              help="Runs with at most N images to do skip Ray and run in this process (0: always Ray) [default: 40].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line (for cron).")
 @click.option("--wait", is_flag=True, help="If another run holds the output's lock, wait for it instead of exiting 4.")
 @click.option("--wait-timeout", default=None, type=click.FloatRange(min=0), metavar="S",
@@ -48,7 +54,8 @@ log = logging.getLogger(__name__)
 def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_size: int, glob: str | None,
             endpoint_url: str | None, threshold: float | None, overlays: bool, overwrite: bool,
             retry_errors: bool, address: str | None, shared_fs: bool, max_pixels: int | None,
-            shard_size: int | None, quiet: bool, wait: bool = False, wait_timeout: float | None = None,
+            shard_size: int | None, runtime: str, gpus_per_worker: float, in_process_max: int | None,
+            quiet: bool, wait: bool = False, wait_timeout: float | None = None,
             shard_timeout: float | None = None) -> None:
     """Predict face masks for every image under --input and write them to --output.
 
@@ -69,10 +76,13 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
         kwargs["shard_timeout"] = shard_timeout
     if wait:
         kwargs.update(wait=True, wait_timeout=wait_timeout)
+    if in_process_max is not None:
+        kwargs["in_process_max"] = in_process_max
     try:
         summary = run(input_, output, model, workers=workers, batch_size=batch_size, glob=glob,
                       endpoint_url=endpoint_url, threshold=threshold, overlays=overlays, overwrite=overwrite,
-                      address=address, shared_fs=shared_fs, quiet=quiet, retry_errors=retry_errors, **kwargs)
+                      address=address, shared_fs=shared_fs, quiet=quiet, retry_errors=retry_errors,
+                      runtime=runtime, gpus_per_worker=gpus_per_worker, **kwargs)
     except KeyboardInterrupt:
         click.echo("Interrupted: finished images are saved; run the same command again to continue.", err=True)
         sys.exit(EXIT_FAILED)

@@ -1,0 +1,164 @@
+"""Planning a ``batchmask run``: the model files to ship, shard sizes, and Ray or this process.
+
+* Model files: ``model.keras`` and ``model.json``, plus the cached ``model.onnx`` when the
+  runtime may be ONNX Runtime (:mod:`batchmask.runtime`); actors get the bytes, never a path.
+* Shards: sized from the number of images to do and of workers (when the listing is short
+  enough to know it up front), so a small run is spread over every worker.
+* Small runs (at most ``in_process_max`` images to do) are processed in the driver process by
+  the same :class:`~batchmask.worker.MaskWorker` code, without starting Ray or any actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from itertools import chain, islice
+from typing import Any
+
+from .inference import META_FILE, MODEL_FILE
+from .runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from .storage import StorageSpec
+from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+#: Runs with at most this many images to do skip Ray (see docs/benchmarks.md for the measurement).
+DEFAULT_IN_PROCESS_MAX = 40
+
+
+def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files actors load, and what run.json says about the runtime.
+
+    ``model.onnx`` is added unless the runtime is "keras" or onnxruntime is missing; an actor
+    (or the driver) still decides whether to use it (a GPU actor without the CUDA provider uses
+    Keras). The ONNX file comes from the cache; a miss exports it once (seconds, needs Keras).
+    """
+    files = {n: (model_dir / n).read_bytes() for n in (MODEL_FILE, META_FILE)}
+    info: dict[str, Any] = {"requested": runtime}
+    if runtime != "keras" and onnxruntime_installed():
+        found = cached_onnx(model_dir)
+        if found is not None:
+            path, record = found
+            files[ONNX_FILE] = path.read_bytes()
+            info["onnx"] = {"keras_sha256": record.get("keras_sha256"), "cached": record.get("cached", False),
+                            "parity_max_abs_diff": record.get("parity_max_abs_diff"),
+                            "export_s": record.get("export_s"), "onnxruntime": onnxruntime_version()}
+        else:
+            info["onnx"] = {"export_failed": True}
+    return files, info
+
+
+DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
+
+
+def runtime_used(info: dict) -> None:
+    """run.json's runtime.used / runtime.version: what the actors (or the driver) predicted with."""
+    rows = info.get("actors") or []
+    used = sorted({a["runtime"] for a in rows if a.get("runtime")})
+    versions = sorted({a["runtime_version"] for a in rows if a.get("runtime_version")})
+    rt = info.setdefault("runtime", {})
+    rt["used"] = used[0] if len(used) == 1 else (used or None)
+    rt["version"] = versions[0] if len(versions) == 1 else (versions or None)
+
+
+def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: int) -> int:
+    """Images per shard for ``n`` images to do: every worker gets ``inflight`` shards if it can,
+    no shard smaller than a batch unless that would leave a worker without work, none over ``cap``."""
+    even = math.ceil(n / (workers * inflight))
+    floor = min(batch_size, math.ceil(n / workers))
+    return max(1, min(cap, max(even, floor)))
+
+
+def plan_shards(items: Iterator[tuple[str, str]], st: dict, workers: int, batch_size: int, shard_size: int,
+                inflight: int) -> tuple[Iterator[list], int | None, int]:
+    """(shards, number of images to do if the listing ended early, shard size).
+
+    Lists ahead up to ``workers * inflight * shard_size`` images; when the listing ends there,
+    the shard size comes from :func:`shard_size_for`, else it is ``shard_size``.
+    """
+    head = list(islice(items, workers * inflight * shard_size + 1))
+    n = len(head) if st["listed_all"] else None
+    size = shard_size if n is None else shard_size_for(n, workers, batch_size, shard_size, inflight)
+    rest = chain(head, items)
+    return iter(lambda: list(islice(rest, size)), []), n, size
+
+
+def in_process_reason(n: int | None, in_process_max: int, gpus_per_worker: float,
+                      address: str | None) -> str | None:
+    """Why this run must use Ray even though it is small, or None if it may run in this process.
+
+    Only a run that would start its own local Ray is done in process: joining a cluster
+    (``--address``, ``$RAY_ADDRESS``, or Ray already running in this process) says where the
+    work should run, and GPU workers need the GPUs Ray hands out.
+    """
+    if n is None or n > in_process_max:
+        return "many images"
+    if gpus_per_worker > 0:
+        return "GPU workers asked for"
+    ray = sys.modules.get("ray")
+    if address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return "a Ray cluster was given"
+    if any(os.environ.get(h) for h in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV)):
+        return "test hooks simulate worker deaths, which only Ray actors survive"
+    return None
+
+
+def execute_in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_spec: StorageSpec,
+                       out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
+    """Process every shard here with one :class:`MaskWorker` using all cores (no Ray, no actor)."""
+    from .runner import _raise_interrupt
+
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: save what is done, as with Ray
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _in_process(first, shards, st, info, in_spec, out_spec, files, wopts, quiet)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_spec: StorageSpec,
+                out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    from .runner import RunError, _steady_rate
+
+    wopts.threads = os.cpu_count() or 1
+    worker = MaskWorker(files, in_spec, out_spec, wopts)
+    t_ready = time.time()
+    info["in_process"] = {"startup_s": round(worker.startup_s, 2), **worker.device()}
+    info.setdefault("throughput", {})["startup_s"] = round(worker.startup_s, 2)
+    windows: list[tuple[float, float, int]] = []
+    bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run (in process)")
+    try:
+        for sid, items in enumerate(chain([first], shards)):
+            for attempt in (1, 2):  # as with Ray: a failed shard is tried once more, then the run fails
+                try:
+                    r = worker.process(sid, items)
+                    break
+                except Exception as exc:
+                    if attempt == 2:
+                        raise RunError(f"shard {sid} failed {attempt} times: {type(exc).__name__}: {exc}") from exc
+                    st["retried_shards"] += 1
+                    log.warning("shard %d (%d images) failed: %s; trying it again", sid, len(items), exc)
+            st["ok"] += r["ok"]
+            st["failed"] += r["failed"]
+            for img, err in r["errors"]:
+                log.info("failed: %s: %s", img, err)
+            windows.append((r["start"], r["end"], r["n"]))
+            bar.update(r["n"])
+    finally:
+        bar.close()
+        worker.pool.shutdown(wait=True)
+        s = worker.stats()
+        info["actors"] = [{"actor": "driver", "pids": [s["pid"]], "images": s["images"], "busy_s": s["busy_s"],
+                           "peak_rss_mb": s["peak_rss_mb"], "startup_s": round(worker.startup_s, 2),
+                           **worker.device()}]
+        info.setdefault("throughput", {})["steady_images_per_s"] = _steady_rate(windows, t_ready)
