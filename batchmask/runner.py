@@ -49,7 +49,7 @@ from .runplan import (
     runtime_used,
 )
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
-from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
+from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, GATE_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
                "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
                "TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                "TF_NUM_INTEROP_THREADS": "1"}
-        for hook in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV):  # test hooks only
+        for hook in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, GATE_ENV):  # test hooks only
             if os.environ.get(hook):
                 env[hook] = os.environ[hook]
         remote_cls = ray.remote(MaskWorker).options(

@@ -46,6 +46,9 @@ DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
 #: Test hook: "S:/path/marker": the first actor to create the marker starts S seconds late (the
 #: balancing test needs one slow actor). Tests only.
 START_DELAY_ENV = "BATCHMASK_TEST_START_DELAY"
+#: Test hook: a path; each shard waits until that file exists (at most 10 minutes), so a test
+#: holds a run at a known point instead of racing it with sleeps. Tests only.
+GATE_ENV = "BATCHMASK_TEST_GATE"
 
 
 @dataclass
@@ -232,6 +235,8 @@ class MaskWorker:
         t0 = time.time()
         if os.environ.get(DELAY_ENV):
             time.sleep(float(os.environ[DELAY_ENV]))
+        if os.environ.get(GATE_ENV):
+            _wait_for_gate(os.environ[GATE_ENV])
         loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
         rows: list[dict] = []
         writes = []
@@ -266,3 +271,9 @@ class MaskWorker:
         if self.images >= int(n) and marker and not os.path.exists(marker):
             Path(marker).write_text(str(os.getpid()))
             os._exit(1)
+
+
+def _wait_for_gate(path: str, limit_s: float = 600.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -50,9 +50,11 @@ def env() -> dict[str, str]:
     return e
 
 
-def jobs_run(job: Path, locks: Path, *args: str, **kw) -> subprocess.Popen:
+def jobs_run(job: Path, locks: Path, *args: str, gate: Path | None = None, **kw) -> subprocess.Popen:
+    """``batchmask jobs run`` in a subprocess; with ``gate`` its shards wait until that file exists."""
     cmd = [*BATCHMASK, "jobs", "run", "--lock-dir", str(locks), *args, str(job)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), **kw)
+    e = env() if gate is None else {**env(), "BATCHMASK_TEST_GATE": str(gate)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, **kw)
 
 
 def live_in_group(pgid: int) -> list[str]:
@@ -85,8 +87,10 @@ def test_incremental_local_lock_wait_and_crontab_line(tmp_path, tiny_model_dir, 
     job_file = write_job(tmp_path, tiny_model_dir, "in", "out")  # relative to the job file
     assert load_job(job_file).input == str(inp)
 
-    # run A works; B finds the lock and exits 4 at once; C waits for A, then finds nothing new
-    a = jobs_run(job_file, locks)
+    # run A works (held at its first shard until B has been refused: no race); B finds the lock
+    # and exits 4 at once; C waits for A, then finds nothing new
+    gate = tmp_path / "gate"
+    a = jobs_run(job_file, locks, gate=gate)
     lock_file = locks / "growing.lock"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -104,6 +108,7 @@ def test_incremental_local_lock_wait_and_crontab_line(tmp_path, tiny_model_dir, 
     assert b.returncode == EXIT_LOCKED, b_err
     assert len(b_err.strip().splitlines()) == 1
     assert f"job 'growing' is already running (pid {a.pid}" in b_err
+    gate.touch()
     a_out, a_err = a.communicate(timeout=300)
     assert a.returncode == 0, a_err
     assert "job growing: 4 new (4 ok, 0 failed), 0 already done" in a_out
