@@ -34,7 +34,7 @@ def predict_speed(model, batches: int = 5, batch_size: int = 8) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", action="append", required=True, help="data source, repeatable")
     ap.add_argument("--subset", choices=["val"], help="only the model's validation images")
     ap.add_argument("--sizes", default="320,384,448,512")
     ap.add_argument("--flip", choices=["both", "on", "off"], default="both")
