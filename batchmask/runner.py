@@ -128,7 +128,9 @@ def _start_ray(address: str | None) -> bool:
         log.info("joining Ray cluster at %s", addr)
         ray.init(address=addr, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        # "local": a Ray of our own, even when a `ray start` cluster runs on this machine (plain
+        # ray.init() would join that one, and refuse num_cpus with a ValueError).
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
     return True
 
 

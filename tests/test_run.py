@@ -183,3 +183,22 @@ def test_image_that_kills_the_only_worker_becomes_an_error_row(tmp_path, demo_wi
     assert all(by[k]["status"] == "ok" for k in ("0.jpg", "1.jpg", "2.jpg"))
     assert (s.ok, s.failed, s.exit_code) == (3, 1, 3)
     assert json.loads((out / "run.json").read_text())["actors"][0]["restarts"] >= 2
+
+
+def test_without_an_address_run_starts_a_ray_of_its_own(monkeypatch):
+    """README: --address defaults to $RAY_ADDRESS, else a local Ray of batchmask's own. A plain
+    ray.init() joins the latest `ray start` cluster on the machine and then fails on num_cpus
+    (seen: "When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
+    import ray
+
+    from batchmask.runner import _start_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _start_ray(None) is True
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] >= 1
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    _start_ray(None)
+    assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]
