@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up batchmask in ./.venv (with the test tools) and run the demo on the images shipped in
-# demo/wider: face masks + coverage.csv via Ray, then an evaluation report against the boxes.
+# demo/wider: face masks + coverage.csv (10 images: in process; more: Ray workers), then an
+# evaluation report against the boxes.
 # Needs only Python >= 3.11 and the package index; no ../shared, no other network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
