@@ -74,6 +74,10 @@ DEFAULT_SHARD_TIMEOUT_S = float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300")
 #: An actor gets a second shard only once every starting actor has one, or this long after the
 #: first actor was ready (an actor that cannot be placed must not hold the others back).
 BALANCE_WAIT_S = 60.0
+#: When a run is already failing (storage gone or stalled, interrupted), each remaining piece of
+#: bookkeeping (driver rows and merge, run.json, the lock's release) gets this long: a stalled S3
+#: endpoint held the exit for more than 14 minutes in a PUT despite the client's timeouts.
+FAILING_IO_S = float(os.environ.get("BATCHMASK_FAILING_IO_TIMEOUT", "60"))
 
 
 class RunError(RuntimeError):
@@ -286,7 +290,7 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
             _save_rows(out, run_id, driver_rows, first is not None or bool(driver_rows),
                        interrupted or failed_run, info)
         except BaseException:
-            lock.release()
+            _release(lock, True)
             raise
         wall = time.time() - t0
         processed = st["ok"] + st["failed"]
@@ -301,7 +305,7 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         try:
             _write_run_json(out, info, interrupted or failed_run)
         finally:
-            lock.release()
+            _release(lock, interrupted or failed_run)
     return RunSummary(st["total"], st["ok"], st["failed"], st["skipped"], round(wall, 3),
                       info["throughput"]["images_per_s"], code, output, info)
 
@@ -309,11 +313,14 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
 def _save_rows(out: Storage, run_id: str, driver_rows: list[dict], merge: bool, failing: bool, info: dict) -> None:
     """Write the driver's rows and merge part files; when the run is already failing (e.g. the
     storage went away), a failure here is logged and recorded instead of hiding the first one."""
-    try:
+    def save() -> None:
         if driver_rows:
             out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
         if merge:  # else no part files: coverage.csv is already merged
             merge_parts(out)
+
+    try:
+        _bounded(save, "merging the finished rows") if failing else save()
     except Exception as exc:
         if not failing:
             raise
@@ -322,12 +329,43 @@ def _save_rows(out: Storage, run_id: str, driver_rows: list[dict], merge: bool, 
 
 
 def _write_run_json(out: Storage, info: dict, failing: bool) -> None:
+    data = (json.dumps(info, indent=2, default=str) + "\n").encode()
     try:
-        out.write_bytes(RUN_JSON, (json.dumps(info, indent=2, default=str) + "\n").encode())
+        _bounded(lambda: out.write_bytes(RUN_JSON, data), f"writing {RUN_JSON}") if failing \
+            else out.write_bytes(RUN_JSON, data)
     except Exception as exc:
         if not failing:
             raise
         log.warning("could not write %s: %s", RUN_JSON, redact_urls(str(exc)))
+
+
+def _release(lock: OutputLock, failing: bool) -> None:
+    if not failing:
+        lock.release()
+        return
+    try:
+        _bounded(lock.release, "releasing the output lock")
+    except Exception as exc:  # an S3 lock left behind expires by itself
+        log.warning("could not release the output lock: %s", redact_urls(str(exc)))
+
+
+def _bounded(fn, what: str, seconds: float | None = None) -> None:
+    """Run ``fn`` (bookkeeping of a failing run) in a daemon thread; give up after ``seconds``."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=target, name="batchmask-finish", daemon=True)
+    t.start()
+    t.join(FAILING_IO_S if seconds is None else seconds)
+    if t.is_alive():
+        raise TimeoutError(f"{what}: the storage did not answer within {FAILING_IO_S if seconds is None else seconds:.0f} s")
+    if errors:
+        raise errors[0]
 
 
 def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Storage, model_dir, workers,

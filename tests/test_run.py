@@ -202,3 +202,34 @@ def test_without_an_address_run_starts_a_ray_of_its_own(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     _start_ray(None)
     assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]
+
+
+def test_a_failing_run_gives_up_on_stalled_bookkeeping(monkeypatch, caplog):
+    """A stalled S3 endpoint held a failing run's exit for 14+ minutes in the run.json PUT: the
+    failing path's storage writes are bounded; a healthy run's are not, and errors still surface."""
+    import threading
+    import time
+
+    from batchmask import runner
+
+    monkeypatch.setattr(runner, "FAILING_IO_S", 0.3)
+    never = threading.Event()
+
+    class StalledStorage:
+        def write_bytes(self, rel, data):
+            never.wait(30)
+
+    t0 = time.monotonic()
+    runner._write_run_json(StalledStorage(), {"exit_code": 1}, failing=True)
+    assert time.monotonic() - t0 < 5
+    assert "could not write run.json" in caplog.text and "did not answer within" in caplog.text
+
+    class BrokenStorage:
+        def write_bytes(self, rel, data):
+            raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        runner._write_run_json(BrokenStorage(), {}, failing=False)
+    runner._write_run_json(BrokenStorage(), {}, failing=True)  # logged, not raised
+    assert "disk on fire" in caplog.text
+    never.set()
