@@ -49,7 +49,7 @@ from .runplan import (
     runtime_used,
 )
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
-from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, GATE_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
+from .worker import TEST_HOOKS, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +349,8 @@ def _release(lock: OutputLock, failing: bool) -> None:
         log.warning("could not release the output lock: %s", redact_urls(str(exc)))
 
 
-def _bounded(fn, what: str, seconds: float | None = None) -> None:
-    """Run ``fn`` (bookkeeping of a failing run) in a daemon thread; give up after ``seconds``."""
+def _bounded(fn, what: str) -> None:
+    """Run ``fn`` (bookkeeping of a failing run) in a daemon thread; give up after FAILING_IO_S."""
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -361,9 +361,9 @@ def _bounded(fn, what: str, seconds: float | None = None) -> None:
 
     t = threading.Thread(target=target, name="batchmask-finish", daemon=True)
     t.start()
-    t.join(FAILING_IO_S if seconds is None else seconds)
+    t.join(FAILING_IO_S)
     if t.is_alive():
-        raise TimeoutError(f"{what}: the storage did not answer within {FAILING_IO_S if seconds is None else seconds:.0f} s")
+        raise TimeoutError(f"{what}: the storage did not answer within {FAILING_IO_S:.0f} s")
     if errors:
         raise errors[0]
 
@@ -401,7 +401,7 @@ def _execute(first, shards, st, info, in_spec, out_spec, inp: Storage, out: Stor
                "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
                "TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                "TF_NUM_INTEROP_THREADS": "1"}
-        for hook in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, GATE_ENV):  # test hooks only
+        for hook in TEST_HOOKS:  # test hooks only
             if os.environ.get(hook):
                 env[hook] = os.environ[hook]
         remote_cls = ray.remote(MaskWorker).options(

@@ -24,7 +24,7 @@ from typing import Any
 from .inference import META_FILE, MODEL_FILE
 from .runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
 from .storage import StorageSpec
-from .worker import CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, MaskWorker, WorkerOptions
+from .worker import RAY_ONLY_TEST_HOOKS, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def in_process_reason(n: int | None, in_process_max: int, gpus_per_worker: float
     ray = sys.modules.get("ray")
     if address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
         return "a Ray cluster was given"
-    if any(os.environ.get(h) for h in (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV)):
+    if any(os.environ.get(h) for h in RAY_ONLY_TEST_HOOKS):
         return "test hooks simulate worker deaths, which only Ray actors survive"
     return None
 

@@ -49,6 +49,10 @@ START_DELAY_ENV = "BATCHMASK_TEST_START_DELAY"
 #: Test hook: a path; each shard waits until that file exists (at most 10 minutes), so a test
 #: holds a run at a known point instead of racing it with sleeps. Tests only.
 GATE_ENV = "BATCHMASK_TEST_GATE"
+#: Hooks that simulate dying or slow actors: a run with any of them set always uses Ray.
+RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV)
+#: Every test hook, forwarded to Ray actors' environments.
+TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV)
 
 
 @dataclass
