@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
         return getattr(inference, name)
     if name == "run":
-        from .runner import run
+        from .batch.runner import run
 
         return run
     raise AttributeError(name)

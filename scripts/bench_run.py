@@ -50,8 +50,8 @@ def build_model(out: Path) -> Path:
 
 
 def list_images(root: Path) -> list[Path]:
-    from batchmask.runner import RUN_EXTENSIONS
-    from batchmask.storage import StorageSpec, matches
+    from batchmask.batch.runner import RUN_EXTENSIONS
+    from batchmask.batch.storage import StorageSpec, matches
 
     st = StorageSpec(str(root)).open()
     return [root / r for r in st.iter_files() if matches(r, RUN_EXTENSIONS, None)]
@@ -79,7 +79,7 @@ def stage_costs(files: list[Path], size: int, n: int = 100) -> dict:
     """Single-thread ms per image for each non-model stage, on the first n images."""
     import numpy as np
 
-    from batchmask.outputs import decode_for_model, encode_png, mask_stats
+    from batchmask.batch.outputs import decode_for_model, encode_png, mask_stats
 
     datas = [p.read_bytes() for p in files[:n]]
     out = {}
@@ -102,7 +102,7 @@ def stage_costs(files: list[Path], size: int, n: int = 100) -> dict:
 
 def end_to_end(inp: Path, model_dir: Path, workers: int, batch_size: int, draft: bool = True,
                runtime: str = "keras") -> dict:
-    from batchmask.runner import run
+    from batchmask.batch.runner import run
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-run-w{workers}-"))
     try:

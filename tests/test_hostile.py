@@ -9,8 +9,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from batchmask.cli import main
-from batchmask.outputs import (
+from batchmask.batch.outputs import (
     COVERAGE,
     MaskNames,
     done_set,
@@ -21,7 +20,8 @@ from batchmask.outputs import (
     part_name,
     rows_to_csv,
 )
-from batchmask.storage import StorageSpec, check_rel
+from batchmask.batch.storage import StorageSpec, check_rel
+from batchmask.cli import main
 
 GOOD_JOB = """\
 name = "cam"
@@ -116,8 +116,8 @@ def test_newline_in_log_or_lock_dir_is_refused(tmp_path, opt):
 
 
 def test_systemd_escapes_dollar_and_refuses_newlines(tmp_path):
-    from batchmask.jobs import load_job
-    from batchmask.jobs_render import render_systemd
+    from batchmask.jobs.render import render_systemd
+    from batchmask.jobs.spec import load_job
 
     d = tmp_path / "$HOME jobs"
     d.mkdir()
@@ -203,8 +203,8 @@ def test_second_run_on_a_locked_output_is_refused_naming_the_holder(tmp_path, ti
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from batchmask.storage import StorageSpec\n"
-        "from batchmask.outlock import OutputLock\n"
+        "from batchmask.batch.storage import StorageSpec\n"
+        "from batchmask.batch.lock import OutputLock\n"
         f"lock = OutputLock(StorageSpec({str(out)!r}).open()).acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
@@ -229,9 +229,9 @@ def test_second_run_on_a_locked_output_is_refused_naming_the_holder(tmp_path, ti
 
 MERGER = """
 import sys
-from batchmask.outlock import OutputLock
-from batchmask.outputs import merge_parts, ok_row, part_name, rows_to_csv
-from batchmask.storage import StorageSpec
+from batchmask.batch.lock import OutputLock
+from batchmask.batch.outputs import merge_parts, ok_row, part_name, rows_to_csv
+from batchmask.batch.storage import StorageSpec
 
 out = StorageSpec(sys.argv[1]).open()
 who, n = sys.argv[2], int(sys.argv[3])
@@ -265,8 +265,8 @@ def test_disk_full_while_writing_a_mask_fails_the_shard_not_the_image():
 
     import numpy as np
 
-    from batchmask.outputs import Decoded
-    from batchmask.worker import MaskWorker, WorkerOptions
+    from batchmask.batch.outputs import Decoded
+    from batchmask.batch.worker import MaskWorker, WorkerOptions
 
     def full(rel, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -286,8 +286,8 @@ def _hold_lock(url: str, env: dict | None = None):
 
     p = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from batchmask.storage import StorageSpec\n"
-        "from batchmask.outlock import OutputLock\n"
+        "from batchmask.batch.storage import StorageSpec\n"
+        "from batchmask.batch.lock import OutputLock\n"
         f"lock = OutputLock(StorageSpec({url!r}).open()).acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, env=env)
@@ -312,8 +312,8 @@ def test_jobs_run_respects_the_output_lock_of_a_manual_run(tmp_path, tiny_model_
 
 
 def test_s3_url_with_credentials_is_refused_without_echoing_them(s3_server):
-    from batchmask.runner import run
-    from batchmask.storage import StorageError
+    from batchmask.batch.runner import run
+    from batchmask.batch.storage import StorageError
 
     bucket = s3_server.new_bucket("cred")
     url = f"s3://AKIAEXAMPLE:{s3_server.secret}@{bucket}/in/"
@@ -329,8 +329,8 @@ def test_s3_url_with_credentials_is_refused_without_echoing_them(s3_server):
 def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
     import json
 
-    import batchmask.outlock as outlock
-    from batchmask.outlock import LOCK_FILE, OutputLock, OutputLocked
+    import batchmask.batch.lock as outlock
+    from batchmask.batch.lock import LOCK_FILE, OutputLock, OutputLocked
 
     bucket = s3_server.new_bucket("lock")
     spec = StorageSpec(f"s3://{bucket}/out/", s3_server.endpoint_url, s3_server.storage_options)
@@ -362,7 +362,7 @@ def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
 @pytest.mark.slow
 def test_s3_keys_that_look_odd_are_processed_into_a_local_output(s3_server, tiny_model_dir, demo_wider, tmp_path):
     """'c:/drive.jpg' is a name, not a drive; 'q.png' and 'q.png/r.jpg' both get masks on disk."""
-    from batchmask.runner import run
+    from batchmask.batch.runner import run
 
     bucket = s3_server.new_bucket("keys")
     fs = s3_server.fs()

@@ -19,10 +19,10 @@ from croniter import croniter
 
 from batchmask.cli import main
 from batchmask.cli.common import EXIT_FAILED, EXIT_LOCKED
-from batchmask.jobs import JobError, load_job, load_jobs, parse_duration
-from batchmask.jobs_exec import JobLocked, append_history, exit_code_for, job_lock, read_history
-from batchmask.jobs_schedule import current_slot, next_runs, to_on_calendar, validate_cron
-from batchmask.jobs_submit import submission_id
+from batchmask.jobs.execute import JobLocked, append_history, exit_code_for, job_lock, read_history
+from batchmask.jobs.schedule import current_slot, next_runs, to_on_calendar, validate_cron
+from batchmask.jobs.spec import JobError, load_job, load_jobs, parse_duration
+from batchmask.jobs.submit import submission_id
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -301,7 +301,7 @@ def test_lock_is_exclusive_and_released_on_process_death(tmp_path):
         pass
     # a holder killed with SIGKILL leaves no stale lock
     code = (
-        "import sys, time; from batchmask.jobs_exec import job_lock\n"
+        "import sys, time; from batchmask.jobs.execute import job_lock\n"
         f"with job_lock('k', {str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -386,7 +386,7 @@ def test_all_problems_in_one_pass_and_unknown_values_never_echoed(tmp_path):
 
 
 def test_job_name_length_fits_kubernetes(tmp_path):
-    from batchmask.jobs_render import render_k8s
+    from batchmask.jobs.render import render_k8s
 
     longest = "a" * 41 + "b"
     job = load_job(write(tmp_path, GOOD.replace("cam-drops", longest)))
@@ -402,7 +402,7 @@ def test_job_name_length_fits_kubernetes(tmp_path):
                                                              "images_per_s": 1.5, "exit_code": 0}}],
 )
 def test_history_record_always_has_every_key(tmp_path, monkeypatch, outcome):
-    import batchmask.jobs_exec as jx
+    import batchmask.jobs.execute as jx
 
     sub = tmp_path / "d"  # output "../out" = tmp_path / "out", this test's own
     sub.mkdir()
@@ -436,8 +436,8 @@ class _FakeClient:
 
 
 def test_submit_slot_must_be_scheduled_and_only_not_found_means_absent(tmp_path, monkeypatch):
-    import batchmask.jobs_submit as js
-    from batchmask.jobs_schedule import is_slot
+    import batchmask.jobs.submit as js
+    from batchmask.jobs.schedule import is_slot
 
     assert is_slot("30 2 * * *", "Europe/Paris", dt.datetime(2026, 1, 5, 2, 30))
     assert is_slot("30 2 * * *", "Europe/Paris", dt.datetime(2026, 1, 5, 1, 30, 20, tzinfo=dt.UTC))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from batchmask.cli.common import EXIT_FAILED, EXIT_LOCKED
-from batchmask.jobs import load_job
-from batchmask.jobs_exec import HISTORY_FILE, read_history
+from batchmask.jobs.execute import HISTORY_FILE, read_history
+from batchmask.jobs.spec import load_job
 
 BATCHMASK = [sys.executable, "-c", "from batchmask.cli import main; main()"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from batchmask.cli.common import EXIT_LOCKED
-from batchmask.jobs import load_job
-from batchmask.jobs_exec import read_history
+from batchmask.jobs.execute import read_history
+from batchmask.jobs.spec import load_job
 
 BATCHMASK = [sys.executable, "-c", "from batchmask.cli import main; main()"]
 VENV_BIN = Path(sys.executable).parent
@@ -113,7 +113,7 @@ def test_submit_runs_once_per_slot(ray_head, tmp_path, tiny_model_dir, demo_wide
                          timeout=400)
     sid = "batchmask-ray-submitted-20260105T0130Z"  # 02:30 Paris = 01:30 UTC in winter
     if res.returncode != 0:
-        from batchmask.jobs_submit import job_logs
+        from batchmask.jobs.submit import job_logs
 
         try:
             logs = job_logs(ray_head, sid)

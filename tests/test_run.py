@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchmask.runner import run
+from batchmask.batch.runner import run
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +191,7 @@ def test_without_an_address_run_starts_a_ray_of_its_own(monkeypatch):
     (seen: "When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
     import ray
 
-    from batchmask.runner import _start_ray
+    from batchmask.batch.runner import _start_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

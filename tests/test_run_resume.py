@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from batchmask.outputs import COLUMNS, rows_to_csv
-from batchmask.runner import run
+from batchmask.batch.outputs import COLUMNS, rows_to_csv
+from batchmask.batch.runner import run
 
 
 def test_already_done_folder_returns_fast_without_ray_or_model(tmp_path, tiny_model_dir):
@@ -72,10 +72,10 @@ def test_refusals_write_nothing_and_failed_runs_record_exit_1(tmp_path, monkeypa
 
     from click.testing import CliRunner
 
-    import batchmask.runner as runner
+    import batchmask.batch.runner as runner
+    from batchmask.batch.runner import RunError
+    from batchmask.batch.storage import StorageError
     from batchmask.cli import main
-    from batchmask.runner import RunError
-    from batchmask.storage import StorageError
 
     inp = tmp_path / "in"
     inp.mkdir()

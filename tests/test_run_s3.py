@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from batchmask.runner import RunError, run
+from batchmask.batch.runner import RunError, run
 
 pytestmark = pytest.mark.slow
 

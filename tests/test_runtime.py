@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from batchmask import runtime as rt
+from batchmask.batch.plan import plan_shards, shard_size_for
+from batchmask.batch.runner import RunError, run
 from batchmask.data import read_image
 from batchmask.inference import default_model_dir, load_model, save_model
-from batchmask.runner import RunError, run
-from batchmask.runplan import plan_shards, shard_size_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,7 +196,7 @@ def test_fractional_gpu_workers_share_a_card(tmp_path, demo_wider, tiny_model_di
 
 
 def test_job_files_take_runtime_and_gpus(tmp_path):
-    from batchmask.jobs import JobError, parse_job
+    from batchmask.jobs.spec import JobError, parse_job
 
     base = {"name": "n", "schedule": "0 2 * * *", "input": str(tmp_path / "i"), "output": str(tmp_path / "o")}
     job = parse_job({**base, "runtime": "keras", "gpus_per_worker": 0.5})

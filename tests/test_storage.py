@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from batchmask.outputs import MaskNames
-from batchmask.storage import StorageSpec, UnsafePathError, check_rel, matches
+from batchmask.batch.outputs import MaskNames
+from batchmask.batch.storage import StorageSpec, UnsafePathError, check_rel, matches
 
 NAMES = ["a.jpg", "a-b.jpg", "a/x.jpg", "a/y/z.PNG", "b c/ü ñ.jpeg", "a.b/k.jpg", "ab.jpg", "notes.txt", "Z.tif"]
 
@@ -93,7 +93,7 @@ def test_s3_listing_paginates_in_order_and_writes(s3_server):
 def test_mask_stats_counts_regions_above_min_area_and_matches_mask():
     import numpy as np
 
-    from batchmask.outputs import mask_stats
+    from batchmask.batch.outputs import mask_stats
 
     prob = np.zeros((64, 64), np.float32)
     prob[10:20, 10:20] = 0.9  # a face
@@ -122,7 +122,7 @@ def test_local_listing_follows_symlinks_but_not_cycles(tmp_path):
 
 
 def test_specs_and_errors_never_show_credentials():
-    from batchmask.storage import StorageError
+    from batchmask.batch.storage import StorageError
 
     spec = StorageSpec("s3://b/p", "http://user:pw@host:8333", {"key": "AKEY", "secret": "SKEY"})
     for text in (repr(spec), repr(spec.public())):
@@ -134,7 +134,7 @@ def test_specs_and_errors_never_show_credentials():
 
 
 def test_input_must_be_an_existing_folder(tmp_path):
-    from batchmask.storage import StorageError
+    from batchmask.batch.storage import StorageError
 
     (tmp_path / "f.jpg").write_bytes(b"x")
     with pytest.raises(StorageError, match="is a file"):
@@ -150,9 +150,9 @@ def test_worker_load_rows_only_for_missing_files_and_pixel_limit(monkeypatch):
 
     from PIL import Image
 
+    from batchmask.batch.outputs import decode_for_model
+    from batchmask.batch.worker import MaskWorker, WorkerOptions, set_pixel_limit
     from batchmask.data import DataError
-    from batchmask.outputs import decode_for_model
-    from batchmask.worker import MaskWorker, WorkerOptions, set_pixel_limit
 
     def read(rel):
         raise {"gone.jpg": FileNotFoundError, "denied.jpg": PermissionError}[rel](rel)

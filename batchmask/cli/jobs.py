@@ -17,7 +17,7 @@ PATHS = click.argument("paths", nargs=-1, required=True, type=click.Path(exists=
 
 
 def _load_all(paths: tuple[str, ...]):
-    from ..jobs import load_jobs
+    from ..jobs.spec import load_jobs
 
     jobs, errors = load_jobs(list(paths))
     for err in errors:
@@ -29,7 +29,7 @@ def _load_all(paths: tuple[str, ...]):
 
 
 def _load_one(path: str):
-    from ..jobs import JobError, load_job
+    from ..jobs.spec import JobError, load_job
 
     try:
         return load_job(path)
@@ -66,8 +66,8 @@ def validate_cmd(paths: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job instead of text.")
 def list_cmd(paths: tuple[str, ...], n_next: int, as_json: bool) -> None:
     """Name, schedule, next run times, input, output, and the last run with its result."""
-    from ..jobs_exec import last_run
-    from ..jobs_schedule import next_runs
+    from ..jobs.execute import last_run
+    from ..jobs.schedule import next_runs
 
     jobs, errors = _load_all(paths)
     for job in jobs:
@@ -145,7 +145,7 @@ def run_cmd(
     Exit codes: 0 ok, 1 failed or timed out, 3 more failed images than max_failures,
     4 another run of this job holds the lock.
     """
-    from ..jobs_exec import JobLocked, run_job
+    from ..jobs.execute import JobLocked, run_job
 
     job = _load_one(job_file)
     if not job.enabled and not force:
@@ -193,8 +193,8 @@ def crontab_cmd(
     secret: str | None,
 ) -> None:
     """Print how to run every enabled job on its schedule, guarded against overlap."""
-    from ..jobs_exec import default_log_dir
-    from ..jobs_render import find_batchmask, render_crontab, render_k8s, render_systemd
+    from ..jobs.execute import default_log_dir
+    from ..jobs.render import find_batchmask, render_crontab, render_k8s, render_systemd
 
     jobs, errors = _load_all(paths)
     if errors:
@@ -246,8 +246,8 @@ def submit_cmd(
     job_file: str, address: str, slot: str | None, batchmask_cmd: str, wait: bool, wait_timeout: float | None
 ) -> None:
     """Submit one run as a Ray Job; a second submission of the same slot is refused (exit 4)."""
-    from ..jobs_schedule import current_slot, is_slot, next_runs
-    from ..jobs_submit import SlotAlreadySubmitted, submit_job, wait_for
+    from ..jobs.schedule import current_slot, is_slot, next_runs
+    from ..jobs.submit import SlotAlreadySubmitted, submit_job, wait_for
 
     job = _load_one(job_file)
     when = None

@@ -62,10 +62,10 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
     Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed,
     4 another run holds the output's lock.
     """
+    from ..batch.lock import OutputLocked
+    from ..batch.runner import RunError, run
+    from ..batch.storage import redact_urls
     from ..inference import ModelNotFoundError
-    from ..outlock import OutputLocked
-    from ..runner import RunError, run
-    from ..storage import redact_urls
 
     kwargs = {}
     if max_pixels is not None:

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .jobs import JobSpec, is_url
-from .jobs_schedule import current_slot, is_slot
+from .schedule import current_slot, is_slot
+from .spec import JobSpec, is_url
 
 log = logging.getLogger(__name__)
 

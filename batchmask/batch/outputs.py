@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .augment import resize_rgb
-from .data import DataError, pil_to_rgb
-from .inference import upsample_probs
+from ..augment import resize_rgb
+from ..data import DataError, pil_to_rgb
+from ..inference import upsample_probs
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
 def merge_parts(out: Storage) -> dict[str, dict]:
     """Fold part files into ``coverage.csv`` (one atomic write), then delete them.
 
-    Read-modify-write: callers hold the output lock (:mod:`batchmask.outlock`), so two merges
+    Read-modify-write: callers hold the output lock (:mod:`batchmask.batch.lock`), so two merges
     never run at once on one output.
     """
     records, parts = load_records(out)

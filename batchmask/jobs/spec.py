@@ -1,9 +1,9 @@
 """Scheduled job definitions: TOML files under ``jobs/`` (format in jobs/README.md).
 
 A job is one incremental ``batchmask run`` with a cron schedule. This module reads and
-validates definitions; scheduling and rendering live in :mod:`batchmask.jobs_schedule`,
-running (lock, timeout, history) in :mod:`batchmask.jobs_exec`, Ray Jobs submission in
-:mod:`batchmask.jobs_submit`.
+validates definitions; scheduling and rendering live in :mod:`batchmask.jobs.schedule`,
+running (lock, timeout, history) in :mod:`batchmask.jobs.execute`, Ray Jobs submission in
+:mod:`batchmask.jobs.submit`.
 
 Relative local paths in a job file (``input``, ``output``, ``model``) resolve against the
 directory holding the job file, never against the current directory, so cron, systemd and
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .jobs_schedule import validate_cron, validate_timezone
+from .schedule import validate_cron, validate_timezone
 
 #: Longest job name: the Kubernetes CronJob is named ``batchmask-<name>`` and CronJob names are
 #: limited to 52 characters (Kubernetes appends an 11-character suffix for each Job), so
@@ -77,7 +77,7 @@ class JobSpec:
     source: str = ""
 
     def runner_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`batchmask.runner.run` (without quiet/address)."""
+        """Keyword arguments for :func:`batchmask.batch.runner.run` (without quiet/address)."""
         opts: dict[str, Any] = {}
         if self.profile:
             opts["profile"] = self.profile

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from ..data import DataError
 from .outputs import (
     Decoded,
     decode_for_model,
@@ -89,8 +89,8 @@ def _set_threads(n: int, tf_too: bool = True) -> None:
 
 def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
-    from .inference import META_FILE, FaceMaskModel, load_model
-    from .runtime import (
+    from ..inference import META_FILE, FaceMaskModel, load_model
+    from ..runtime import (
         ONNX_FILE,
         cuda_provider_available,
         make_session,
@@ -146,7 +146,7 @@ def peak_rss_mb() -> float:
 
 
 class MaskWorker:
-    """Plain class; :func:`batchmask.runner.run` wraps it with ``ray.remote``."""
+    """Plain class; :func:`batchmask.batch.runner.run` wraps it with ``ray.remote``."""
 
     def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions):
         """``model_files``: {file name: bytes} of the model directory, or ``[ray ObjectRef]`` of it."""
@@ -192,7 +192,7 @@ class MaskWorker:
         d = {"runtime": self.model.runtime, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
         if self.model.session is not None:
-            from .runtime import onnxruntime_version
+            from ..runtime import onnxruntime_version
 
             d["runtime_version"] = onnxruntime_version()
             d["providers"] = list(self.model.session.get_providers())

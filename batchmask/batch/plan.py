@@ -5,7 +5,7 @@
 * Shards: sized from the number of images to do and of workers (when the listing is short
   enough to know it up front), so a small run is spread over every worker.
 * Small runs (at most ``in_process_max`` images to do) are processed in the driver process by
-  the same :class:`~batchmask.worker.MaskWorker` code, without starting Ray or any actor.
+  the same :class:`~batchmask.batch.worker.MaskWorker` code, without starting Ray or any actor.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from itertools import chain, islice
 from typing import Any
 
-from .inference import META_FILE, MODEL_FILE
-from .runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from ..inference import META_FILE, MODEL_FILE
+from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
 from .storage import StorageSpec
 from .worker import RAY_ONLY_TEST_HOOKS, MaskWorker, WorkerOptions
 

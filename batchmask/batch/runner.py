@@ -1,9 +1,9 @@
 """``run()``: predict face masks for every image under a folder or bucket prefix, with Ray.
 
 The driver lists images (streaming, sorted), skips those already done, groups the rest into
-shards of relative paths and hands them to ``workers`` Ray actors (:mod:`batchmask.worker`),
+shards of relative paths and hands them to ``workers`` Ray actors (:mod:`batchmask.batch.worker`),
 at most ``INFLIGHT_PER_ACTOR`` shards each. Actors read, predict and write; the driver only
-sees counts. Outputs and their guarantees: :mod:`batchmask.outputs`.
+sees counts. Outputs and their guarantees: :mod:`batchmask.batch.outputs`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import __version__
-from .data import IMAGE_EXTENSIONS
-from .inference import read_meta, resolve_model_dir
+from .. import __version__
+from ..data import IMAGE_EXTENSIONS
+from ..inference import read_meta, resolve_model_dir
+from .lock import OutputLock
 from .modelcheck import check_model
-from .outlock import OutputLock
 from .outputs import (
     DEFAULT_MAX_PIXELS,
     RUN_JSON,
@@ -38,8 +38,7 @@ from .outputs import (
     recorded_masks,
     rows_to_csv,
 )
-from .quiet import ray_output_hidden
-from .runplan import (
+from .plan import (
     DEFAULT_IN_PROCESS_MAX,
     DEVICE_KEYS,
     execute_in_process,
@@ -48,6 +47,7 @@ from .runplan import (
     prepare_model_files,
     runtime_used,
 )
+from .quiet import ray_output_hidden
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .worker import TEST_HOOKS, MaskWorker, WorkerOptions
 
@@ -161,12 +161,12 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
     """Predict masks for every image under ``input``; write masks, coverage.csv and run.json to ``output``.
 
     Returns a :class:`RunSummary` (exit code 0 when every image processed in this run is ok, 3
-    when some failed); raises :class:`RunError`, :class:`~batchmask.storage.StorageError` or
+    when some failed); raises :class:`RunError`, :class:`~batchmask.batch.storage.StorageError` or
     :class:`~batchmask.inference.ModelNotFoundError` when the run cannot be done, and
     ``KeyboardInterrupt`` when interrupted (after saving what was finished). The model is checked
-    (:func:`~batchmask.modelcheck.check_model`) before anything is written; the output's lock
-    (:mod:`batchmask.outlock`) is held from the first merge to run.json, and
-    :class:`~batchmask.outlock.OutputLocked` raised when another run holds it (unless ``wait``).
+    (:func:`~batchmask.batch.modelcheck.check_model`) before anything is written; the output's lock
+    (:mod:`batchmask.batch.lock`) is held from the first merge to run.json, and
+    :class:`~batchmask.batch.lock.OutputLocked` raised when another run holds it (unless ``wait``).
 
     ``runtime``: "auto" (ONNX Runtime when installed, else Keras), "keras" or "onnx";
     ``gpus_per_worker``: GPUs Ray gives each actor (fractions share a card); runs with at most
@@ -180,7 +180,7 @@ def run(input: str, output: str, model: str | None = None, *, workers: int = 1, 
         raise RunError("--shard-timeout must be more than 0 seconds")
     if gpus_per_worker < 0 or in_process_max < 0:
         raise RunError("--gpus-per-worker and --in-process-max must not be negative")
-    from .runtime import RuntimeUnavailableError, check_runtime
+    from ..runtime import RuntimeUnavailableError, check_runtime
 
     try:
         check_runtime(runtime)

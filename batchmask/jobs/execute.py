@@ -2,11 +2,11 @@
 
 ``run_job`` holds an ``fcntl.flock`` lock on ``<lock dir>/<job name>.lock`` for the whole run
 (the kernel drops it when the process dies, so a crashed run never leaves a stale lock), runs
-:func:`batchmask.runner.run` in a child process (its own process group, so a timeout or a
+:func:`batchmask.batch.runner.run` in a child process (its own process group, so a timeout or a
 SIGTERM stops the run and everything it started), then appends one JSON line to
 ``<output>/job_history.jsonl``.
 
-The child is this module run as a script: ``python -m batchmask.jobs_exec REQUEST.json``.
+The child is this module run as a script: ``python -m batchmask.jobs.execute REQUEST.json``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli.common import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCKED, EXIT_OK
-from .jobs import JobSpec
+from ..cli.common import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCKED, EXIT_OK
+from .spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def job_lock(
 
 
 def _storage(job: JobSpec):
-    """The job's output as a :class:`batchmask.storage.Storage` (atomic writes: rename / one PUT)."""
-    from .storage import StorageSpec
+    """The job's output as a :class:`batchmask.batch.storage.Storage` (atomic writes: rename / one PUT)."""
+    from ..batch.storage import StorageSpec
 
     opts = {"profile": job.profile} if job.profile else {}
     return StorageSpec(url=job.output, endpoint_url=job.endpoint_url, storage_options=opts).open()
@@ -264,7 +264,7 @@ def run_job(
                 images_per_s=None,
                 error=outcome.get("error", "the run failed"),
             )
-        from . import __version__
+        from .. import __version__
 
         record["batchmask_version"] = __version__
         if extra:
@@ -290,7 +290,7 @@ def _run_child(job: JobSpec, *, quiet: bool, address: str | None, wait: dict | N
     with tempfile.TemporaryDirectory(prefix="batchmask-job-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps({"kwargs": kwargs, "result": str(res)}))
-        proc = subprocess.Popen([sys.executable, "-m", "batchmask.jobs_exec", str(req)], start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "batchmask.jobs.execute", str(req)], start_new_session=True)
         stop: list[int] = []
 
         def _on_signal(signum, _frame):  # forward SIGTERM/SIGINT: stop the run, still record it
@@ -339,7 +339,7 @@ def _child_main(argv: list[str]) -> int:
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        from .runner import run
+        from ..batch.runner import run
 
         summary = run(**kwargs)
         raw = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(vars(summary))
@@ -347,10 +347,10 @@ def _child_main(argv: list[str]) -> int:
         result_path.write_text(json.dumps({"summary": data}, default=str))
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which records it
-        from .inference import ModelNotFoundError
-        from .outlock import OutputLocked
-        from .runner import RunError
-        from .storage import StorageError, redact_urls
+        from ..batch.lock import OutputLocked
+        from ..batch.runner import RunError
+        from ..batch.storage import StorageError, redact_urls
+        from ..inference import ModelNotFoundError
 
         if isinstance(exc, OutputLocked):
             result_path.write_text(json.dumps({"status": "locked", "error": str(exc)}))

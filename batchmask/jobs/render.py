@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .jobs import JobSpec, is_url, line_unsafe
-from .jobs_exec import iso, utcnow
-from .jobs_schedule import to_on_calendar
+from .execute import iso, utcnow
+from .schedule import to_on_calendar
+from .spec import JobSpec, is_url, line_unsafe
 
 K8S_JOBS_MOUNT = "/etc/batchmask/jobs"
 #: Kubernetes limits CronJob names to 52 characters (it appends a suffix per Job it creates)
@@ -67,7 +67,7 @@ def render_crontab(
 
     ``user`` adds the user column of ``/etc/cron.d`` files; ``None`` gives a personal crontab.
     """
-    from . import __version__
+    from .. import __version__
 
     check_line_safe(batchmask=batchmask, log_dir=log_dir, lock_dir=lock_dir, user=user)
     for src in sources:
@@ -165,7 +165,7 @@ def _systemd_quote(arg: str) -> str:
 def k8s_name(job: JobSpec) -> str:
     """The CronJob name ``batchmask-<name>``: at most 52 characters (Kubernetes' CronJob limit).
 
-    Job names are capped at :data:`batchmask.jobs.NAME_MAX` (42) characters and end with a letter
+    Job names are capped at :data:`batchmask.jobs.spec.NAME_MAX` (42) characters and end with a letter
     or digit, so this is never truncated: distinct jobs get distinct names, none ending in '-'.
     """
     name = f"batchmask-{job.name}"

@@ -15,8 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
-from .inference import FORMAT_VERSION, META_FILE, MODEL_FILE, ModelNotFoundError
+from ..config import ModelConfig
+from ..inference import FORMAT_VERSION, META_FILE, MODEL_FILE, ModelNotFoundError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
