@@ -10,7 +10,7 @@ Python API (the CLI is a thin layer over these):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "evaluate", "load_model", "predict", "run", "train"]
 

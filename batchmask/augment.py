@@ -11,13 +11,7 @@ from PIL import Image
 
 from .config import AugmentConfig
 from .data import Sample, boxes_to_mask
-
-
-def resize_rgb(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear (antialiased) resize of an HxWx3 uint8 image."""
-    if image.shape[1] == width and image.shape[0] == height:
-        return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+from .image import resize_rgb
 
 
 def downscale_sample(sample: Sample, max_side: int) -> tuple[np.ndarray, np.ndarray]:

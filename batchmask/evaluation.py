@@ -22,7 +22,6 @@ Metric definitions (see README.md, "batchmask evaluate"):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -44,7 +43,7 @@ from .data import (
     is_samples,
     load_datasets,
 )
-from .report import format_table  # noqa: F401  (re-exported: the CLI prints it)
+from .results import EvalResult, format_table  # noqa: F401  (format_table re-exported: the CLI prints it)
 
 log = logging.getLogger(__name__)
 
@@ -292,28 +291,6 @@ def score(predict_fn: Predictor, samples: Sequence[Sample], thresholds: Sequence
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvalResult:
-    """``metrics`` at ``threshold``; ``rows`` one dict per image (the per_image.csv columns)."""
-
-    metrics: dict[str, Any]
-    rows: list[dict[str, Any]]
-    threshold: float
-    threshold_table: list[dict[str, Any]]
-    by_face_size: list[dict[str, Any]]
-    by_group: list[dict[str, Any]] = field(default_factory=list)
-    best_threshold: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    baseline: EvalResult | None = None
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rows", "baseline")}
-        if self.baseline is not None:
-            d["baseline"] = self.baseline.to_dict()
-        return d
-
-
 def _result(scores: Scores, threshold: float, info: dict[str, Any], best: float | None = None) -> EvalResult:
     j = scores.edge_index(threshold)
     return EvalResult(metrics=scores.metrics(j), rows=scores.rows(j), threshold=scores.values[j],
@@ -412,8 +389,8 @@ def evaluate(
     HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
     ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.runtime`).
     """
-    from . import report
     from .inference import FaceMaskModel, default_model_dir, load_model
+    from .report import Examples, write_outputs, write_report
 
     if baseline not in (None, "haar"):
         raise EvaluationError(f"unknown baseline {baseline!r} (choose: haar)")
@@ -456,9 +433,9 @@ def evaluate(
         hinfo = {"name": "haar", "settings": haar.settings(), "seconds": round(time.perf_counter() - t0, 2)}
         result.baseline = _result(hs, 0.5, hinfo)
     if out_dir is not None or report_dir is not None:
-        examples = report.Examples(fmm, samples, result, haar, grid_images)
+        examples = Examples(fmm, samples, result, haar, grid_images)
         if report_dir is not None:
-            result.files.update(report.write_report(Path(report_dir), result, examples))
+            result.files.update(write_report(Path(report_dir), result, examples))
         if out_dir is not None:
-            result.files.update(report.write_outputs(Path(out_dir), result, examples))
+            result.files.update(write_outputs(Path(out_dir), result, examples))
     return result

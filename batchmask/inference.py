@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .augment import resize_rgb
 from .config import ModelConfig
+from .image import resize_rgb, upsample_probs
+from .runtime import MODEL_FILE  # the Keras network's file name (runtime exports it to ONNX)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
 META_FILE = "model.json"
 FORMAT_VERSION = 1
 
@@ -65,7 +64,7 @@ def base_meta(cfg: ModelConfig) -> dict[str, Any]:
     """The part of model.json every model has: format, versions and how to use it."""
     import keras
 
-    from . import __version__
+    from .version import __version__
 
     return {
         "format_version": FORMAT_VERSION,
@@ -92,13 +91,6 @@ def save_model(net, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     write_meta(out, meta)
     return out
 
-
-def upsample_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear resize of a float32 probability map to ``height x width``."""
-    if prob.shape == (height, width):
-        return prob.astype(np.float32, copy=False)
-    im = Image.fromarray(np.ascontiguousarray(prob, np.float32), mode="F")
-    return np.asarray(im.resize((width, height), Image.BILINEAR), np.float32)
 
 
 class FaceMaskModel:

@@ -12,54 +12,21 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:
-    from .evaluation import EvalResult
+from .results import METRIC_LABELS, EvalResult, fmt
 
 log = logging.getLogger(__name__)
 
-METRIC_LABELS = {
-    "threshold": "threshold",
-    "dice": "mean Dice (per image)",
-    "iou": "mean IoU (per image)",
-    "soft_dice_global": "global soft Dice",
-    "pixel_dice_global": "global Dice (binary)",
-    "precision": "pixel precision",
-    "recall": "pixel recall",
-    "face_coverage": "mean face coverage",
-    "images": "images",
-    "faces": "faces",
-}
 DISPLAY_MAX_SIDE = 720
 MASK_RGB = (255, 0, 200)
 TRUE_RGB = (0, 230, 0)
 HAAR_RGB = (255, 210, 0)
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def format_table(result: EvalResult) -> str:
-    """The metrics as a plain-text table (model and, if scored, the baseline side by side)."""
-    cols = [("model", result)] + ([("haar baseline", result.baseline)] if result.baseline else [])
-    width = max(len(label) for label in METRIC_LABELS.values())
-    lines = [f"{'':{width}}  " + "  ".join(f"{name:>14}" for name, _ in cols)]
-    for key, label in METRIC_LABELS.items():
-        vals = [f"{r.metrics[key]:.2f}" if key == "threshold" else fmt(r.metrics.get(key)) for _, r in cols]
-        lines.append(f"{label:{width}}  " + "  ".join(f"{v:>14}" for v in vals))
-    if result.best_threshold is not None:
-        lines.append(f"tuned threshold {result.best_threshold:.2f} stored in model.json "
-                     f"(was {result.info.get('previous_threshold')}); metrics above are at the tuned threshold")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -165,7 +132,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_outputs(out: Path, result: EvalResult, examples: Examples) -> dict[str, str]:
-    from . import __version__
+    from .version import __version__
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"per_image_csv": str(out / "per_image.csv")}

@@ -22,13 +22,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI reads RUNTIMES at start-up
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "keras", "onnx")
+#: A model directory's Keras network (:mod:`batchmask.inference`), and its ONNX export in the cache.
+MODEL_FILE = "model.keras"
 ONNX_FILE = "model.onnx"
 CACHE_ENV = "BATCHMASK_CACHE_DIR"
 #: Largest |p_onnx - p_keras| accepted when an export is checked (probabilities are 0..1).
@@ -103,8 +106,6 @@ def cached_onnx(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | N
     Returns None (after one warning) when the model cannot be exported or the export does not
     match Keras; the caller then uses Keras.
     """
-    from .inference import MODEL_FILE
-
     keras_file = Path(model_dir) / MODEL_FILE
     sha = file_sha256(keras_file)
     d = cache_dir() / "onnx"
@@ -130,6 +131,7 @@ def cached_onnx(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | N
 def export_onnx(keras_file: Path, dest: Path) -> dict[str, Any]:
     """Export with Keras, check parity against Keras, then move into place (atomically)."""
     import keras
+    import numpy as np
 
     t0 = time.time()
     net = keras.saving.load_model(keras_file, compile=False)
@@ -157,6 +159,8 @@ def export_onnx(keras_file: Path, dest: Path) -> dict[str, Any]:
 
 
 def parity_inputs(size: int, channels: int = 3) -> np.ndarray:
+    import numpy as np
+
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (PARITY_INPUTS, size, size, channels)).astype(np.float32)
     x[-1] = 128.0
@@ -184,6 +188,8 @@ def make_session(model: bytes | str, threads: int, gpu: bool = False):
 
 
 def run_session(sess, x: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     name = sess.get_inputs()[0].name
     return np.asarray(sess.run(None, {name: np.ascontiguousarray(x, np.float32)})[0], np.float32)
 

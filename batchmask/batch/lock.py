@@ -32,6 +32,7 @@ import time
 import uuid
 from typing import Any
 
+from ..exits import EXIT_LOCKED
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ POLL_S = 1.0
 
 class OutputLocked(RuntimeError):
     """Another run holds the output's lock."""
+
+    exit_code = EXIT_LOCKED
 
     def __init__(self, where: str, holder: dict[str, Any] | None):
         self.where, self.holder = where, holder or {}

@@ -1,6 +1,6 @@
 """What ``batchmask run`` reads and writes under ``--output``, and per-image work.
 
-Layout (see docs/helpers/run-readme.md for every column)::
+Layout (README.md, "Files written", describes every file and column)::
 
     masks/<relative path, extension .png>   8-bit single-channel PNG, 255 = face, 0 = not
     overlays/<relative path, extension .jpg> previews (only with --overlays)
@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..augment import resize_rgb
 from ..data import DataError, pil_to_rgb
-from ..inference import upsample_probs
+from ..image import resize_rgb, upsample_probs
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,6 @@ MIN_FACE_PIXELS = 16
 #: Error rows that older versions wrote for disk-full/permission/connection failures while
 #: writing a mask: not a property of the image, so they are always processed again.
 LEGACY_STORAGE_ERROR = "cannot write outputs"
-#: Default decompression-bomb guard: images with more pixels are error rows.
-DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def mask_rel(rel: str) -> str:

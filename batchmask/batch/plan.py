@@ -23,14 +23,12 @@ from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
 from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from .dispatch import RunCounts, raise_interrupt, steady_rate
+from .options import RunError
 from .storage import StorageSpec
 from .worker import RAY_ONLY_TEST_HOOKS, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
-
-#: Runs with at most this many images to do skip Ray (see docs/benchmarks.md for the measurement).
-DEFAULT_IN_PROCESS_MAX = 40
-
 
 def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The files actors load, and what run.json says about the runtime.
@@ -54,9 +52,6 @@ def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict
     return files, info
 
 
-DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
-
-
 def runtime_used(info: dict) -> None:
     """run.json's runtime.used / runtime.version: what the actors (or the driver) predicted with."""
     rows = info.get("actors") or []
@@ -78,6 +73,9 @@ def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: in
 def plan_shards(items: Iterator[tuple[str, str]], st: dict, workers: int, batch_size: int, shard_size: int,
                 inflight: int) -> tuple[Iterator[list], int | None, int]:
     """(shards, number of images to do if the listing ended early, shard size).
+
+    ``st["listed_all"]`` says whether ``items`` has ended (the runner passes ``vars(counts)``,
+    a live view of its :class:`~batchmask.batch.dispatch.RunCounts`).
 
     Lists ahead up to ``workers * inflight * shard_size`` images; when the listing ends there,
     the shard size comes from :func:`shard_size_for`, else it is ``shard_size``.
@@ -109,26 +107,22 @@ def in_process_reason(n: int | None, in_process_max: int, gpus_per_worker: float
     return None
 
 
-def execute_in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_spec: StorageSpec,
+def execute_in_process(first: list, shards: Iterator[list], counts: RunCounts, info: dict, in_spec: StorageSpec,
                        out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
     """Process every shard here with one :class:`MaskWorker` using all cores (no Ray, no actor)."""
-    from .runner import _raise_interrupt
-
     old_term = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM: save what is done, as with Ray
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        _in_process(first, shards, st, info, in_spec, out_spec, files, wopts, quiet)
+        _in_process(first, shards, counts, info, in_spec, out_spec, files, wopts, quiet)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
 
-def _in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_spec: StorageSpec,
+def _in_process(first: list, shards: Iterator[list], counts: RunCounts, info: dict, in_spec: StorageSpec,
                 out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
     from tqdm import tqdm
-
-    from .runner import RunError, _steady_rate
 
     wopts.threads = os.cpu_count() or 1
     worker = MaskWorker(files, in_spec, out_spec, wopts)
@@ -146,12 +140,9 @@ def _in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_sp
                 except Exception as exc:
                     if attempt == 2:
                         raise RunError(f"shard {sid} failed {attempt} times: {type(exc).__name__}: {exc}") from exc
-                    st["retried_shards"] += 1
+                    counts.retried_shards += 1
                     log.warning("shard %d (%d images) failed: %s; trying it again", sid, len(items), exc)
-            st["ok"] += r["ok"]
-            st["failed"] += r["failed"]
-            for img, err in r["errors"]:
-                log.info("failed: %s: %s", img, err)
+            counts.add_result(r)
             windows.append((r["start"], r["end"], r["n"]))
             bar.update(r["n"])
     finally:
@@ -161,4 +152,4 @@ def _in_process(first: list, shards: Iterator[list], st: dict, info: dict, in_sp
         info["actors"] = [{"actor": "driver", "pids": [s["pid"]], "images": s["images"], "busy_s": s["busy_s"],
                            "peak_rss_mb": s["peak_rss_mb"], "startup_s": round(worker.startup_s, 2),
                            **worker.device()}]
-        info.setdefault("throughput", {})["steady_images_per_s"] = _steady_rate(windows, t_ready)
+        info.setdefault("throughput", {})["steady_images_per_s"] = steady_rate(windows, t_ready)

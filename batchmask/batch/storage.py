@@ -50,8 +50,17 @@ class UnsafePathError(ValueError):
     """A relative path that would read or write outside the storage root."""
 
 
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` locations (s3://, gs://, file://, ...); job files use it too."""
+    return _URL_RE.match(path) is not None
+
+
 def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+    """A URL other than ``file://``: read and written through fsspec, not the local filesystem."""
+    return is_url(url) and not url.startswith("file://")
 
 
 def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
@@ -138,6 +147,11 @@ def strip_userinfo(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def has_userinfo(url: str) -> bool:
+    """True for a URL with a ``user:password@`` part (credentials, never to be stored or echoed)."""
+    return is_url(url) and strip_userinfo(url) != url
+
+
 class Storage:
     """A root folder or bucket prefix; all paths are relative to it."""
 
@@ -190,9 +204,6 @@ class Storage:
     def full(self, rel: str) -> str:
         check_rel(rel)
         return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, *rel.split("/"))
-
-    def url_of(self, rel: str) -> str:
-        return f"s3://{self.root}/{rel}" if self.remote else self.full(rel)
 
     def relative_prefix_of(self, other: Storage) -> str | None:
         """If ``other``'s root lies inside this root (same filesystem), its relative prefix."""

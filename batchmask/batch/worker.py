@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError
+from .options import RunOptions
 from .outputs import (
     Decoded,
     decode_for_model,
@@ -57,18 +58,27 @@ TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV)
 
 @dataclass
 class WorkerOptions:
-    batch_size: int = 8
-    threshold: float | None = None
-    overlays: bool = False
-    max_pixels: int = 50_000_000
+    """What a worker needs of the run's :class:`~batchmask.batch.options.RunOptions` (same defaults),
+    plus its threads (set by the driver once it knows the CPUs) and the run id."""
+
+    batch_size: int = RunOptions.batch_size
+    threshold: float | None = RunOptions.threshold
+    overlays: bool = RunOptions.overlays
+    max_pixels: int = RunOptions.max_pixels
     threads: int = 1
     io_threads: int = 2
-    draft: bool = True
+    draft: bool = RunOptions.draft
     run_id: str = ""
     #: "auto", "keras" or "onnx" (see batchmask.runtime); onnx needs "model.onnx" among the model files.
     runtime: str = "keras"
     #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
     gpus: float = 0.0
+
+    @classmethod
+    def of(cls, options: RunOptions, run_id: str) -> WorkerOptions:
+        return cls(batch_size=options.batch_size, threshold=options.threshold, overlays=options.overlays,
+                   max_pixels=options.max_pixels, run_id=run_id, draft=options.draft, runtime=options.runtime,
+                   gpus=options.gpus_per_worker)
 
 
 def _set_threads(n: int, tf_too: bool = True) -> None:

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 
 import click
 
-#: Exit codes shared by every command (documented in README.md).
-EXIT_OK = 0
-EXIT_FAILED = 1  # the command could not do its work (bad input data, missing model, crash)
-EXIT_USAGE = 2  # bad command-line usage (click's own code)
-EXIT_IMAGES_FAILED = 3  # `run`: finished, but some images could not be processed
-EXIT_LOCKED = 4  # `run`/`jobs run`: another run holds the output's (or the job's) lock
+from ..exits import (  # noqa: F401  (re-exported for the commands)
+    EXIT_FAILED,
+    EXIT_IMAGES_FAILED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_code_of,
+)
 
 
 def setup_logging(verbose: int = 0) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import EXIT_FAILED, EXIT_LOCKED, EXIT_OK
+from .common import EXIT_FAILED, EXIT_OK, exit_code_of
 
 PATHS = click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 
@@ -154,8 +154,8 @@ def run_cmd(
     try:
         result = run_job(job, quiet=quiet, address=address, lock_dir=lock_dir, wait=wait, wait_timeout=wait_timeout)
     except JobLocked as exc:
-        click.echo(f"batchmask: {exc}; exit {EXIT_LOCKED}", err=True)
-        sys.exit(EXIT_LOCKED)
+        click.echo(f"batchmask: {exc}; exit {exit_code_of(exc)}", err=True)
+        sys.exit(exit_code_of(exc))
     click.echo(result.line(), err=result.exit_code != EXIT_OK)
     sys.exit(result.exit_code)
 
@@ -272,8 +272,8 @@ def submit_cmd(
     try:
         sub = submit_job(job, address, slot=when, batchmask=batchmask_cmd)
     except SlotAlreadySubmitted as exc:
-        click.echo(f"batchmask: {exc}; exit {EXIT_LOCKED}", err=True)
-        sys.exit(EXIT_LOCKED)
+        click.echo(f"batchmask: {exc}; exit {exit_code_of(exc)}", err=True)
+        sys.exit(exit_code_of(exc))
     except (RuntimeError, ConnectionError, OSError) as exc:
         click.echo(f"Error: cannot submit to {address}: {exc}", err=True)
         sys.exit(EXIT_FAILED)

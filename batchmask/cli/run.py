@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .common import EXIT_FAILED, EXIT_LOCKED
+from ..batch.options import RUNTIMES, RunOptions
+from .common import EXIT_FAILED, exit_code_of
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +19,9 @@ log = logging.getLogger(__name__)
 @click.option("-o", "--output", required=True, metavar="PATH|s3://BUCKET/PREFIX",
               help="Where masks/, coverage.csv and run.json go. Rerunning with the same output resumes.")
 @click.option("-m", "--model", default=None, metavar="DIR", help="Model directory (default: the packaged model).")
-@click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("-w", "--workers", default=RunOptions.workers, show_default=True, type=click.IntRange(min=1),
               help="Ray actors, each with its own copy of the model.")
-@click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("-b", "--batch-size", default=RunOptions.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--glob", default=None, metavar="PATTERN",
               help="Only images whose relative path or file name matches (fnmatch; * also matches /).")
 @click.option("--endpoint-url", default=None, metavar="URL",
@@ -34,29 +35,24 @@ log = logging.getLogger(__name__)
               help="Join an existing Ray cluster ('auto' or host:port; default $RAY_ADDRESS, else a local Ray).")
 @click.option("--shared-fs", is_flag=True,
               help="Local paths are visible at the same path on every node of a multi-node cluster.")
-@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
-              help="Images with more pixels are error rows (decompression-bomb guard) [default: 50000000].")
-@click.option("--shard-size", default=None, type=click.IntRange(min=1),
-              help="Images per unit of work handed to an actor [default: 32].")
-@click.option("--runtime", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True,
+@click.option("--max-pixels", default=RunOptions.max_pixels, show_default=True, type=click.IntRange(min=1),
+              help="Images with more pixels are error rows (decompression-bomb guard).")
+@click.option("--shard-size", default=RunOptions.shard_size, show_default=True, type=click.IntRange(min=1),
+              help="Images per unit of work handed to an actor.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=RunOptions.runtime, show_default=True,
               help="What predicts: ONNX Runtime (auto: when installed; same masks, faster on CPU) or Keras.")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--gpus-per-worker", default=RunOptions.gpus_per_worker, show_default=True, type=click.FloatRange(min=0),
               help="GPUs Ray gives each worker; fractions (0.25) let workers share a card.")
-@click.option("--in-process-max", default=None, type=click.IntRange(min=0),
-              help="Runs with at most N images to do skip Ray and run in this process (0: always Ray) [default: 40].")
+@click.option("--in-process-max", default=RunOptions.in_process_max, show_default=True, type=click.IntRange(min=0),
+              help="Runs with at most N images to do skip Ray and run in this process (0: always Ray).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line (for cron).")
 @click.option("--wait", is_flag=True, help="If another run holds the output's lock, wait for it instead of exiting 4.")
 @click.option("--wait-timeout", default=None, type=click.FloatRange(min=0), metavar="S",
               help="With --wait: give up (exit 4) after S seconds.")
-@click.option("--shard-timeout", default=None, type=click.FloatRange(min=0, min_open=True), metavar="S",
-              help="A shard that makes no progress for S seconds is stopped and retried; twice fails the run "
-                   "[default: 300].")
-def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_size: int, glob: str | None,
-            endpoint_url: str | None, threshold: float | None, overlays: bool, overwrite: bool,
-            retry_errors: bool, address: str | None, shared_fs: bool, max_pixels: int | None,
-            shard_size: int | None, runtime: str, gpus_per_worker: float, in_process_max: int | None,
-            quiet: bool, wait: bool = False, wait_timeout: float | None = None,
-            shard_timeout: float | None = None) -> None:
+@click.option("--shard-timeout", default=RunOptions.shard_timeout, type=click.FloatRange(min=0, min_open=True),
+              metavar="S", help="A shard that makes no progress for S seconds is stopped and retried; twice fails "
+                                f"the run [default: {RunOptions.shard_timeout:g}].")
+def run_cmd(input_: str, output: str, **options) -> None:
     """Predict face masks for every image under --input and write them to --output.
 
     Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed,
@@ -67,28 +63,17 @@ def run_cmd(input_: str, output: str, model: str | None, workers: int, batch_siz
     from ..batch.storage import redact_urls
     from ..inference import ModelNotFoundError
 
-    kwargs = {}
-    if max_pixels is not None:
-        kwargs["max_pixels"] = max_pixels
-    if shard_size is not None:
-        kwargs["shard_size"] = shard_size
-    if shard_timeout is not None:
-        kwargs["shard_timeout"] = shard_timeout
-    if wait:
-        kwargs.update(wait=True, wait_timeout=wait_timeout)
-    if in_process_max is not None:
-        kwargs["in_process_max"] = in_process_max
+    quiet = options["quiet"]
     try:
-        summary = run(input_, output, model, workers=workers, batch_size=batch_size, glob=glob,
-                      endpoint_url=endpoint_url, threshold=threshold, overlays=overlays, overwrite=overwrite,
-                      address=address, shared_fs=shared_fs, quiet=quiet, retry_errors=retry_errors,
-                      runtime=runtime, gpus_per_worker=gpus_per_worker, **kwargs)
+        if not options["wait"]:
+            options["wait_timeout"] = None  # --wait-timeout means nothing without --wait
+        summary = run(input_, output, RunOptions(**options))
     except KeyboardInterrupt:
         click.echo("Interrupted: finished images are saved; run the same command again to continue.", err=True)
         sys.exit(EXIT_FAILED)
     except OutputLocked as exc:
-        click.echo(f"batchmask: {exc}; exit {EXIT_LOCKED}", err=True)
-        sys.exit(EXIT_LOCKED)
+        click.echo(f"batchmask: {exc}; exit {exit_code_of(exc)}", err=True)
+        sys.exit(exit_code_of(exc))
     except (RunError, ModelNotFoundError, OSError) as exc:  # StorageError is an OSError
         click.echo(f"Error: {redact_urls(str(exc))}", err=True)
         sys.exit(EXIT_FAILED)

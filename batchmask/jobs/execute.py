@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import fcntl
 import json
 import logging
@@ -29,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCKED, EXIT_OK
+from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCKED, EXIT_OK, exit_code_of
+from .schedule import iso, utcnow
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ KILL_GRACE_S = 15.0
 
 class JobLocked(RuntimeError):
     """Another process holds the job's lock."""
+
+    exit_code = EXIT_LOCKED
 
     def __init__(self, name: str, lock_path: Path, holder: dict[str, Any] | None):
         self.name, self.lock_path, self.holder = name, lock_path, holder or {}
@@ -65,14 +67,6 @@ def default_lock_dir() -> Path:
 
 def default_log_dir() -> Path:
     return state_dir() / "logs"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
@@ -264,7 +258,7 @@ def run_job(
                 images_per_s=None,
                 error=outcome.get("error", "the run failed"),
             )
-        from .. import __version__
+        from ..version import __version__
 
         record["batchmask_version"] = __version__
         if extra:
@@ -354,7 +348,7 @@ def _child_main(argv: list[str]) -> int:
 
         if isinstance(exc, OutputLocked):
             result_path.write_text(json.dumps({"status": "locked", "error": str(exc)}))
-            return EXIT_LOCKED
+            return exit_code_of(exc)
         if not isinstance(exc, (RunError, StorageError, ModelNotFoundError)):
             log.exception("the run failed")  # unexpected: keep the traceback in the log
         result_path.write_text(json.dumps({"error": f"{type(exc).__name__}: {redact_urls(str(exc))}"}))

@@ -9,8 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .execute import iso, utcnow
-from .schedule import to_on_calendar
+from .schedule import iso, to_on_calendar, utcnow
 from .spec import JobSpec, is_url, line_unsafe
 
 K8S_JOBS_MOUNT = "/etc/batchmask/jobs"
@@ -67,7 +66,7 @@ def render_crontab(
 
     ``user`` adds the user column of ``/etc/cron.d`` files; ``None`` gives a personal crontab.
     """
-    from .. import __version__
+    from ..version import __version__
 
     check_line_safe(batchmask=batchmask, log_dir=log_dir, lock_dir=lock_dir, user=user)
     for src in sources:

@@ -166,3 +166,11 @@ def to_on_calendar(expr: str, tz: str = "UTC") -> str:
     if field(4) != "*":
         dow = ",".join(_SYSTEMD_DAYS[v] for v in sorted(sets[4])) + " "
     return f"{dow}*-{field(3)}-{field(2)} {field(1)}:{field(0)}:00 {tz}"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

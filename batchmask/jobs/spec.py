@@ -16,11 +16,13 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..batch.options import JOB_FIELDS, RunOptions
+from ..batch.storage import has_userinfo, is_remote, is_url
 from .schedule import validate_cron, validate_timezone
 
 #: Longest job name: the Kubernetes CronJob is named ``batchmask-<name>`` and CronJob names are
@@ -52,23 +54,20 @@ class JobError(ValueError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A validated job definition (local paths already absolute)."""
+    """A validated job definition (local paths already absolute).
+
+    The run's options are ``run``, a :class:`~batchmask.batch.options.RunOptions`: a job file
+    sets its fields listed in ``JOB_FIELDS`` (read as attributes too: ``job.workers``), plus
+    ``profile`` (the storage profile, given to the run as ``storage_options``).
+    """
 
     name: str
     schedule: str
     input: str
     output: str
     timezone: str = "UTC"
-    model: str | None = None
-    workers: int = 1
-    batch_size: int = 8
-    endpoint_url: str | None = None
+    run: RunOptions = field(default_factory=RunOptions)
     profile: str | None = None
-    threshold: float | None = None
-    glob: str | None = None
-    overlays: bool = False
-    runtime: str = "auto"
-    gpus_per_worker: float = 0.0
     max_failures: int = 0
     timeout: float | None = None
     enabled: bool = True
@@ -76,38 +75,29 @@ class JobSpec:
     #: the file the job was read from (not a TOML field)
     source: str = ""
 
+    def __getattr__(self, name: str) -> Any:
+        if name in JOB_FIELDS:  # only called for names that are not fields: the run's options
+            return getattr(self.run, name)
+        raise AttributeError(name)
+
     def runner_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`batchmask.batch.runner.run` (without quiet/address)."""
-        opts: dict[str, Any] = {}
-        if self.profile:
-            opts["profile"] = self.profile
-        return {
-            "input": self.input,
-            "output": self.output,
-            "model": self.model,
-            "workers": self.workers,
-            "batch_size": self.batch_size,
-            "glob": self.glob,
-            "endpoint_url": self.endpoint_url,
-            "threshold": self.threshold,
-            "overlays": self.overlays,
-            "runtime": self.runtime,
-            "gpus_per_worker": self.gpus_per_worker,
-            "storage_options": opts or None,
-        }
+        """Keyword arguments for :func:`batchmask.batch.runner.run`: input, output and every run option."""
+        return {"input": self.input, "output": self.output, **self.run.to_kwargs()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job file's fields (and ``source``), with their values; None for fields not set."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "run":
+                d.update({k: getattr(self.run, k) for k in JOB_FIELDS})
+            else:
+                d[f.name] = getattr(self, f.name)
+        return d
 
     def to_toml(self) -> str:
         """The definition as TOML (resolved paths), e.g. to ship it to a Ray cluster."""
-        lines = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "source" or value is None:
-                continue
-            lines.append(f"{f.name} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items()
+                       if k != "source" and v is not None)
 
 
 def _toml_value(value: Any) -> str:
@@ -129,11 +119,6 @@ def line_unsafe(value: str) -> str | None:
         if ord(c) < 0x20 or ord(c) == 0x7F or c in "\u0085\u2028\u2029":
             return f"contains the control character {c!r}; cron and systemd files are line-based"
     return None
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` locations (s3://, gs://, file://, ...)."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
 def resolve_path(value: str, base_dir: Path) -> str:
@@ -164,23 +149,15 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-# field -> (python types accepted, required)
+# field -> (python types accepted, required): the job's own fields, then the run options a job sets
 _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "name": ((str,), True),
     "schedule": ((str,), True),
     "timezone": ((str,), False),
     "input": ((str,), True),
     "output": ((str,), True),
-    "model": ((str,), False),
-    "workers": ((int,), False),
-    "batch_size": ((int,), False),
-    "endpoint_url": ((str,), False),
+    **{k: (types, False) for k, types in JOB_FIELDS.items()},
     "profile": ((str,), False),
-    "threshold": ((float, int), False),
-    "glob": ((str,), False),
-    "overlays": ((bool,), False),
-    "runtime": ((str,), False),
-    "gpus_per_worker": ((float, int), False),
     "max_failures": ((int,), False),
     "timeout": ((int, float, str), False),
     "enabled": ((bool,), False),
@@ -200,22 +177,16 @@ def _check_location(field: str, value: str, problems: list[str]) -> None:
     if not value.strip():
         problems.append(f"field '{field}' = {value!r}: must not be empty")
         return
-    if is_url(value):
-        parts = urlsplit(value)
-        if parts.username or parts.password:
-            problems.append(
-                f"field '{field}' = <redacted>: credentials in the URL; secrets are never stored in job "
-                "files (use the environment or `profile`)"
-            )
+    if has_userinfo(value):
+        problems.append(
+            f"field '{field}' = <redacted>: credentials in the URL; secrets are never stored in job "
+            "files (use the environment or `profile`)"
+        )
 
 
 def _shown(value: Any) -> str:
     """``value`` for an error message; URLs with credentials are never echoed."""
-    if isinstance(value, str) and is_url(value):
-        parts = urlsplit(value)
-        if parts.username or parts.password:
-            return "<redacted>"
-    return repr(value)
+    return "<redacted>" if isinstance(value, str) and has_userinfo(value) else repr(value)
 
 
 def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpec:
@@ -226,8 +197,23 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
     Values of unknown fields are never echoed (they could be secrets under an unhinted name).
     """
     path = Path(path)
+    ok, problems = _typed_fields(data)
+    problems += _value_problems(ok, path)
+    timeout = None
+    if "timeout" in ok:
+        try:
+            timeout = parse_duration(ok["timeout"])
+        except ValueError as exc:
+            problems.append(f"field 'timeout' = {ok['timeout']!r}: {exc}")
+    if problems:
+        raise JobError(path, problems)
+    return _job_spec(ok, path, timeout)
+
+
+def _typed_fields(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(known fields of the right type, problems: tables, unknown fields, wrong types, missing fields)."""
     problems: list[str] = []
-    ok: dict[str, Any] = {}  # known fields of the right type
+    ok: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             problems.append(f"unexpected table [{key}]: a job file holds plain fields only")
@@ -247,59 +233,45 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
             problems.append(f"field '{key}' = {_shown(value)}: expected {want}, got {type(value).__name__}")
             continue
         ok[key] = value
-    for key, (_, required) in _FIELDS.items():
-        if required and key not in data:
-            problems.append(f"missing required field '{key}'")
+    problems += [f"missing required field '{key}'" for key, (_, required) in _FIELDS.items()
+                 if required and key not in data]
+    return ok, problems
 
+
+def _value_problems(ok: dict[str, Any], path: Path) -> list[str]:
+    """Problems with the values of fields whose type is right (run options: RunOptions.problems)."""
+    problems: list[str] = []
     name = ok.get("name")
     if name is not None and not NAME_RE.match(name):
         problems.append(
             f"field 'name' = {name!r}: use 1-{NAME_MAX} lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
-    tz = ok.get("timezone", "UTC")
-    if "timezone" in ok:
-        try:
-            validate_timezone(tz)
-        except ValueError as exc:
-            problems.append(f"field 'timezone' = {tz!r}: {exc}")
-    if "schedule" in ok:
-        try:
-            validate_cron(ok["schedule"])
-        except ValueError as exc:
-            problems.append(f"field 'schedule' = {ok['schedule']!r}: {exc}")
+    for key, check in (("timezone", validate_timezone), ("schedule", validate_cron)):
+        if key in ok:
+            try:
+                check(ok[key])
+            except ValueError as exc:
+                problems.append(f"field '{key}' = {ok[key]!r}: {exc}")
     for key in ("input", "output", "model"):
         if key in ok:
             _check_location(key, ok[key], problems)
-    for key in ("workers", "batch_size"):
-        if key in ok and ok[key] < 1:
-            problems.append(f"field '{key}' = {ok[key]!r}: must be at least 1")
-    if "runtime" in ok and ok["runtime"] not in ("auto", "keras", "onnx"):
-        problems.append(f"field 'runtime' = {_shown(ok['runtime'])}: must be auto, keras or onnx")
-    if "gpus_per_worker" in ok and ok["gpus_per_worker"] < 0:
-        problems.append(f"field 'gpus_per_worker' = {ok['gpus_per_worker']!r}: must be 0 or more")
+    run_fields = {k: v for k, v in ok.items() if k in JOB_FIELDS}
+    problems += [f"field '{key}' = {_shown(ok[key])}: {why}" for key, why in RunOptions.problems(run_fields)]
     if "max_failures" in ok and ok["max_failures"] < 0:
         problems.append(f"field 'max_failures' = {ok['max_failures']!r}: must be 0 or more")
-    if "threshold" in ok and not 0.0 < float(ok["threshold"]) < 1.0:
-        problems.append(f"field 'threshold' = {ok['threshold']!r}: must be between 0 and 1 (exclusive)")
-    timeout = None
-    if "timeout" in ok:
-        try:
-            timeout = parse_duration(ok["timeout"])
-        except ValueError as exc:
-            problems.append(f"field 'timeout' = {ok['timeout']!r}: {exc}")
     endpoint = ok.get("endpoint_url")
     if endpoint is not None:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             problems.append(f"field 'endpoint_url' = {_shown(endpoint)}: expected an http:// or https:// URL")
-        elif parts.username or parts.password:
+        elif has_userinfo(endpoint):
             problems.append(
                 "field 'endpoint_url' = <redacted>: credentials in the URL; secrets are never stored "
                 "in job files (use the environment or `profile`)"
             )
     if "input" in ok and "output" in ok:  # only judged when both locations are known
-        remote = [k for k in ("input", "output") if is_url(ok[k]) and not ok[k].startswith("file://")]
+        remote = [k for k in ("input", "output") if is_remote(ok[k])]
         for key in ("endpoint_url", "profile"):
             if key in ok and not remote:
                 problems.append(f"field '{key}' = {_shown(ok[key])}: only used with s3:// input or output")
@@ -309,32 +281,31 @@ def parse_job(data: dict[str, Any], path: str | os.PathLike = "<job>") -> JobSpe
         why = line_unsafe(str(path.resolve()))
         if why:
             problems.append(f"the job file's path {why}; rename it (it is written into cron lines)")
-    if problems:
-        raise JobError(path, problems)
+    return problems
 
-    data = ok
 
+def _job_spec(ok: dict[str, Any], path: Path, timeout: float | None) -> JobSpec:
+    """The JobSpec of a valid definition: local paths resolved against the job file's directory."""
     base = path.parent.resolve() if path.name != "<job>" else Path.cwd()
+    run = {k: v for k, v in ok.items() if k in JOB_FIELDS}
+    if run.get("model"):
+        run["model"] = resolve_path(run["model"], base)
+    if "threshold" in run:
+        run["threshold"] = float(run["threshold"])
+    if ok.get("profile"):
+        run["storage_options"] = {"profile": ok["profile"]}
     return JobSpec(
-        name=name,
-        schedule=" ".join(data["schedule"].split()),
-        timezone=tz,
-        input=resolve_path(data["input"], base),
-        output=resolve_path(data["output"], base),
-        model=resolve_path(data["model"], base) if data.get("model") else None,
-        workers=data.get("workers", 1),
-        batch_size=data.get("batch_size", 8),
-        endpoint_url=endpoint,
-        profile=data.get("profile"),
-        threshold=float(data["threshold"]) if "threshold" in data else None,
-        glob=data.get("glob"),
-        overlays=data.get("overlays", False),
-        runtime=data.get("runtime", "auto"),
-        gpus_per_worker=float(data.get("gpus_per_worker", 0.0)),
-        max_failures=data.get("max_failures", 0),
+        name=ok["name"],
+        schedule=" ".join(ok["schedule"].split()),
+        timezone=ok.get("timezone", "UTC"),
+        input=resolve_path(ok["input"], base),
+        output=resolve_path(ok["output"], base),
+        run=RunOptions(**run),
+        profile=ok.get("profile"),
+        max_failures=ok.get("max_failures", 0),
         timeout=timeout,
-        enabled=data.get("enabled", True),
-        description=data.get("description", ""),
+        enabled=ok.get("enabled", True),
+        description=ok.get("description", ""),
         source=str(path.resolve()) if path.name != "<job>" else "",
     )
 

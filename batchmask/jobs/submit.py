@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..exits import EXIT_LOCKED
 from .schedule import current_slot, is_slot
 from .spec import JobSpec, is_url
 
@@ -30,6 +31,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class SlotAlreadySubmitted(RuntimeError):
+    exit_code = EXIT_LOCKED
     """The cluster already has a submission for this job and slot."""
 
 

@@ -1,0 +1,119 @@
+"""The options of one ``batchmask run``: one frozen dataclass, its defaults and its checks.
+
+:class:`RunOptions` is the single list of what a run can be asked to do. Everything else is
+derived from it: ``run(input, output, options)`` takes it (or builds it from keywords), the
+``batchmask run`` command takes its click defaults from it, ``run.json``'s ``options`` is
+:meth:`RunOptions.recorded` (the fields marked ``recorded``, in this order), a job file's run
+fields are the fields marked ``job`` (:mod:`batchmask.jobs.spec`), and the worker's settings
+come from it (:meth:`~batchmask.batch.worker.WorkerOptions.of`).
+
+The checks are :meth:`RunOptions.problems`: ``RunOptions(...)`` raises :class:`RunError` with
+them, and a job file reports them as its own problems, so both say the same thing.
+
+This module imports nothing heavy (no Ray, Keras, fsspec, click; numpy through the runtime names): the CLI, the job files and
+the workers all read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..exits import EXIT_FAILED
+from ..runtime import RUNTIMES  # what predicts (numpy is the heaviest thing this imports)
+
+
+class RunError(RuntimeError):
+    """The run could not be done (bad options, unreachable storage, no workers)."""
+
+    exit_code = EXIT_FAILED
+
+
+def _opt(default: Any, *, recorded: bool = False, job: tuple[type, ...] = (), help: str = "") -> Any:
+    """A field: ``recorded`` ones go to run.json's ``options``; ``job`` gives the TOML types a job file
+    may use for it (no types: not a job-file field)."""
+    return field(default=default, metadata={"recorded": recorded, "job": job, "help": help})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a run can be asked to do, besides its input and output.
+
+    Defaults are written here only. ``shard_timeout``'s default comes from
+    ``$BATCHMASK_SHARD_TIMEOUT`` (read once, at import).
+    """
+
+    # run.json "options", in this order (README: "Files written").
+    workers: int = _opt(1, recorded=True, job=(int,), help="Ray actors, each with its own copy of the model")
+    batch_size: int = _opt(8, recorded=True, job=(int,), help="images per prediction batch")
+    shard_size: int = _opt(32, recorded=True, help="images per unit of work handed to an actor")
+    glob: str | None = _opt(None, recorded=True, job=(str,), help="only images whose path or name matches")
+    threshold: float | None = _opt(None, recorded=True, job=(float, int),
+                                   help="face probability threshold (None: the model's)")
+    overlays: bool = _opt(False, recorded=True, job=(bool,), help="also write overlays/<path>.jpg")
+    overwrite: bool = _opt(False, recorded=True, help="process every image again")
+    retry_errors: bool = _opt(False, recorded=True, help="process images recorded as errors again")
+    max_pixels: int = _opt(50_000_000, recorded=True, help="images with more pixels are error rows")
+    shared_fs: bool = _opt(False, recorded=True, help="local paths are the same on every node")
+    draft: bool = _opt(True, recorded=True, help="JPEG draft-mode decoding")
+    shard_timeout: float = _opt(float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300")), recorded=True,
+                                help="seconds a shard may go without progress")
+    runtime: str = _opt("auto", recorded=True, job=(str,), help="auto, keras or onnx")
+    gpus_per_worker: float = _opt(0.0, recorded=True, job=(float, int), help="GPUs Ray gives each actor")
+    in_process_max: int = _opt(40, recorded=True, help="runs with at most this many images skip Ray")
+    # Not in run.json's options (where the model and storage are recorded otherwise, or not at all).
+    model: str | None = _opt(None, job=(str,), help="model directory (None: the packaged model)")
+    endpoint_url: str | None = _opt(None, job=(str,), help="S3 endpoint")
+    storage_options: dict | None = _opt(None, help="fsspec options, e.g. {'profile': name}")
+    address: str | None = _opt(None, help="Ray cluster to join")
+    quiet: bool = _opt(False, help="no progress bar")
+    wait: bool = _opt(False, help="wait for another run's lock instead of failing")
+    wait_timeout: float | None = _opt(None, help="with wait: give up after this many seconds")
+
+    def __post_init__(self) -> None:
+        for name in ("shard_timeout", "gpus_per_worker"):  # ints from Python or TOML are fine
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+        if self.model is not None and not isinstance(self.model, str):
+            object.__setattr__(self, "model", os.fspath(self.model))
+        if self.storage_options is not None:
+            object.__setattr__(self, "storage_options", dict(self.storage_options))
+        problems = self.problems(dataclasses.asdict(self))
+        if problems:
+            raise RunError("; ".join(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}"
+                                     for name, why in problems))
+
+    @staticmethod
+    def problems(values: dict[str, Any]) -> list[tuple[str, str]]:
+        """(field, why) for each value in ``values`` (any subset of the fields) that a run refuses."""
+        out: list[tuple[str, str]] = []
+
+        def check(name: str, ok, why: str) -> None:
+            if name in values and values[name] is not None and not ok(values[name]):
+                out.append((name, why))
+
+        for name in ("workers", "batch_size", "shard_size", "max_pixels"):
+            check(name, lambda v: v >= 1, "must be at least 1")
+        check("threshold", lambda v: 0.0 < float(v) < 1.0, "must be between 0 and 1 (exclusive)")
+        check("shard_timeout", lambda v: v > 0, "must be more than 0 seconds")
+        check("gpus_per_worker", lambda v: v >= 0, "must be 0 or more")
+        check("in_process_max", lambda v: v >= 0, "must be 0 or more")
+        check("runtime", lambda v: v in RUNTIMES, "must be auto, keras or onnx")
+        return out
+
+    def recorded(self) -> dict[str, Any]:
+        """run.json's ``options``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["recorded"]}
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Every field, as keywords for ``run()`` (JSON-serialisable: a job's child process reads them)."""
+        return dataclasses.asdict(self)
+
+
+#: The fields a job file may set, with the TOML types each accepts, in RunOptions order.
+JOB_FIELDS: dict[str, tuple[type, ...]] = {
+    f.name: f.metadata["job"] for f in dataclasses.fields(RunOptions) if f.metadata["job"]
+}
