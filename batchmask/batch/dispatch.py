@@ -229,7 +229,8 @@ class Dispatcher:
                  *, shard_timeout: float, t0: float, bar: Any = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep, start_timeout: float = ACTOR_START_TIMEOUT_S,
                  balance_wait: float = BALANCE_WAIT_S):
-        self.pool, self.counts, self.info, self.bar = pool, counts, info, bar or _NoBar()
+        self.pool, self.counts, self.info = pool, counts, info
+        self.bar = _NoBar() if bar is None else bar
         self.shard_timeout, self.t0, self.clock, self.sleep = shard_timeout, t0, clock, sleep
         self.start_timeout, self.balance_wait = start_timeout, balance_wait
         self.first, self.shards, self.listing_done = first, shards, False

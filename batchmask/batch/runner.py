@@ -378,10 +378,12 @@ def _execute(first, shards, counts: RunCounts, info: dict, in_spec: StorageSpec,
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        actors = _start_actors(inp, out, in_spec, out_spec, opts, files, wopts, info, owns_ray)
+        # The model's ref stays alive here until the dispatch ends: restarted actors fetch it again.
+        actors, model_ref = _start_actors(inp, out, in_spec, out_spec, opts, files, wopts, info, owns_ray)
         bar = tqdm(total=None, unit="img", disable=opts.quiet, dynamic_ncols=True, desc="batchmask run")
         Dispatcher(RayPool(actors), first, shards, counts, info, shard_timeout=opts.shard_timeout, t0=t0,
                    bar=bar).run()
+        del model_ref
     finally:
         for a in actors:
             with contextlib.suppress(Exception):
@@ -393,8 +395,9 @@ def _execute(first, shards, counts: RunCounts, info: dict, in_spec: StorageSpec,
 
 
 def _start_actors(inp: Storage, out: Storage, in_spec: StorageSpec, out_spec: StorageSpec, opts: RunOptions,
-                  files: dict[str, bytes], wopts: WorkerOptions, info: dict, owns_ray: bool) -> list:
-    """``opts.workers`` MaskWorker actors placed over the cluster's CPUs (and GPUs); info["ray"] says how."""
+                  files: dict[str, bytes], wopts: WorkerOptions, info: dict, owns_ray: bool) -> tuple[list, object]:
+    """``opts.workers`` MaskWorker actors placed over the cluster's CPUs (and GPUs), and the ref of the
+    model files they load (the caller keeps it alive for restarts); info["ray"] says how."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -432,4 +435,4 @@ def _start_actors(inp: Storage, out: Storage, in_spec: StorageSpec, out_spec: St
     info["ray"] = {"nodes": len(nodes), "cluster_cpus": sum(node_cpus), "cpus_per_actor": per,
                    "threads_per_actor": threads, "owns_cluster": owns_ray, "gpus_per_actor": wopts.gpus,
                    "cluster_gpus": cluster_gpus}
-    return actors
+    return actors, blob
