@@ -213,8 +213,7 @@ def train(
     import keras
 
     from .inference import FaceMaskModel, base_meta, save_model
-    from .losses import dice_at_half, dice_metric, get_loss
-    from .model import build_unet, model_cost, set_trainable
+    from .model import build_unet, model_cost
 
     keras.utils.set_random_seed(cfg.seed)
     size, crop = cfg.model.image_size, cfg.train_size
@@ -228,14 +227,41 @@ def train(
     # Crops smaller than the inference size: train on crops, validate whole images at size.
     net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights, any_size=crop != size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / ".best.weights.h5"
+    warmup = min(cfg.warmup_epochs, cfg.epochs) if cfg.model.trainable_blocks > 0 else cfg.epochs
+    history = _fit(net, train_seq, val_xy, cfg, warmup, out_dir / ".best.weights.h5", deadline, progress)
+    best = max(history, key=lambda r: r.get(MONITOR, -1.0))
+    meta = base_meta(cfg.model)
+    meta.update(_training_meta(cfg, command, history, best, time.time() - t0, sources, split, train_s, val_s))
+    # Save a fresh, uncompiled copy: the optimizer state would double the file size.
+    clean = build_unet(cfg.model, backbone_weights=None)
+    clean.set_weights(net.get_weights())
+    meta["cost"] = model_cost(clean)
+    save_model(clean, out_dir, meta)
+    write_history(out_dir / "history.csv", history)
+    plot_history(out_dir / "learning_curves.png", history, warmup + 1 if warmup < cfg.epochs else None)
+
+    result = TrainResult(out_dir=out_dir, history=history, best_epoch=int(best["epoch"]))
+    result.metrics = _final_validation(FaceMaskModel(clean, meta, out_dir), val_s, cfg)
+    result.wall_s = time.time() - t0
+    log.info("trained in %.0f s; best epoch %d", result.wall_s, result.best_epoch)
+    return result
+
+
+def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, ckpt: Path, deadline: float | None,
+         progress: bool) -> list[dict[str, Any]]:
+    """The training phases (decoder only for ``warmup`` epochs, then fine-tuning); ``net`` ends with
+    the weights of the best epoch. Returns one history row per epoch."""
+    import keras
+
+    from .losses import dice_at_half, dice_metric, get_loss
+    from .model import set_trainable
+
     checkpoint = keras.callbacks.ModelCheckpoint(
         str(ckpt), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
     )
     loss = get_loss(cfg.loss, per_image=cfg.dice_per_image)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     steps = len(train_seq)
-    warmup = min(cfg.warmup_epochs, cfg.epochs) if cfg.model.trainable_blocks > 0 else cfg.epochs
     phases = [("decoder", 0, warmup, cfg.learning_rate, False)]
     if warmup < cfg.epochs:
         phases.append(("finetune", warmup, cfg.epochs, cfg.learning_rate * cfg.finetune_lr_scale, True))
@@ -273,40 +299,32 @@ def train(
             warnings.simplefilter("ignore")
             net.load_weights(str(ckpt))
         ckpt.unlink()
-    best = max(history, key=lambda r: r.get(MONITOR, -1.0))
-    train_wall = time.time() - t0
+    return history
 
-    meta = base_meta(cfg.model)
-    meta["training"] = {
-        "config": cfg.to_dict(),
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "epochs_run": len(history),
-        "best_epoch": int(best["epoch"]),
-        "wall_s": round(train_wall, 1),
-    }
-    meta["data"] = {
-        "path": _path_field(sources),
-        "sources": sources,
-        "fingerprint": fingerprint(train_s + val_s),
-        "train_images": len(train_s),
-        "val_images": len(val_s),
-        "train_faces": int(sum(len(s.boxes) for s in train_s)),
-        "split": {**split, "val_names": [s.name for s in val_s]},
-    }
-    meta["metrics"] = {"best_epoch": {k: v for k, v in best.items() if k != "phase"}}
-    # Save a fresh, uncompiled copy: the optimizer state would double the file size.
-    clean = build_unet(cfg.model, backbone_weights=None)
-    clean.set_weights(net.get_weights())
-    meta["cost"] = model_cost(clean)
-    save_model(clean, out_dir, meta)
-    write_history(out_dir / "history.csv", history)
-    plot_history(out_dir / "learning_curves.png", history, warmup + 1 if len(phases) > 1 else None)
 
-    result = TrainResult(out_dir=out_dir, history=history, best_epoch=int(best["epoch"]))
-    result.metrics = _final_validation(FaceMaskModel(clean, meta, out_dir), val_s, cfg)
-    result.wall_s = time.time() - t0
-    log.info("trained in %.0f s; best epoch %d", result.wall_s, result.best_epoch)
-    return result
+def _training_meta(cfg: TrainConfig, command: str | None, history: list[dict[str, Any]], best: dict[str, Any],
+                   train_wall: float, sources: list[dict], split: dict, train_s: list[Sample],
+                   val_s: list[Sample]) -> dict[str, Any]:
+    """model.json's ``training``, ``data`` and ``metrics`` (the best epoch's) for a trained model."""
+    return {
+        "training": {
+            "config": cfg.to_dict(),
+            "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "epochs_run": len(history),
+            "best_epoch": int(best["epoch"]),
+            "wall_s": round(train_wall, 1),
+        },
+        "data": {
+            "path": _path_field(sources),
+            "sources": sources,
+            "fingerprint": fingerprint(train_s + val_s),
+            "train_images": len(train_s),
+            "val_images": len(val_s),
+            "train_faces": int(sum(len(s.boxes) for s in train_s)),
+            "split": {**split, "val_names": [s.name for s in val_s]},
+        },
+        "metrics": {"best_epoch": {k: v for k, v in best.items() if k != "phase"}},
+    }
 
 
 def _final_validation(model, val_s: list[Sample], cfg: TrainConfig) -> dict[str, Any]:
