@@ -31,10 +31,10 @@ class RunError(RuntimeError):
     exit_code = EXIT_FAILED
 
 
-def _opt(default: Any, *, recorded: bool = False, job: tuple[type, ...] = (), help: str = "") -> Any:
+def _opt(default: Any, *, recorded: bool = False, job: tuple[type, ...] = ()) -> Any:
     """A field: ``recorded`` ones go to run.json's ``options``; ``job`` gives the TOML types a job file
     may use for it (no types: not a job-file field)."""
-    return field(default=default, metadata={"recorded": recorded, "job": job, "help": help})
+    return field(default=default, metadata={"recorded": recorded, "job": job})
 
 
 @dataclass(frozen=True)
@@ -46,31 +46,51 @@ class RunOptions:
     """
 
     # run.json "options", in this order (README: "Files written").
-    workers: int = _opt(1, recorded=True, job=(int,), help="Ray actors, each with its own copy of the model")
-    batch_size: int = _opt(8, recorded=True, job=(int,), help="images per prediction batch")
-    shard_size: int = _opt(32, recorded=True, help="images per unit of work handed to an actor")
-    glob: str | None = _opt(None, recorded=True, job=(str,), help="only images whose path or name matches")
-    threshold: float | None = _opt(None, recorded=True, job=(float, int),
-                                   help="face probability threshold (None: the model's)")
-    overlays: bool = _opt(False, recorded=True, job=(bool,), help="also write overlays/<path>.jpg")
-    overwrite: bool = _opt(False, recorded=True, help="process every image again")
-    retry_errors: bool = _opt(False, recorded=True, help="process images recorded as errors again")
-    max_pixels: int = _opt(50_000_000, recorded=True, help="images with more pixels are error rows")
-    shared_fs: bool = _opt(False, recorded=True, help="local paths are the same on every node")
-    draft: bool = _opt(True, recorded=True, help="JPEG draft-mode decoding")
-    shard_timeout: float = _opt(float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300")), recorded=True,
-                                help="seconds a shard may go without progress")
-    runtime: str = _opt("auto", recorded=True, job=(str,), help="auto, keras or onnx")
-    gpus_per_worker: float = _opt(0.0, recorded=True, job=(float, int), help="GPUs Ray gives each actor")
-    in_process_max: int = _opt(40, recorded=True, help="runs with at most this many images skip Ray")
+    #: Ray actors, each with its own copy of the model.
+    workers: int = _opt(1, recorded=True, job=(int,))
+    #: Images per prediction batch.
+    batch_size: int = _opt(8, recorded=True, job=(int,))
+    #: Images per unit of work handed to an actor.
+    shard_size: int = _opt(32, recorded=True)
+    #: Only images whose path or name matches.
+    glob: str | None = _opt(None, recorded=True, job=(str,))
+    #: Face probability threshold (None: the model's).
+    threshold: float | None = _opt(None, recorded=True, job=(float, int))
+    #: Also write overlays/<path>.jpg.
+    overlays: bool = _opt(False, recorded=True, job=(bool,))
+    #: Process every image again.
+    overwrite: bool = _opt(False, recorded=True)
+    #: Process images recorded as errors again.
+    retry_errors: bool = _opt(False, recorded=True)
+    #: Images with more pixels are error rows.
+    max_pixels: int = _opt(50_000_000, recorded=True)
+    #: Local paths are the same on every node.
+    shared_fs: bool = _opt(False, recorded=True)
+    #: JPEG draft-mode decoding.
+    draft: bool = _opt(True, recorded=True)
+    #: Seconds a shard may go without progress.
+    shard_timeout: float = _opt(float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300")), recorded=True)
+    #: What predicts: "auto" (ONNX Runtime when installed), "keras" or "onnx".
+    runtime: str = _opt("auto", recorded=True, job=(str,))
+    #: GPUs Ray gives each actor.
+    gpus_per_worker: float = _opt(0.0, recorded=True, job=(float, int))
+    #: Runs with at most this many images skip Ray.
+    in_process_max: int = _opt(40, recorded=True)
     # Not in run.json's options (where the model and storage are recorded otherwise, or not at all).
-    model: str | None = _opt(None, job=(str,), help="model directory (None: the packaged model)")
-    endpoint_url: str | None = _opt(None, job=(str,), help="S3 endpoint")
-    storage_options: dict | None = _opt(None, help="fsspec options, e.g. {'profile': name}")
-    address: str | None = _opt(None, help="Ray cluster to join")
-    quiet: bool = _opt(False, help="no progress bar")
-    wait: bool = _opt(False, help="wait for another run's lock instead of failing")
-    wait_timeout: float | None = _opt(None, help="with wait: give up after this many seconds")
+    #: Model directory (None: the packaged model).
+    model: str | None = _opt(None, job=(str,))
+    #: S3 endpoint.
+    endpoint_url: str | None = _opt(None, job=(str,))
+    #: fsspec options, e.g. {"profile": name} (a job file's `profile`).
+    storage_options: dict | None = _opt(None)
+    #: Ray cluster to join.
+    address: str | None = _opt(None)
+    #: No progress bar.
+    quiet: bool = _opt(False)
+    #: Wait for another run's lock instead of failing.
+    wait: bool = _opt(False)
+    #: With wait: give up after this many seconds.
+    wait_timeout: float | None = _opt(None)
 
     def __post_init__(self) -> None:
         for name in ("shard_timeout", "gpus_per_worker"):  # ints from Python or TOML are fine
