@@ -281,8 +281,7 @@ class _BatchRun:
                                opts.quiet)
         else:
             with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
-                _execute(self.first, shards, self.counts, info, self.in_spec, self.out_spec, self.inp, self.out, opts,
-                         files=files, wopts=wopts)
+                _execute(self, shards, files, wopts)
 
     def _finish(self, interrupted: bool, failed: bool) -> None:
         """Driver rows, merge, run.json and the lock's release: also when the run failed (bounded then)."""
@@ -365,13 +364,13 @@ def _bounded(fn, what: str) -> None:
         raise errors[0]
 
 
-def _execute(first, shards, counts: RunCounts, info: dict, in_spec: StorageSpec, out_spec: StorageSpec,
-             inp: Storage, out: Storage, opts: RunOptions, *, files: dict[str, bytes], wopts: WorkerOptions) -> None:
-    """Start (or join) Ray, start the actors, dispatch every shard; always stop what was started."""
+def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], wopts: WorkerOptions) -> None:
+    """Start (or join) Ray, start the actors, dispatch ``batch.first`` and ``shards``; always stop what was started."""
     import ray
     from tqdm import tqdm
 
     t0 = time.time()
+    opts = batch.opts
     owns_ray = _start_ray(opts.address)
     actors: list = []
     old_term = None
@@ -379,10 +378,10 @@ def _execute(first, shards, counts: RunCounts, info: dict, in_spec: StorageSpec,
         old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         # The model's ref stays alive here until the dispatch ends: restarted actors fetch it again.
-        actors, model_ref = _start_actors(inp, out, in_spec, out_spec, opts, files, wopts, info, owns_ray)
+        actors, model_ref = _start_actors(batch, files, wopts, owns_ray)
         bar = tqdm(total=None, unit="img", disable=opts.quiet, dynamic_ncols=True, desc="batchmask run")
-        Dispatcher(RayPool(actors), first, shards, counts, info, shard_timeout=opts.shard_timeout, t0=t0,
-                   bar=bar).run()
+        Dispatcher(RayPool(actors), batch.first, shards, batch.counts, batch.info, shard_timeout=opts.shard_timeout,
+                   t0=t0, bar=bar).run()
         del model_ref
     finally:
         for a in actors:
@@ -394,14 +393,15 @@ def _execute(first, shards, counts: RunCounts, info: dict, in_spec: StorageSpec,
             ray.shutdown()
 
 
-def _start_actors(inp: Storage, out: Storage, in_spec: StorageSpec, out_spec: StorageSpec, opts: RunOptions,
-                  files: dict[str, bytes], wopts: WorkerOptions, info: dict, owns_ray: bool) -> tuple[list, object]:
+def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOptions,
+                  owns_ray: bool) -> tuple[list, object]:
     """``opts.workers`` MaskWorker actors placed over the cluster's CPUs (and GPUs), and the ref of the
     model files they load (the caller keeps it alive for restarts); info["ray"] says how."""
     import ray
 
+    opts, info = batch.opts, batch.info
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    local = [s.spec.url for s in (inp, out) if not s.remote]
+    local = [s.spec.url for s in (batch.inp, batch.out) if not s.remote]
     if len(nodes) > 1 and local and not opts.shared_fs:
         raise RunError(f"the Ray cluster has {len(nodes)} nodes but {', '.join(local)} is a local path that "
                        "workers on other nodes cannot see; use s3:// URLs, or --shared-fs if every node "
@@ -431,7 +431,7 @@ def _start_actors(inp: Storage, out: Storage, in_spec: StorageSpec, out_spec: St
     wopts.threads = threads
     # The ref goes inside a list: the actor fetches it itself, and the driver keeps it alive
     # for restarts (a top-level ref argument makes Ray warn about restartability).
-    actors = [remote_cls.remote([blob], in_spec, out_spec, wopts) for _ in range(workers)]
+    actors = [remote_cls.remote([blob], batch.in_spec, batch.out_spec, wopts) for _ in range(workers)]
     info["ray"] = {"nodes": len(nodes), "cluster_cpus": sum(node_cpus), "cpus_per_actor": per,
                    "threads_per_actor": threads, "owns_cluster": owns_ray, "gpus_per_actor": wopts.gpus,
                    "cluster_gpus": cluster_gpus}
