@@ -1,10 +1,11 @@
 """The batch run stage: list an input folder or bucket, plan shards, run workers, write outputs.
 
-Modules, in pipeline order: :mod:`.storage` (local and S3 paths), :mod:`.plan` (shards, in-process
-small runs), :mod:`.runner` (``run()``: the Ray job), :mod:`.worker` (the actor: decode, predict,
-write), :mod:`.outputs` (layout, part files, ``coverage.csv``, ``run.json``), :mod:`.lock` (one run
-per output), :mod:`.modelcheck` (the model checked before anything is written), :mod:`.quiet`
-(Ray's lines kept off the terminal).
+Modules, in pipeline order: :mod:`.options` (``RunOptions``: every option, default and check),
+:mod:`.storage` (local and S3 paths), :mod:`.plan` (shards, in-process small runs), :mod:`.runner`
+(``run()``: the Ray job), :mod:`.dispatch` (shards to actors, the retry/split policy),
+:mod:`.worker` (the actor: decode, predict, write), :mod:`.outputs` (layout, part files,
+``coverage.csv``, ``run.json``), :mod:`.lock` (one run per output), :mod:`.modelcheck` (the model
+checked before anything is written), :mod:`.quiet` (Ray's lines kept off the terminal).
 
 The public function is :func:`batchmask.run`; this package is named ``batch`` (not ``run``) so that
 importing it never shadows that function on the ``batchmask`` package.
