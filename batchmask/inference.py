@@ -92,7 +92,6 @@ def save_model(net, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     return out
 
 
-
 class FaceMaskModel:
     """A trained network plus the metadata needed to use it."""
 

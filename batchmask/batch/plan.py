@@ -30,6 +30,7 @@ from .worker import RAY_ONLY_TEST_HOOKS, MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
+
 def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The files actors load, and what run.json says about the runtime.
 
