@@ -8,16 +8,9 @@ import itertools
 
 import pytest
 
-from batchmask.batch.dispatch import (
-    INFLIGHT_PER_ACTOR,
-    MAX_SHARD_ATTEMPTS,
-    Action,
-    Dispatcher,
-    ErrorKind,
-    RunCounts,
-    decide,
-)
+from batchmask.batch.dispatch import Dispatcher, RunCounts
 from batchmask.batch.options import RunError
+from batchmask.batch.policy import INFLIGHT_PER_ACTOR, MAX_SHARD_ATTEMPTS, Action, ErrorKind, decide
 
 # ---------------------------------------------------------------- the policy
 

@@ -1,7 +1,7 @@
 """The driver side of a Ray run: handing shards to workers, and what a failure means.
 
-* :func:`decide` - the retry-and-split policy, a pure function of the failed shard's attempt,
-  size and error kind.
+* :func:`~batchmask.batch.policy.decide` (in :mod:`batchmask.batch.policy`) - the
+  retry-and-split policy, a pure function of the failed shard's attempt, size and error kind.
 * :class:`RunCounts` - the run's counts (run.json's ``counts``), kept by the listing, the
   dispatcher and the in-process path.
 * :class:`Dispatcher` - one dispatch: its state as attributes, one method per event (actor
@@ -9,18 +9,13 @@
   workers through a pool (:class:`RayPool` for Ray actors; the tests use fakes), so its
   behaviour is tested without Ray.
 
-The driver owns every retry (Ray's ``max_task_retries`` is 0). A shard that failed is retried
-*alone* on an actor (nothing else in flight there), so a worker death during a retry is that
-shard's doing. After ``MAX_SHARD_ATTEMPTS`` deaths the shard is split into single images, each
-tried alone once; an image whose worker still dies becomes an error row. A dead actor is
-restarted by Ray (``ACTOR_MAX_RESTARTS`` in :mod:`batchmask.batch.runner`); the dispatcher
+The policy is described in :mod:`batchmask.batch.policy`. A dead actor is restarted by Ray (``ACTOR_MAX_RESTARTS`` in :mod:`batchmask.batch.runner`); the dispatcher
 waits for it with ``ready()`` and then gives it work again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import time
@@ -31,16 +26,11 @@ from typing import Any, Protocol
 
 from .options import RunError
 from .outputs import error_row
+from .policy import INFLIGHT_PER_ACTOR, MAX_SHARD_ATTEMPTS, Action, ErrorKind, decide
 from .storage import redact_urls
 
 log = logging.getLogger(__name__)
 
-#: Shards in flight per actor (one being processed, one queued behind it).
-INFLIGHT_PER_ACTOR = 2
-#: A failed shard is tried again, alone on its actor, up to this many attempts in all; a shard
-#: whose worker died every time is then split into single images, each tried alone once, and an
-#: image that still kills its worker becomes an error row.
-MAX_SHARD_ATTEMPTS = 2
 #: ready() calls that may fail on an actor that died before it is given up as dead.
 REVIVE_TRIES = 3
 ACTOR_START_TIMEOUT_S = float(os.environ.get("BATCHMASK_ACTOR_START_TIMEOUT", "600"))
@@ -51,37 +41,6 @@ BALANCE_WAIT_S = 60.0
 POLL_S = 5.0
 #: Keys of an actor's ready() answer recorded in run.json's ``actors``.
 DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
-
-
-# ---------------------------------------------------------------- the policy
-
-
-class ErrorKind(enum.Enum):
-    DIED = "the worker process died"
-    TIMED_OUT = "no progress within --shard-timeout"
-    ERROR = "an exception in the worker"
-
-
-class Action(enum.Enum):
-    RETRY = "retry the whole shard, alone on an actor"
-    SPLIT = "split it: each image alone, once"
-    ERROR_ROWS = "give up on its images: error rows, the run goes on"
-    FAIL_RUN = "give up on the run"
-
-
-def decide(attempt: int, n_images: int, kind: ErrorKind, max_attempts: int = MAX_SHARD_ATTEMPTS) -> Action:
-    """What to do with a shard of ``n_images`` that failed on its ``attempt``-th try.
-
-    A shard that timed out ``max_attempts`` times fails the run (a storage problem, not the
-    image's fault); a failure before the last attempt is retried; a shard whose worker died
-    every time is split (several images) or becomes error rows (one image); an exception on the
-    last attempt (e.g. storage unreachable, access denied) fails the run.
-    """
-    if attempt < max_attempts:
-        return Action.RETRY
-    if kind is ErrorKind.DIED:
-        return Action.SPLIT if n_images > 1 else Action.ERROR_ROWS
-    return Action.FAIL_RUN
 
 
 # ---------------------------------------------------------------- counts and helpers

@@ -27,7 +27,7 @@ from ..data import IMAGE_EXTENSIONS
 from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
-from .dispatch import INFLIGHT_PER_ACTOR, Dispatcher, RayPool, RunCounts, raise_interrupt
+from .dispatch import Dispatcher, RayPool, RunCounts, raise_interrupt
 from .lock import OutputLock
 from .modelcheck import check_model
 from .options import RunError, RunOptions
@@ -48,6 +48,7 @@ from .plan import (
     prepare_model_files,
     runtime_used,
 )
+from .policy import INFLIGHT_PER_ACTOR
 from .quiet import ray_output_hidden
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .worker import TEST_HOOKS, MaskWorker, WorkerOptions
