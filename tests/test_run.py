@@ -210,7 +210,7 @@ def test_a_failing_run_gives_up_on_stalled_bookkeeping(monkeypatch, caplog):
     import threading
     import time
 
-    from batchmask import runner
+    from batchmask.batch import runner
 
     monkeypatch.setattr(runner, "FAILING_IO_S", 0.3)
     never = threading.Event()
