@@ -251,3 +251,37 @@ def test_run_json_and_cli_summary_for_a_small_run(tmp_path, tiny_model_dir):
     assert info["plan"]["mode"] == "in-process" and info["plan"]["images_to_do"] == 2
     assert info["actors"][0]["actor"] == "driver" and info["runtime"]["used"] in ("onnx", "keras")
     assert (out / "_lock.json").read_text() == ""
+
+
+def test_more_workers_than_cpus_start_every_actor_with_a_fraction_and_a_warning(tmp_path, tiny_model_dir,
+                                                                                monkeypatch, caplog):
+    """The same promise where the actors are made: 3 workers on a 2-CPU cluster are all created at
+    once with 0.5 CPU each, and a warning says so. Ray itself is replaced (no cluster starts)."""
+    import ray
+
+    import batchmask.batch.runner as runner
+
+    created = []
+
+    class FakeActorClass:
+        def options(self, **kw):
+            self.kw = kw
+            return self
+
+        def remote(self, *args):
+            created.append(self.kw)
+            return object()
+
+    monkeypatch.setattr(runner, "_start_ray", lambda address: False)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}, "NodeID": "n1"}])
+    monkeypatch.setattr(ray, "put", lambda obj: "blob")
+    monkeypatch.setattr(ray, "remote", lambda cls: FakeActorClass())
+    monkeypatch.setattr(ray, "kill", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "_dispatch", lambda actors, *a: None)  # no work is handed out
+    inp = images(tmp_path / "in", ["a.png"])
+    with caplog.at_level("WARNING", logger="batchmask"):
+        run(str(inp), str(tmp_path / "out"), str(tiny_model_dir), workers=3, in_process_max=0, quiet=True)
+    assert [c["num_cpus"] for c in created] == [0.5, 0.5, 0.5]
+    assert "3 workers > 2 CPUs in the cluster: each actor gets 0.50 CPU (fractional)" in caplog.text
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["ray"]["cpus_per_actor"] == 0.5 and info["ray"]["threads_per_actor"] == 1
