@@ -186,3 +186,34 @@ def test_jobs_list_next_n(tmp_path):
     res = CliRunner().invoke(main, ["jobs", "list", "--next", "3", str(job)])
     (line,) = [ln for ln in res.output.splitlines() if ln.strip().startswith("next")]
     assert line.count(", ") == 2 and ("CET" in line or "CEST" in line)
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_jobs_run_passes_address_or_ray_address_to_the_run(tmp_path, monkeypatch, how):
+    import batchmask.jobs.execute as execute
+
+    seen = []
+    monkeypatch.setattr(execute, "_run_child", lambda job, *, quiet, address, wait=None: seen.append(address) or {
+        "summary": {"ok": 0, "failed": 0, "skipped": 0, "total": 0, "exit_code": 0}})
+    args = ["jobs", "run", "--quiet", "--lock-dir", str(tmp_path / "locks"), str(job_file(tmp_path))]
+    if how == "option":
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        args[2:2] = ["--address", "ray://head:10001"]
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert seen == ["ray://head:10001"]
+
+
+def test_jobs_run_exits_1_when_its_history_cannot_be_written(tmp_path, monkeypatch):
+    """jobs/README: if the history cannot be written, the run's exit code becomes 1 (when it was 0)."""
+    import batchmask.jobs.execute as execute
+
+    monkeypatch.setattr(execute, "_run_child", lambda job, **kw: {
+        "summary": {"ok": 2, "failed": 0, "skipped": 0, "total": 2, "exit_code": 0}})
+    job = job_file(tmp_path)
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    res = CliRunner().invoke(main, ["jobs", "run", "--quiet", "--lock-dir", str(tmp_path / "locks"), str(job)])
+    assert res.exit_code == 1, res.output
+    assert "2 new (2 ok, 0 failed)" in res.output and "exit 1" in res.output
