@@ -189,11 +189,16 @@ def test_overwrite_redoes_every_image(tmp_path, tiny_model_dir):
     assert sorted(rows(out)) == ["a.png", "b.png", "bad.jpg"]
 
 
-@pytest.mark.parametrize("how", ["option", "env"])
-def test_address_or_ray_address_joins_that_cluster_even_for_a_small_run(tmp_path, tiny_model_dir, monkeypatch,
-                                                                        how):
-    """README: --address (default $RAY_ADDRESS) joins an existing cluster, and a small run is then
-    not done in process. ray.init is replaced: the test records where the run would connect."""
+@pytest.mark.parametrize(("extra", "env", "address", "why"), [
+    (["--address", "10.1.2.3:6379"], None, "10.1.2.3:6379", "a Ray cluster was given"),
+    ([], "10.1.2.3:6379", "10.1.2.3:6379", "a Ray cluster was given"),
+    (["--gpus-per-worker", "0.5"], None, "local", "GPU workers asked for"),
+    (["--in-process-max", "0"], None, "local", "many images"),
+])
+def test_small_runs_use_ray_when_told_where_or_how(tmp_path, tiny_model_dir, monkeypatch, extra, env, address, why):
+    """README: --address (default $RAY_ADDRESS) joins an existing cluster; a small run is done in
+    process except when joining a cluster, with GPU workers, or with --in-process-max 0. ray.init
+    is replaced: the test records where the run would connect."""
     import ray
 
     import batchmask.batch.runner as runner
@@ -207,19 +212,18 @@ def test_address_or_ray_address_joins_that_cluster_even_for_a_small_run(tmp_path
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(runner, "execute_in_process", lambda *a, **k: pytest.fail("ran in process"))
-    inp, out = images(tmp_path / "in", ["a.png"]), tmp_path / "out"
-    args = ["-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q"]
-    if how == "option":
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-        args += ["--address", "10.1.2.3:6379"]
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
     else:
-        monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
-    res = cli(*args)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    inp, out = images(tmp_path / "in", ["a.png"]), tmp_path / "out"
+    res = cli("-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q", *extra)
     assert res.exit_code == 1, res.output
-    assert "no cluster at 10.1.2.3:6379" in res.output
-    assert [c["address"] for c in calls] == ["10.1.2.3:6379"] and "num_cpus" not in calls[0]
+    assert f"no cluster at {address}" in res.output
+    assert [c["address"] for c in calls] == [address]
+    assert ("num_cpus" in calls[0]) == (address == "local")  # a cluster of its own is sized, a joined one not
     plan = json.loads((out / "run.json").read_text())["plan"]
-    assert plan["mode"] == "ray" and plan["why_ray"] == "a Ray cluster was given"
+    assert plan["mode"] == "ray" and plan["why_ray"] == why
 
 
 def test_more_workers_than_cpus_get_fractional_cpus_that_fit():
