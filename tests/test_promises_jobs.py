@@ -58,6 +58,14 @@ def test_jobs_run_exits_3_with_more_failures_than_max_failures(tmp_path, tiny_mo
     assert "1 ok, 2 failed" in res.output and "exit 3" in res.output
     (rec,) = read_history(load_job(job))
     assert (rec["status"], rec["exit_code"], rec["ok"], rec["failed"]) == ("images_failed", 3, 1, 2)
+    # as many failures as max_failures: exit 0, the failures still in coverage.csv and the history
+    job2 = job_file(tmp_path / "two", model=str(tiny_model_dir), max_failures=2, input=str(inp),
+                    output=str(tmp_path / "out2"))
+    res = CliRunner().invoke(main, ["jobs", "run", "--quiet", "--lock-dir", str(tmp_path / "locks"), str(job2)])
+    assert res.exit_code == 0, res.output
+    (rec,) = read_history(load_job(job2))
+    assert (rec["status"], rec["exit_code"], rec["failed"]) == ("ok", 0, 2)
+    assert (tmp_path / "out2" / "coverage.csv").read_text().count(",error,") == 2
 
 
 def test_jobs_run_wait_timeout_gives_up_with_4(tmp_path):
