@@ -100,7 +100,7 @@ def test_evaluate_outputs(tiny_model_dir, demo_wider, tmp_path):
     from batchmask.inference import load_model
 
     samples = load_wider(demo_wider)
-    probs = load_model(tiny_model_dir).predict_proba([s.load_image() for s in samples])
+    probs = load_model(tiny_model_dir, runtime="onnx").predict_proba([s.load_image() for s in samples])
     hand, inter, t_sum, p_sum = [], 0.0, 0.0, 0.0
     for s, p in zip(samples, probs, strict=True):
         t = boxes_to_mask(s.boxes, p.shape[0], p.shape[1]).astype(bool)
