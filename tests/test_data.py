@@ -226,13 +226,20 @@ def test_make_pair_keeps_mask_on_boxes():
     assert x.shape == (64, 64, 3) and y.shape == (64, 64)
     rng = np.random.default_rng(0)
     cfg = AugmentConfig(brightness=0, contrast=0, saturation=0)
+    with_face = 0
     for _ in range(20):
         x, y = make_pair(img, boxes, 64, rng, cfg)
+        # Every draw: the mask is the bright region (geometry stayed in sync), pixel for pixel
+        # except at the resampled edges. An all-zero (or all-one) mask cannot pass this.
+        bright = x[..., 0] > 128
+        assert np.mean(bright == y.astype(bool)) > 0.97
         if y.sum() > 20:
-            # Inside the mask the image is bright, outside it is dark: geometry stayed in sync.
+            with_face += 1
             inner = x[..., 0][y.astype(bool)].mean()
             outer = x[..., 0][~y.astype(bool)].mean()
             assert inner > 180 and outer < 60
+    # The crops cover 0.5-1.0 of each side: most of them contain the face.
+    assert with_face >= 10
 
 
 def test_write_npy_downscales(demo_wider, tmp_path):

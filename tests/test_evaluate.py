@@ -94,7 +94,24 @@ def test_evaluate_outputs(tiny_model_dir, demo_wider, tmp_path):
     out = tmp_path / "out"
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["metrics"]["images"] == 10 and doc["metrics"]["faces"] == res.metrics["faces"] > 0
-    assert 0.0 <= doc["metrics"]["dice"] <= 1.0 and 0.0 <= doc["metrics"]["soft_dice_global"] <= 1.0
+    # The metrics by hand, from the model's own probabilities and the boxes (a range check such as
+    # 0 <= dice <= 1 cannot tell a right metric from a wrong one).
+    from batchmask.data import load_wider
+    from batchmask.inference import load_model
+
+    samples = load_wider(demo_wider)
+    probs = load_model(tiny_model_dir, runtime="onnx").predict_proba([s.load_image() for s in samples])
+    hand, inter, t_sum, p_sum = [], 0.0, 0.0, 0.0
+    for s, p in zip(samples, probs, strict=True):
+        t = boxes_to_mask(s.boxes, p.shape[0], p.shape[1]).astype(bool)
+        pred = p >= 0.5
+        tp, fp, fn = (pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum()
+        hand.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+        inter, t_sum, p_sum = inter + float((p * t).sum()), t_sum + float(t.sum()), p_sum + float(p.sum())
+    # The untrained model's probabilities are all within 1e-4 of 0.5: a pixel or two may fall on
+    # the other side of the threshold in another batch, hence the tolerance.
+    assert doc["metrics"]["dice"] == pytest.approx(np.mean(hand), abs=2e-3)
+    assert doc["metrics"]["soft_dice_global"] == pytest.approx((2 * inter + 1) / (t_sum + p_sum + 1), rel=1e-4)
     assert doc["threshold"] == pytest.approx(0.5) and len(doc["threshold_table"]) == len(DEFAULT_THRESHOLDS)
     assert [b["bucket"] for b in doc["by_face_size"]] == ["small", "medium", "large"]
     with (out / "per_image.csv").open() as f:
@@ -102,6 +119,13 @@ def test_evaluate_outputs(tiny_model_dir, demo_wider, tmp_path):
     assert len(rows) == 10 and {"name", "dice", "iou", "soft_dice", "face_coverage", "size_bucket"} <= set(rows[0])
     assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(res.metrics["dice"], abs=1e-5)
     assert sum(int(r["faces"]) for r in rows) == res.metrics["faces"]
+    for r, s in zip(rows, samples, strict=True):  # each row's counts, and its Dice and IoU from them
+        assert r["name"] == s.name
+        tp, fp, fn = (int(r[k]) for k in ("tp_px", "fp_px", "fn_px"))
+        assert int(r["truth_px"]) == tp + fn == int(boxes_to_mask(s.boxes, int(r["height"]), int(r["width"])).sum())
+        assert int(r["pred_px"]) == tp + fp
+        assert float(r["dice"]) == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
+        assert float(r["iou"]) == pytest.approx(tp / (tp + fp + fn), abs=1e-6)
     with Image.open(out / "predictions.png") as im:
         assert im.size[0] > 400 and im.size[1] > 200
     assert "mean Dice (per image)" in format_table(res)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from batchmask.augment import make_pair
 from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
 from batchmask.training import OutputExistsError, train
 
@@ -38,8 +39,21 @@ def test_train_writes_model_directory(trained, demo_wider):
     assert meta["training"]["epochs_run"] == 2 and 1 <= meta["training"]["best_epoch"] <= 2
     assert meta["keras_version"] and meta["batchmask_version"]
     v = meta["metrics"]["validation"]
-    assert 0.0 <= v["dice"] <= 1.0 and 0.0 <= v["iou"] <= v["dice"] + 1e-9
-    assert 0.0 < meta["model"]["threshold"] < 1.0
+    thr = meta["model"]["threshold"]
+    assert 0.0 < thr < 1.0 and v["threshold"] == thr and v["images"] == 3
+    # The stored validation figures, by hand: the saved model on the validation images at their
+    # original size, at the stored threshold (a range check cannot tell a wrong figure).
+    from batchmask.data import boxes_to_mask, load_wider
+    from batchmask.inference import load_model
+
+    val = [s for s in load_wider(demo_wider) if s.name in meta["data"]["split"]["val_names"]]
+    dice, iou = [], []
+    for s, p in zip(val, load_model(out).predict_proba([s.load_image() for s in val]), strict=True):
+        t, pred = boxes_to_mask(s.boxes, *p.shape).astype(bool), p >= thr
+        tp, fp, fn = (pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum()
+        dice.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+        iou.append(tp / (tp + fp + fn) if tp + fp + fn else 1.0)
+    assert v["dice"] == pytest.approx(np.mean(dice), abs=2e-3) and v["iou"] == pytest.approx(np.mean(iou), abs=2e-3)
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [r["phase"] for r in rows] == ["decoder", "finetune"]
     assert {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
@@ -85,11 +99,26 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
     assert res.metrics["dice"] > 0.6
 
 
-def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider):
+def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider, monkeypatch):
+    import batchmask.training as training
+
+    pairs = []  # (size asked for, augmented?, x shape, y shape) of every pair training made
+
+    def spy(image, boxes, size, rng=None, cfg=None):
+        x, y = make_pair(image, boxes, size, rng, cfg)
+        pairs.append((size, rng is not None, x.shape, y.shape))
+        return x, y
+
+    monkeypatch.setattr(training, "make_pair", spy)
     out = tmp_path / "crops"
     cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
                       val_fraction=0.3, seed=7, crop_size=32, dice_per_image=True)
     res = train(str(demo_wider), out, cfg, progress=False)
+    # The network was fed 32x32 random crops (7 training images: one batch of 4 per epoch) and
+    # validated on whole images at 64x64.
+    train_pairs = {p for p in pairs if p[1]}
+    assert train_pairs == {(32, True, (32, 32, 3), (32, 32))} and 4 <= sum(p[1] for p in pairs) <= 8
+    assert {p for p in pairs if not p[1]} == {(64, False, (64, 64, 3), (64, 64))}
     from batchmask.inference import load_model
 
     m = load_model(out)
@@ -97,6 +126,6 @@ def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider):
     assert m.keras_model.input_shape[1:3] == (64, 64) and m.image_size == 64
     tc = m.meta["training"]["config"]
     assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
-    assert 0.0 <= res.metrics["dice"] <= 1.0
+    assert res.metrics["images"] == 3
     with pytest.raises(ValueError, match="crop_size"):
         train(str(demo_wider), tmp_path / "bad", TrainConfig(model=SMALL_MODEL, crop_size=48), progress=False)

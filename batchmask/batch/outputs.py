@@ -137,6 +137,7 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
     """
     if not data:
         raise DataError(f"{where}: empty file (0 bytes)")
+    header_size = None  # (width, height) once the header is read: error rows carry it (README)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -148,17 +149,22 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
                                 f"{max_pixels} (--max-pixels)") from exc
         with im:
             w0, h0 = im.size
+            header_size = (w0, h0)
             if w0 * h0 > max_pixels:
                 raise DataError(f"{where}: {w0}x{h0} = {w0 * h0} pixels exceeds the limit of {max_pixels} (--max-pixels)")
             orient = im.getexif().get(0x0112, 1)
             w, h = (h0, w0) if orient in (5, 6, 7, 8) else (w0, h0)
+            header_size = (w, h)
             if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
                 im.draft(im.mode, (size, size))
             rgb = pil_to_rgb(im, where)
-    except DataError:
+    except DataError as exc:
+        exc.size = header_size
         raise
     except Exception as exc:  # PIL raises many types for bad files
-        raise DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+        err = DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})")
+        err.size = header_size
+        raise err from exc
     return resize_rgb(rgb, size, size), w, h
 
 
