@@ -39,7 +39,10 @@ def _runner_in_this_process(job, *, quiet, address, wait=None):
 
     from batchmask.batch.runner import run
 
-    summary = run(**job.runner_kwargs(), quiet=quiet)
+    kwargs = {**job.runner_kwargs(), "quiet": quiet, **(wait or {})}
+    if address:
+        kwargs["address"] = address
+    summary = run(**kwargs)
     return {"summary": {k: v for k, v in dataclasses.asdict(summary).items() if k != "run_json"}}
 
 
