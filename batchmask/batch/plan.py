@@ -24,7 +24,8 @@ from typing import Any
 from ..inference import META_FILE, MODEL_FILE
 from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
 from .storage import StorageSpec
-from .worker import RAY_ONLY_TEST_HOOKS, MaskWorker, WorkerOptions
+from .testhooks import RAY_ONLY_TEST_HOOKS
+from .worker import MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
