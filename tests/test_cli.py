@@ -46,6 +46,7 @@ def test_train_bad_image_size(tmp_path, demo_wider):
     assert "multiple of 32" in res.output
 
 
+@pytest.mark.slow  # a training (about 15 s)
 def test_train_cli_end_to_end(tmp_path, demo_wider):
     """Two sources (the second with WIDER's *val* annotation file), a split that holds out every event."""
     out = tmp_path / "m"

@@ -83,9 +83,12 @@ def local_ray():
     ray.shutdown()
 
 
-def test_bad_input_corpus_then_rerun_skips(tmp_path, demo_wider, tiny_model_dir, local_ray):
+def test_bad_input_corpus_then_rerun_skips(tmp_path, demo_wider, tiny_model_dir, local_ray, monkeypatch):
     inp, out = tmp_path / "in", tmp_path / "out"
     exp = make_corpus(inp, demo_wider)
+    # Each actor's first shard waits until both actors are there: two actors really work at once.
+    met = tmp_path / "rendezvous"
+    monkeypatch.setenv("BATCHMASK_TEST_RENDEZVOUS", f"2:{met}")
     s = run(str(inp), str(out), str(tiny_model_dir), workers=2, batch_size=3, shard_size=4,
             max_pixels=MAX_PIXELS, quiet=True, overlays=True, in_process_max=0)
     rows = read_csv(out / "coverage.csv")
@@ -115,10 +118,11 @@ def test_bad_input_corpus_then_rerun_skips(tmp_path, demo_wider, tiny_model_dir,
     assert not list((out / "_parts").glob("*.csv"))
     info = json.loads((out / "run.json").read_text())
     assert info["counts"]["ok"] == 15 and info["counts"]["failed"] == 4 and info["exit_code"] == 3
-    # Two actors were asked for; on a busy machine the first may finish every shard before the
-    # second has loaded the model, and only actors that became ready are listed.
-    assert info["ray"]["cpus_per_actor"] == 1.0 and 1 <= len(info["actors"]) <= 2
-    assert sum(a["images"] for a in info["actors"]) == len(exp)
+    assert info["ray"]["cpus_per_actor"] == 1.0 and len(info["actors"]) == 2
+    assert sum(a["images"] for a in info["actors"]) == len(exp) and all(a["images"] > 0 for a in info["actors"])
+    met_pids = {int(p.name) for p in met.iterdir()}
+    assert len(met_pids) == 2 and met_pids == {pid for a in info["actors"] for pid in a["pids"]}
+    monkeypatch.delenv("BATCHMASK_TEST_RENDEZVOUS")
 
     # rerun: everything done -> no Ray work, nothing rewritten
     mtime = (out / "coverage.csv").stat().st_mtime_ns

@@ -1,9 +1,11 @@
-"""One short training run on the shipped demo images; the outputs a user relies on."""
+"""Training: the outputs a user relies on (one model trained by the real CLI, shared), and the mechanics.
+
+Every test here trains (seconds to tens of seconds each): the slow tier.
+"""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 
 import numpy as np
@@ -12,22 +14,19 @@ import pytest
 from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
 from batchmask.training import OutputExistsError, train
 
-# Full 3x3 decoder convolutions (the "unet" block): the mechanics tests below were calibrated
-# with it; test_cli.py trains the default depthwise-separable decoder end to end.
-SMALL_MODEL = ModelConfig(alpha=0.25, image_size=64, decoder_block="conv", decoder_projection=0,
-                          decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2)
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_wider):
-    out = tmp_path_factory.mktemp("trained") / "model"
-    cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=2, warmup_epochs=1, batch_size=4,
-                      val_fraction=0.3, seed=7)
-    return train(str(demo_wider), out, cfg, progress=False), out
+def small_model(**changes) -> ModelConfig:
+    """Full 3x3 decoder convolutions (the "unet" block): the mechanics tests below were calibrated
+    with it. A new object per call: no test can change another's configuration (a module-level
+    instance was shared by every TrainConfig built from it)."""
+    return ModelConfig(**{**dict(alpha=0.25, image_size=64, decoder_block="conv", decoder_projection=0,
+                                 decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2), **changes})
 
 
-def test_train_writes_model_directory(trained, demo_wider):
-    res, out = trained
+def test_train_writes_model_directory(trained_model_dir):
+    out = trained_model_dir  # conftest: `batchmask train` on the demo images, TINY_TRAIN_ARGS
     assert {p.name for p in out.iterdir()} >= {"model.keras", "model.json", "history.csv", "learning_curves.png"}
     assert not (out / ".best.weights.h5").exists()
     meta = json.loads((out / "model.json").read_text())
@@ -43,14 +42,13 @@ def test_train_writes_model_directory(trained, demo_wider):
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [r["phase"] for r in rows] == ["decoder", "finetune"]
     assert {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
-    assert res.best_epoch == meta["training"]["best_epoch"]
     # The kept epoch is the one with the best per-image validation Dice (the metric's kin).
     scores = [float(r["val_dice_t50"]) for r in rows]
-    assert scores[res.best_epoch - 1] == max(scores)
+    assert scores[meta["training"]["best_epoch"] - 1] == max(scores)
 
 
-def test_split_is_seeded(trained, demo_wider, tmp_path):
-    _, out = trained
+def test_split_is_seeded(trained_model_dir, demo_wider):
+    out = trained_model_dir
     meta = json.loads((out / "model.json").read_text())
     from batchmask.data import load_wider, split_samples
 
@@ -59,10 +57,11 @@ def test_split_is_seeded(trained, demo_wider, tmp_path):
     assert meta["data"]["split"]["val_names"] == [samples[i].name for i in val]
 
 
-def test_refuses_to_overwrite(trained, demo_wider):
-    _, out = trained
+def test_refuses_to_overwrite(trained_model_dir, demo_wider):
+    before = {p.name: p.stat().st_mtime_ns for p in trained_model_dir.iterdir()}
     with pytest.raises(OutputExistsError, match="--force"):
-        train(str(demo_wider), out, TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1))
+        train(str(demo_wider), trained_model_dir, TrainConfig(model=small_model(), backbone_weights="none", epochs=1))
+    assert {p.name: p.stat().st_mtime_ns for p in trained_model_dir.iterdir()} == before
 
 
 def test_learning_happens_on_a_trivial_task(tmp_path):
@@ -77,7 +76,7 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
         x, y = rng.integers(5, 50, 2)
         img[y : y + 40, x : x + 40] = 230
         samples.append(Sample(name=f"s{i}", boxes=np.array([[x, y, x + 40, y + 40]], np.float32), image=img))
-    cfg = TrainConfig(model=dataclasses.replace(SMALL_MODEL, trainable_blocks=13),
+    cfg = TrainConfig(model=small_model(trainable_blocks=13),
                       augment=AugmentConfig(enabled=False), backbone_weights="none",
                       epochs=10, warmup_epochs=0, batch_size=4, learning_rate=3e-3, val_fraction=0.25, seed=1)
     train(samples, tmp_path / "m", cfg, progress=False)
@@ -87,7 +86,7 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
 
 def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider):
     out = tmp_path / "crops"
-    cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
+    cfg = TrainConfig(model=small_model(), backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
                       val_fraction=0.3, seed=7, crop_size=32, dice_per_image=True)
     res = train(str(demo_wider), out, cfg, progress=False)
     from batchmask.inference import load_model
@@ -99,4 +98,4 @@ def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider):
     assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
     assert 0.0 <= res.metrics["dice"] <= 1.0
     with pytest.raises(ValueError, match="crop_size"):
-        train(str(demo_wider), tmp_path / "bad", TrainConfig(model=SMALL_MODEL, crop_size=48), progress=False)
+        train(str(demo_wider), tmp_path / "bad", TrainConfig(model=small_model(), crop_size=48), progress=False)
