@@ -62,8 +62,8 @@ def test_failed_export_falls_back_to_keras_with_one_line(tmp_path, tiny_model_di
     assert len(lines) == 1 and "using Keras" in lines[0].getMessage() and "cannot be converted" in lines[0].getMessage()
 
 
-def test_export_that_disagrees_with_keras_is_refused(tmp_path, tiny_model_dir, monkeypatch):
-    m = load_model(tiny_model_dir)
+def test_export_that_disagrees_with_keras_is_refused(tmp_path, tiny_model_dir, tiny_model, monkeypatch):
+    m = tiny_model
     model = save_model(m.keras_model, tmp_path / "m", m.meta)  # saved again: another hash, not cached
     assert rt.file_sha256(model / "model.keras") != rt.file_sha256(tiny_model_dir / "model.keras")
     real_run = rt.run_session
