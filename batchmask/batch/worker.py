@@ -34,7 +34,7 @@ from .outputs import (
     rows_to_csv,
 )
 from .storage import StorageSpec, check_rel
-from .testhooks import NoHooks, hooks_from_env
+from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
 
 @dataclass
@@ -117,6 +117,9 @@ def peak_rss_mb() -> float:
 
 class MaskWorker:
     """Plain class; :func:`batchmask.batch.runner.run` wraps it with ``ray.remote``."""
+
+    #: Called at start, per shard, per image and per batch: nothing happens unless a test sets one.
+    hooks: NoHooks = NO_HOOKS
 
     def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions,
                  hooks: NoHooks | None = None):
