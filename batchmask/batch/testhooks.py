@@ -37,11 +37,13 @@ GATE_FREE_ENV = "BATCHMASK_TEST_GATE_FREE"
 #: "N:/dir": at its first shard each actor writes ``/dir/<pid>`` and waits until N actors have
 #: (at most :data:`GATE_LIMIT_S`): proof that N actors worked at the same time.
 RENDEZVOUS_ENV = "BATCHMASK_TEST_RENDEZVOUS"
+#: Seconds a gate or rendezvous holds a worker at most (default :data:`GATE_LIMIT_S`); then it
+#: goes on, and the test fails on its asserts.
+GATE_LIMIT_ENV = "BATCHMASK_TEST_GATE_LIMIT"
 #: Hooks that simulate dying, slow or meeting actors: a run with any of them set always uses Ray.
 RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, RENDEZVOUS_ENV)
 #: Every test hook, forwarded to Ray actors' environments.
-TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV, GATE_FREE_ENV)
-#: The longest a gate or rendezvous holds a worker; then it goes on (and the test fails on its asserts).
+TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV, GATE_FREE_ENV, GATE_LIMIT_ENV)
 GATE_LIMIT_S = 600.0
 
 
@@ -86,6 +88,7 @@ class EnvHooks(NoHooks):
         self.gate = env.get(GATE_ENV) or ""
         self.gate_free = int(env.get(GATE_FREE_ENV) or 0)
         self.rendezvous = env.get(RENDEZVOUS_ENV) or ""
+        self.limit_s = float(env.get(GATE_LIMIT_ENV) or GATE_LIMIT_S)
         self.shards = 0
 
     def start(self) -> None:
@@ -106,13 +109,13 @@ class EnvHooks(NoHooks):
             n, _, d = self.rendezvous.partition(":")
             Path(d).mkdir(parents=True, exist_ok=True)
             Path(d, str(os.getpid())).write_text(str(time.time()))
-            deadline = time.monotonic() + GATE_LIMIT_S
+            deadline = time.monotonic() + self.limit_s
             while len(os.listdir(d)) < int(n) and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self.gate and self.shards > self.gate_free and not os.path.exists(self.gate):
             with open(f"{self.gate}.reached", "a") as f:
                 f.write(f"{os.getpid()}\n")
-            wait_for_file(self.gate)
+            wait_for_file(self.gate, self.limit_s)
 
     def image(self, rel: str) -> None:
         if self.crash_on and self.crash_on in rel:
