@@ -72,11 +72,11 @@ def read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_head):
+    """This process joins the session's Ray head (2 CPUs) instead of starting a Ray of its own."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False,
-             log_to_driver=False)
+    ray.init(address=ray_head.address, logging_level="WARNING", configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
