@@ -361,7 +361,7 @@ def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
 # ----------------------------------------------------------------------------- with Ray (slow)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the S3 server
 def test_s3_keys_that_look_odd_are_processed_into_a_local_output(s3_server, tiny_model_dir, demo_wider, tmp_path):
     """'c:/drive.jpg' is a name, not a drive; 'q.png' and 'q.png/r.jpg' both get masks on disk."""
     from batchmask.batch.runner import run
@@ -389,7 +389,7 @@ def test_s3_keys_that_look_odd_are_processed_into_a_local_output(s3_server, tiny
     assert (s2.skipped, s2.ok) == (4, 0)  # the \r row was kept: nothing redone
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two CLI runs, each starting its own Ray (the default local-Ray path)
 def test_quiet_run_prints_nothing_and_a_stalled_shard_fails_the_run_in_bounded_time(tmp_path, tiny_model_dir,
                                                                                     demo_wider):
     import json

@@ -19,7 +19,7 @@ BATCHMASK = [sys.executable, "-c", "from batchmask.cli import main; main()"]
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Ray job on the Ray head
 def test_submit_runs_once_per_slot(ray_head, tmp_path, tiny_model_dir, demo_wider):
     inp = tmp_path / "in"
     inp.mkdir()

@@ -10,7 +10,7 @@ import pytest
 
 from batchmask.batch.runner import RunError, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # a 2-node Ray cluster and the S3 server
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
 from batchmask.training import OutputExistsError, train
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # every test trains
 
 
 def small_model(**changes) -> ModelConfig:
