@@ -105,6 +105,31 @@ def synthetic_wider(root: Path, events: dict[str, int], split: str = "val") -> P
     return root
 
 
+@pytest.fixture
+def leftovers():
+    """Whatever a test registers here is cleaned up even when it fails midway: gate files are
+    created (no worker stays held) and processes still alive get SIGTERM (``jobs run`` then stops
+    its run's process group), then SIGKILL. ``leftovers.gates`` and ``leftovers.procs`` are lists."""
+
+    class Leftovers:
+        gates: list[Path]
+        procs: list[subprocess.Popen]
+
+    lo = Leftovers()
+    lo.gates, lo.procs = [], []
+    yield lo
+    for g in lo.gates:
+        Path(g).touch()
+    for p in lo.procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 @pytest.fixture(scope="session")
 def demo_wider() -> Path:
     """The 10 WIDER FACE images shipped in demo/wider (native WIDER layout)."""

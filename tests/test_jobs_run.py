@@ -79,7 +79,7 @@ def coverage_images(text: str) -> Counter:
 
 
 @pytest.mark.slow  # five `jobs run` subprocesses, each loading TensorFlow
-def test_incremental_local_lock_wait_and_crontab_line(tmp_path, tiny_model_dir, demo_wider):
+def test_incremental_local_lock_wait_and_crontab_line(tmp_path, tiny_model_dir, demo_wider, leftovers):
     images = demo_images(demo_wider)
     inp, out, locks = tmp_path / "in", tmp_path / "out", tmp_path / "locks"
     (inp / "a").mkdir(parents=True)
@@ -91,13 +91,16 @@ def test_incremental_local_lock_wait_and_crontab_line(tmp_path, tiny_model_dir, 
     # run A works (held at its first shard until B has been refused: no race); B finds the lock
     # and exits 4 at once; C waits for A, then finds nothing new
     gate = tmp_path / "gate"
+    leftovers.gates.append(gate)
     a = jobs_run(job_file, locks, gate=gate)
+    leftovers.procs.append(a)
     # A's run is at the gate: A took the job's lock before starting it, and holds it until the gate opens
     wait_until(Path(f"{gate}.reached").exists, "run A reached the gate", a)
     lock_file = locks / "growing.lock"
     assert json.loads(lock_file.read_text())["pid"] == a.pid
     b = jobs_run(job_file, locks, "--quiet")
     c = jobs_run(job_file, locks, "--quiet", "--wait")
+    leftovers.procs += [b, c]
     b_out, b_err = b.communicate(timeout=60)
     assert b.returncode == EXIT_LOCKED, b_err
     assert len(b_err.strip().splitlines()) == 1
