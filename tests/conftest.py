@@ -167,24 +167,34 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
-#: The tiny training of :func:`trained_model_dir`: the demo images, 64 px, alpha 0.25, two epochs.
-TINY_TRAIN_ARGS = ["--backbone-weights", "none", "--image-size", "64", "--alpha", "0.25", "--epochs", "2",
-                   "--warmup-epochs", "1", "--batch-size", "4", "--val-fraction", "0.3", "--seed", "7",
-                   "--decoder", "lean4", "--quiet"]
+@dataclass
+class TrainedModel:
+    out: Path  # the model directory (read-only for tests)
+    args: list[str]  # the `batchmask train` arguments that made it
+    pool: Path  # the second data source (synthetic WIDER, WIDER's *val* annotation file)
 
 
 @pytest.fixture(scope="session")
-def trained_model_dir(tmp_path_factory, demo_wider) -> Path:
-    """One model trained by the real CLI (``batchmask train`` with :data:`TINY_TRAIN_ARGS` on
-    the demo images), shared by the tests that need "a trained model". Read-only for them."""
+def trained_model(tmp_path_factory, demo_wider) -> TrainedModel:
+    """One model trained by the real CLI, shared by every test that needs "a trained model" (the
+    CLI end-to-end test, the training-output tests): two sources (the demo images and a synthetic
+    pool), a stratified split seeded 7, 64 px, alpha 0.25, lean4 decoder, 4 epochs of which 1
+    decoder-only, no early stopping (--patience 0)."""
     from click.testing import CliRunner
 
     from batchmask.cli import main
 
-    out = tmp_path_factory.mktemp("trained") / "model"
-    res = CliRunner().invoke(main, ["train", "--data", str(demo_wider), "--out", str(out), *TINY_TRAIN_ARGS])
+    d = tmp_path_factory.mktemp("trained")
+    out = d / "m"
+    pool = synthetic_wider(d / "pool", {"0--Parade": 2, "7--Cheering": 3})
+    args = ["train", "--data", str(demo_wider), "--data", str(pool), "--split", "stratified", "--seed", "7",
+            "--out", str(out), "--backbone-weights", "none", "--image-size", "64", "--decoder", "lean4",
+            "--crop-scale", "0.4", "--alpha", "0.25", "--epochs", "4", "--warmup-epochs", "1", "--patience", "0",
+            "--batch-size", "4", "--quiet"]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    return out
+    assert "Saved" in res.output
+    return TrainedModel(out, args, pool)
 
 
 @dataclass

@@ -6,6 +6,7 @@ Every test here trains (seconds to tens of seconds each): the slow tier.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -25,43 +26,48 @@ def small_model(**changes) -> ModelConfig:
                                  decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2), **changes})
 
 
-def test_train_writes_model_directory(trained_model_dir):
-    out = trained_model_dir  # conftest: `batchmask train` on the demo images, TINY_TRAIN_ARGS
+def test_train_writes_model_directory(trained_model):
+    out = trained_model.out  # conftest: `batchmask train` on two sources, stratified, seed 7, 4 epochs (1 warm-up)
     assert {p.name for p in out.iterdir()} >= {"model.keras", "model.json", "history.csv", "learning_curves.png"}
     assert not (out / ".best.weights.h5").exists()
     meta = json.loads((out / "model.json").read_text())
     assert meta["model"]["image_size"] == 64 and meta["model"]["alpha"] == 0.25
-    assert meta["data"]["train_images"] == 7 and meta["data"]["val_images"] == 3
-    assert len(meta["data"]["split"]["val_names"]) == 3 and meta["data"]["split"]["seed"] == 7
+    n_train, n_val = meta["data"]["train_images"], meta["data"]["val_images"]
+    assert n_train + n_val == 15 and 0 < n_val < n_train
+    assert len(meta["data"]["split"]["val_names"]) == n_val and meta["data"]["split"]["seed"] == 7
     assert len(meta["data"]["fingerprint"]) == 64
-    assert meta["training"]["epochs_run"] == 2 and 1 <= meta["training"]["best_epoch"] <= 2
+    assert meta["training"]["epochs_run"] == 4 and 1 <= meta["training"]["best_epoch"] <= 4
     assert meta["keras_version"] and meta["batchmask_version"]
     v = meta["metrics"]["validation"]
     assert 0.0 <= v["dice"] <= 1.0 and 0.0 <= v["iou"] <= v["dice"] + 1e-9
     assert 0.0 < meta["model"]["threshold"] < 1.0
     rows = list(csv.DictReader((out / "history.csv").open()))
-    assert [r["phase"] for r in rows] == ["decoder", "finetune"]
+    assert [r["phase"] for r in rows] == ["decoder", "finetune", "finetune", "finetune"]
     assert {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
     # The kept epoch is the one with the best per-image validation Dice (the metric's kin).
     scores = [float(r["val_dice_t50"]) for r in rows]
     assert scores[meta["training"]["best_epoch"] - 1] == max(scores)
 
 
-def test_split_is_seeded(trained_model_dir, demo_wider):
-    out = trained_model_dir
-    meta = json.loads((out / "model.json").read_text())
-    from batchmask.data import load_wider, split_samples
+def test_split_is_seeded(trained_model, demo_wider):
+    """The validation images recorded are the ones the same split of the same data gives again."""
+    from batchmask.training import _load_split
 
-    samples = load_wider(demo_wider)
-    _, val = split_samples(samples, 0.3, seed=7)
-    assert meta["data"]["split"]["val_names"] == [samples[i].name for i in val]
+    meta = json.loads((trained_model.out / "model.json").read_text())
+    cfg = TrainConfig(val_fraction=meta["training"]["config"]["val_fraction"], seed=7, split="stratified")
+    _, val, _, _ = _load_split([str(demo_wider), str(trained_model.pool)], None, cfg, None)
+    assert meta["data"]["split"]["val_names"] == [s.name for s in val]
+    _, other, _, _ = _load_split([str(demo_wider), str(trained_model.pool)], None,
+                                 dataclasses.replace(cfg, seed=8), None)
+    assert [s.name for s in other] != [s.name for s in val]  # (the seed matters: the check is not vacuous)
 
 
-def test_refuses_to_overwrite(trained_model_dir, demo_wider):
-    before = {p.name: p.stat().st_mtime_ns for p in trained_model_dir.iterdir()}
+def test_refuses_to_overwrite(trained_model, demo_wider):
+    out = trained_model.out
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(OutputExistsError, match="--force"):
-        train(str(demo_wider), trained_model_dir, TrainConfig(model=small_model(), backbone_weights="none", epochs=1))
-    assert {p.name: p.stat().st_mtime_ns for p in trained_model_dir.iterdir()} == before
+        train(str(demo_wider), out, TrainConfig(model=small_model(), backbone_weights="none", epochs=1))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 def test_learning_happens_on_a_trivial_task(tmp_path):
