@@ -250,7 +250,28 @@ def _start_ray_head(ports: list[int], log: Path, locks: Path):
             _stop_ray_head(proc, temp)
             raise StartFailed(f"the Ray dashboard did not answer on {url}:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-    return proc, RayHead(f"{ip}:{gcs}", url, temp)
+    # The dashboard answers before the node's job agent is there ("No available agent to submit
+    # job, please try again later" under load): ready when a no-op job has run.
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            client = JobSubmissionClient(url)
+            sid = client.submit_job(entrypoint="true")
+            while (status := client.get_job_status(sid)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                   JobStatus.STOPPED):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            if status == JobStatus.SUCCEEDED:
+                return proc, RayHead(f"{ip}:{gcs}", url, temp)
+            last = f"no-op job {status}"
+        except Exception as exc:  # noqa: BLE001 - not ready yet: try again until the deadline
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(1)
+    _stop_ray_head(proc, temp)
+    raise StartFailed(f"the Ray head could not run a job ({last}):\n{log.read_text()[-3000:]}")
 
 
 def _stop_ray_head(proc: subprocess.Popen, temp: str) -> None:
@@ -267,8 +288,8 @@ def _stop_ray_head(proc: subprocess.Popen, temp: str) -> None:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory) -> RayHead:
     """One Ray head (2 CPUs, dashboard on loopback, its own ports and temp dir) for the whole
-    session: CLI subprocesses join it with ``--address`` instead of each starting a Ray, and
-    ``jobs submit`` uses its dashboard. Stopped by process group, not `ray stop` (which would
+    session, ready when it has run a no-op job: ``jobs submit`` uses its dashboard, a driver on
+    this machine can join it with ``address``. Stopped by process group, not `ray stop` (which would
     stop every Ray on the machine). Tests that join it must leave it as they found it."""
     from ports import start_with_free_ports
 

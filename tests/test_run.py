@@ -72,11 +72,14 @@ def read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def local_ray(ray_head):
-    """This process joins the session's Ray head (2 CPUs) instead of starting a Ray of its own."""
+def local_ray():
+    """A Ray of this module's own, in this process. (Joining the session's Ray head instead was
+    tried: under load the head's node was sometimes not yet registered, and the failed join left
+    this process's Ray unable to start a local cluster for the next modules.)"""
     import ray
 
-    ray.init(address=ray_head.address, logging_level="WARNING", configure_logging=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
