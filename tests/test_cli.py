@@ -8,7 +8,6 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import synthetic_wider
 
 from batchmask.cli import main
 
@@ -46,16 +45,11 @@ def test_train_bad_image_size(tmp_path, demo_wider):
     assert "multiple of 32" in res.output
 
 
-def test_train_cli_end_to_end(tmp_path, demo_wider):
+@pytest.mark.slow  # the session's training (conftest.trained_model, about 15 s)
+def test_train_cli_end_to_end(trained_model, demo_wider):
     """Two sources (the second with WIDER's *val* annotation file), a split that holds out every event."""
-    out = tmp_path / "m"
-    pool = synthetic_wider(tmp_path / "pool", {"0--Parade": 2, "7--Cheering": 3})
-    args = ["train", "--data", str(demo_wider), "--data", str(pool), "--split", "stratified", "--out", str(out),
-            "--backbone-weights", "none", "--image-size", "64", "--decoder", "lean4", "--crop-scale", "0.4",
-            "--alpha", "0.25", "--epochs", "4", "--warmup-epochs", "1", "--patience", "0", "--batch-size", "4", "--quiet"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    assert "Saved" in res.output and (out / "model.keras").is_file()
+    out, args, pool = trained_model.out, trained_model.args, trained_model.pool
+    assert (out / "model.keras").is_file()
     meta = json.loads((out / "model.json").read_text())
     # --patience 0: no early stopping, every epoch runs (the best one is still the one kept).
     assert meta["training"]["config"]["patience"] == 0 and meta["training"]["epochs_run"] == 4

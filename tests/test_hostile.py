@@ -311,6 +311,7 @@ def test_jobs_run_respects_the_output_lock_of_a_manual_run(tmp_path, tiny_model_
     assert "in use" in res.output and f"pid {holder.pid}" in res.output
 
 
+@pytest.mark.slow  # the S3 server
 def test_s3_url_with_credentials_is_refused_without_echoing_them(s3_server):
     from batchmask.batch.runner import run
     from batchmask.batch.storage import StorageError
@@ -326,6 +327,7 @@ def test_s3_url_with_credentials_is_refused_without_echoing_them(s3_server):
     assert res.exit_code == 1 and s3_server.secret not in res.output and res.output.count("\n") == 1
 
 
+@pytest.mark.slow  # the S3 server
 def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
     import json
 
@@ -359,7 +361,7 @@ def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
 # ----------------------------------------------------------------------------- with Ray (slow)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the S3 server
 def test_s3_keys_that_look_odd_are_processed_into_a_local_output(s3_server, tiny_model_dir, demo_wider, tmp_path):
     """'c:/drive.jpg' is a name, not a drive; 'q.png' and 'q.png/r.jpg' both get masks on disk."""
     from batchmask.batch.runner import run
@@ -387,14 +389,13 @@ def test_s3_keys_that_look_odd_are_processed_into_a_local_output(s3_server, tiny
     assert (s2.skipped, s2.ok) == (4, 0)  # the \r row was kept: nothing redone
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two CLI runs, each starting its own Ray (the default local-Ray path)
 def test_quiet_run_prints_nothing_and_a_stalled_shard_fails_the_run_in_bounded_time(tmp_path, tiny_model_dir,
                                                                                     demo_wider):
     import json
     import shutil
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     inp = tmp_path / "in"
@@ -408,14 +409,13 @@ def test_quiet_run_prints_nothing_and_a_stalled_shard_fails_the_run_in_bounded_t
     # every shard sleeps 600 s (a stalled storage): stopped after --shard-timeout, retried, then the run fails
     env["BATCHMASK_TEST_SHARD_DELAY"] = "600"
     out = tmp_path / "out2"
-    t = time.monotonic()
+    # (the bound is behaviour, not speed: without the shard timeout the run would take > 600 s and
+    # this subprocess's 400 s timeout fails the test; how long it takes is not asserted)
     p = subprocess.run([exe, "run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q",
                         "--shard-timeout", "4"], capture_output=True, text=True, env=env, timeout=400)
-    wall = time.monotonic() - t
     assert p.returncode == 1, p.stderr[-2000:]
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert lines[-1].startswith("Error: shard") and "no progress for 4 s" in lines[-1], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     info = json.loads((out / "run.json").read_text())
     assert info["exit_code"] == 1 and "no progress" in info["error"]
-    assert wall < 200, wall

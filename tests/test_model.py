@@ -60,12 +60,19 @@ def test_weights_file_errors(tmp_path):
         build_unet(ModelConfig(image_size=64, alpha=0.3, decoder_filters=SMALL["decoder_filters"]), "imagenet")
 
 
-@pytest.mark.skipif(not (SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5").is_file(),
-                    reason="../shared/weights/mobilenet_2_5_224_tf_no_top.h5 (ImageNet MobileNet alpha 0.25) not present")
+IMAGENET_025 = SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5" if SHARED_WEIGHTS else None
+
+
+# Data, not a tool: a fresh machine (CI) has no ../shared and tests never download, so this one
+# skips with its reason even under BATCHMASK_REQUIRE_ALL=1. conftest.find_shared looks in
+# $BATCHMASK_SHARED, then in shared/ beside the checkout or any folder above it.
+@pytest.mark.skipif(IMAGENET_025 is None or not IMAGENET_025.is_file(),
+                    reason="ImageNet MobileNet alpha 0.25 weights (shared/weights/mobilenet_2_5_224_tf_no_top.h5) "
+                           "not found beside the checkout or in $BATCHMASK_SHARED: data, not a missing tool")
 def test_224_weights_load_into_other_input_sizes():
     import keras
 
-    path = SHARED_WEIGHTS / "mobilenet_2_5_224_tf_no_top.h5"
+    path = IMAGENET_025
     ref = keras.applications.MobileNet(include_top=False, alpha=0.25, input_shape=(224, 224, 3), weights=str(path))
     net = build_unet(ModelConfig(image_size=96, **SMALL), backbone_weights=str(path))
     np.testing.assert_array_equal(net.get_layer("conv_pw_13").get_weights()[0], ref.get_layer("conv_pw_13").get_weights()[0])
@@ -88,11 +95,10 @@ def test_save_load_round_trip(tiny_model_dir, demo_wider):
     assert masks[0].dtype == bool and np.array_equal(masks[0], p1[0] >= m1.threshold)
 
 
-def test_variant_runs_the_same_weights_at_another_size(tiny_model_dir, demo_wider):
+def test_variant_runs_the_same_weights_at_another_size(tiny_model, demo_wider):
     from batchmask.data import load_wider
-    from batchmask.inference import load_model
 
-    m = load_model(tiny_model_dir)
+    m = tiny_model  # shared: the asserts below check that variant() leaves it untouched
     size = m.image_size
     big = m.variant(image_size=2 * size, tta_flip=True, threshold=0.3)
     assert big.keras_model.input_shape[1:3] == (2 * size, 2 * size)

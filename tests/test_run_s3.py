@@ -10,7 +10,7 @@ import pytest
 
 from batchmask.batch.runner import RunError, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # a 2-node Ray cluster and the S3 server
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def test_s3_in_and_out_with_actors_on_both_nodes(s3_server, two_nodes, demo_wide
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
-    # Slow shards a little so that on a busy machine the first actor cannot finish all six
-    # before the other node's actor has loaded the model.
-    monkeypatch.setenv("BATCHMASK_TEST_SHARD_DELAY", "2")
+    # Each actor's first shard waits until the other actor is there too: both nodes work, whatever
+    # the time either takes to load TensorFlow and the model.
+    monkeypatch.setenv("BATCHMASK_TEST_RENDEZVOUS", f"2:{tmp_path / 'rendezvous'}")
     s = run(f"s3://{bucket}/incoming/", f"s3://{bucket}/masks/", str(tiny_model_dir), workers=2, batch_size=2,
             shard_size=2, quiet=True)
     n = len(images) + 1
@@ -54,6 +54,8 @@ def test_s3_in_and_out_with_actors_on_both_nodes(s3_server, two_nodes, demo_wide
     assert not [p for p in fs.find(f"{bucket}/masks/_parts/") if p.endswith(".csv")]
     info = json.loads(fs.cat_file(f"{bucket}/masks/run.json"))
     assert info["ray"]["nodes"] == 2 and len(info["nodes_used"]) == 2, info["actors"]
+    assert len(list((tmp_path / "rendezvous").iterdir())) == 2
+    monkeypatch.delenv("BATCHMASK_TEST_RENDEZVOUS")
     text = json.dumps(info)
     assert s3_server.secret not in text and s3_server.key not in text
     # rerun: nothing left to do

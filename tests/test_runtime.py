@@ -62,8 +62,8 @@ def test_failed_export_falls_back_to_keras_with_one_line(tmp_path, tiny_model_di
     assert len(lines) == 1 and "using Keras" in lines[0].getMessage() and "cannot be converted" in lines[0].getMessage()
 
 
-def test_export_that_disagrees_with_keras_is_refused(tmp_path, tiny_model_dir, monkeypatch):
-    m = load_model(tiny_model_dir)
+def test_export_that_disagrees_with_keras_is_refused(tmp_path, tiny_model_dir, tiny_model, monkeypatch):
+    m = tiny_model
     model = save_model(m.keras_model, tmp_path / "m", m.meta)  # saved again: another hash, not cached
     assert rt.file_sha256(model / "model.keras") != rt.file_sha256(tiny_model_dir / "model.keras")
     real_run = rt.run_session
@@ -78,7 +78,7 @@ def test_runtime_choice():
         rt.check_runtime("tensorrt")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the shipped model in both runtimes on 10 full-size images
 def test_default_model_onnx_masks_match_keras_on_demo_images(demo_wider):
     """Parity on real images with the shipped model: the masks `run` would write."""
     images = demo_images(demo_wider)
@@ -156,7 +156,7 @@ def fake_gpu_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # Ray in this process
 def test_small_ray_run_gives_every_actor_work(tmp_path, demo_wider, tiny_model_dir, fake_gpu_ray, monkeypatch):
     """One actor starts 8 s late: the other must not take every shard meanwhile."""
     out = tmp_path / "out"
@@ -169,7 +169,7 @@ def test_small_ray_run_gives_every_actor_work(tmp_path, demo_wider, tiny_model_d
     assert all(a["runtime"] == "onnx" and a["device"] == "cpu" and a["threads"] == 1 for a in info["actors"])
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # Ray in this process
 def test_gpu_workers_are_placed_on_their_own_gpus(tmp_path, demo_wider, tiny_model_dir, fake_gpu_ray):
     out = tmp_path / "out"
     s = run(str(demo_wider / "images"), str(out), str(tiny_model_dir), workers=2, quiet=True, gpus_per_worker=1)
@@ -185,7 +185,7 @@ def test_gpu_workers_are_placed_on_their_own_gpus(tmp_path, demo_wider, tiny_mod
             gpus_per_worker=3)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # Ray in this process
 def test_fractional_gpu_workers_share_a_card(tmp_path, demo_wider, tiny_model_dir, fake_gpu_ray):
     out = tmp_path / "out"
     run(str(demo_wider / "images"), str(out), str(tiny_model_dir), workers=2, quiet=True, gpus_per_worker=0.5,

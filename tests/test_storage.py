@@ -64,6 +64,7 @@ def test_mask_names_resolve_collisions_deterministically():
     assert len(many._taken) <= 10
 
 
+@pytest.mark.slow  # the S3 server
 def test_s3_listing_paginates_in_order_and_writes(s3_server):
     bucket = s3_server.new_bucket("st")
     fs = s3_server.fs()

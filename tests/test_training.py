@@ -1,4 +1,7 @@
-"""One short training run on the shipped demo images; the outputs a user relies on."""
+"""Training: the outputs a user relies on (one model trained by the real CLI, shared), and the mechanics.
+
+Every test here trains (seconds to tens of seconds each): the slow tier.
+"""
 
 from __future__ import annotations
 
@@ -13,30 +16,28 @@ from batchmask.augment import make_pair
 from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
 from batchmask.training import OutputExistsError, train
 
-# Full 3x3 decoder convolutions (the "unet" block): the mechanics tests below were calibrated
-# with it; test_cli.py trains the default depthwise-separable decoder end to end.
-SMALL_MODEL = ModelConfig(alpha=0.25, image_size=64, decoder_block="conv", decoder_projection=0,
-                          decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2)
+pytestmark = pytest.mark.slow  # every test trains
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_wider):
-    out = tmp_path_factory.mktemp("trained") / "model"
-    cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=2, warmup_epochs=1, batch_size=4,
-                      val_fraction=0.3, seed=7)
-    return train(str(demo_wider), out, cfg, progress=False), out
+def small_model(**changes) -> ModelConfig:
+    """Full 3x3 decoder convolutions (the "unet" block): the mechanics tests below were calibrated
+    with it. A new object per call: no test can change another's configuration (a module-level
+    instance was shared by every TrainConfig built from it)."""
+    return ModelConfig(**{**dict(alpha=0.25, image_size=64, decoder_block="conv", decoder_projection=0,
+                                 decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2), **changes})
 
 
-def test_train_writes_model_directory(trained, demo_wider):
-    res, out = trained
+def test_train_writes_model_directory(trained_model):
+    out = trained_model.out  # conftest: `batchmask train` on two sources, stratified, seed 7, 4 epochs (1 warm-up)
     assert {p.name for p in out.iterdir()} >= {"model.keras", "model.json", "history.csv", "learning_curves.png"}
     assert not (out / ".best.weights.h5").exists()
     meta = json.loads((out / "model.json").read_text())
     assert meta["model"]["image_size"] == 64 and meta["model"]["alpha"] == 0.25
-    assert meta["data"]["train_images"] == 7 and meta["data"]["val_images"] == 3
-    assert len(meta["data"]["split"]["val_names"]) == 3 and meta["data"]["split"]["seed"] == 7
+    n_train, n_val = meta["data"]["train_images"], meta["data"]["val_images"]
+    assert n_train + n_val == 15 and 0 < n_val < n_train
+    assert len(meta["data"]["split"]["val_names"]) == n_val and meta["data"]["split"]["seed"] == 7
     assert len(meta["data"]["fingerprint"]) == 64
-    assert meta["training"]["epochs_run"] == 2 and 1 <= meta["training"]["best_epoch"] <= 2
+    assert meta["training"]["epochs_run"] == 4 and 1 <= meta["training"]["best_epoch"] <= 4
     assert meta["keras_version"] and meta["batchmask_version"]
     v = meta["metrics"]["validation"]
     thr = meta["model"]["threshold"]
@@ -55,28 +56,32 @@ def test_train_writes_model_directory(trained, demo_wider):
         iou.append(tp / (tp + fp + fn) if tp + fp + fn else 1.0)
     assert v["dice"] == pytest.approx(np.mean(dice), abs=2e-3) and v["iou"] == pytest.approx(np.mean(iou), abs=2e-3)
     rows = list(csv.DictReader((out / "history.csv").open()))
-    assert [r["phase"] for r in rows] == ["decoder", "finetune"]
+    assert [r["phase"] for r in rows] == ["decoder", "finetune", "finetune", "finetune"]
     assert {"loss", "dice", "val_loss", "val_dice"} <= set(rows[0])
-    assert res.best_epoch == meta["training"]["best_epoch"]
     # The kept epoch is the one with the best per-image validation Dice (the metric's kin).
     scores = [float(r["val_dice_t50"]) for r in rows]
-    assert scores[res.best_epoch - 1] == max(scores)
+    assert scores[meta["training"]["best_epoch"] - 1] == max(scores)
 
 
-def test_split_is_seeded(trained, demo_wider, tmp_path):
-    _, out = trained
-    meta = json.loads((out / "model.json").read_text())
-    from batchmask.data import load_wider, split_samples
+def test_split_is_seeded(trained_model, demo_wider):
+    """The validation images recorded are the ones the same split of the same data gives again."""
+    from batchmask.training import _load_split
 
-    samples = load_wider(demo_wider)
-    _, val = split_samples(samples, 0.3, seed=7)
-    assert meta["data"]["split"]["val_names"] == [samples[i].name for i in val]
+    meta = json.loads((trained_model.out / "model.json").read_text())
+    cfg = TrainConfig(val_fraction=meta["training"]["config"]["val_fraction"], seed=7, split="stratified")
+    _, val, _, _ = _load_split([str(demo_wider), str(trained_model.pool)], None, cfg, None)
+    assert meta["data"]["split"]["val_names"] == [s.name for s in val]
+    _, other, _, _ = _load_split([str(demo_wider), str(trained_model.pool)], None,
+                                 dataclasses.replace(cfg, seed=8), None)
+    assert [s.name for s in other] != [s.name for s in val]  # (the seed matters: the check is not vacuous)
 
 
-def test_refuses_to_overwrite(trained, demo_wider):
-    _, out = trained
+def test_refuses_to_overwrite(trained_model, demo_wider):
+    out = trained_model.out
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(OutputExistsError, match="--force"):
-        train(str(demo_wider), out, TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1))
+        train(str(demo_wider), out, TrainConfig(model=small_model(), backbone_weights="none", epochs=1))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 def test_learning_happens_on_a_trivial_task(tmp_path):
@@ -91,7 +96,7 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
         x, y = rng.integers(5, 50, 2)
         img[y : y + 40, x : x + 40] = 230
         samples.append(Sample(name=f"s{i}", boxes=np.array([[x, y, x + 40, y + 40]], np.float32), image=img))
-    cfg = TrainConfig(model=dataclasses.replace(SMALL_MODEL, trainable_blocks=13),
+    cfg = TrainConfig(model=small_model(trainable_blocks=13),
                       augment=AugmentConfig(enabled=False), backbone_weights="none",
                       epochs=10, warmup_epochs=0, batch_size=4, learning_rate=3e-3, val_fraction=0.25, seed=1)
     train(samples, tmp_path / "m", cfg, progress=False)
@@ -111,7 +116,7 @@ def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider, mon
 
     monkeypatch.setattr(training, "make_pair", spy)
     out = tmp_path / "crops"
-    cfg = TrainConfig(model=SMALL_MODEL, backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
+    cfg = TrainConfig(model=small_model(), backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
                       val_fraction=0.3, seed=7, crop_size=32, dice_per_image=True)
     res = train(str(demo_wider), out, cfg, progress=False)
     # The network was fed 32x32 random crops (7 training images: one batch of 4 per epoch) and
@@ -128,4 +133,4 @@ def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider, mon
     assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
     assert res.metrics["images"] == 3
     with pytest.raises(ValueError, match="crop_size"):
-        train(str(demo_wider), tmp_path / "bad", TrainConfig(model=SMALL_MODEL, crop_size=48), progress=False)
+        train(str(demo_wider), tmp_path / "bad", TrainConfig(model=small_model(), crop_size=48), progress=False)

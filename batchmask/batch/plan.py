@@ -26,7 +26,8 @@ from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime
 from .dispatch import RunCounts, raise_interrupt, steady_rate
 from .options import RunError
 from .storage import StorageSpec
-from .worker import RAY_ONLY_TEST_HOOKS, MaskWorker, WorkerOptions
+from .testhooks import RAY_ONLY_TEST_HOOKS
+from .worker import MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 

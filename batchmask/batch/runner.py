@@ -51,7 +51,8 @@ from .plan import (
 from .policy import INFLIGHT_PER_ACTOR
 from .quiet import ray_output_hidden
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
-from .worker import TEST_HOOKS, MaskWorker, WorkerOptions
+from .testhooks import TEST_HOOKS
+from .worker import MaskWorker, WorkerOptions
 
 log = logging.getLogger(__name__)
 

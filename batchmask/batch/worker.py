@@ -35,25 +35,7 @@ from .outputs import (
     rows_to_csv,
 )
 from .storage import StorageSpec, check_rel
-
-#: Test hook: "N:/path/marker" makes an actor exit abruptly after N images, once (the marker
-#: file records that it happened). Used by the fault tests; never set it in production.
-CRASH_ENV = "BATCHMASK_TEST_CRASH_AFTER"
-#: Test hook: an actor exits abruptly, every time, when it reads an image whose relative path
-#: contains this string (a "poison" image that crashes the decoder). Tests only.
-CRASH_ON_ENV = "BATCHMASK_TEST_CRASH_ON"
-#: Test hook: seconds to sleep before each shard (lets the interrupt test stop a run midway).
-DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
-#: Test hook: "S:/path/marker": the first actor to create the marker starts S seconds late (the
-#: balancing test needs one slow actor). Tests only.
-START_DELAY_ENV = "BATCHMASK_TEST_START_DELAY"
-#: Test hook: a path; each shard waits until that file exists (at most 10 minutes), so a test
-#: holds a run at a known point instead of racing it with sleeps. Tests only.
-GATE_ENV = "BATCHMASK_TEST_GATE"
-#: Hooks that simulate dying or slow actors: a run with any of them set always uses Ray.
-RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV)
-#: Every test hook, forwarded to Ray actors' environments.
-TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV)
+from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
 
 @dataclass
@@ -122,18 +104,6 @@ def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
         return load_model(d, runtime="keras")
 
 
-def _maybe_start_late() -> None:
-    spec = os.environ.get(START_DELAY_ENV)
-    if not spec:
-        return
-    seconds, _, marker = spec.partition(":")
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    time.sleep(float(seconds))
-
-
 def _in_ray() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
@@ -158,14 +128,23 @@ def peak_rss_mb() -> float:
 class MaskWorker:
     """Plain class; :func:`batchmask.batch.runner.run` wraps it with ``ray.remote``."""
 
-    def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions):
-        """``model_files``: {file name: bytes} of the model directory, or ``[ray ObjectRef]`` of it."""
+    #: Called at start, per shard, per image and per batch: nothing happens unless a test sets one.
+    hooks: NoHooks = NO_HOOKS
+
+    def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions,
+                 hooks: NoHooks | None = None):
+        """``model_files``: {file name: bytes} of the model directory, or ``[ray ObjectRef]`` of it.
+
+        ``hooks``: called at start, per shard, per image and per batch; by default the no-op
+        hooks, or the tests' ``BATCHMASK_TEST_*`` hooks when one is set (see :mod:`.testhooks`).
+        """
         t0 = time.time()
+        self.hooks = hooks_from_env() if hooks is None else hooks
         if isinstance(model_files, list):
             import ray
 
             model_files = ray.get(model_files[0])
-        _maybe_start_late()
+        self.hooks.start()
         _set_threads(opts.threads, tf_too=False)
         set_pixel_limit(opts.max_pixels)
         self.model = _load_worker_model(model_files, opts)
@@ -218,8 +197,7 @@ class MaskWorker:
         try:
             check_rel(rel)
             check_rel(mask)
-            if os.environ.get(CRASH_ON_ENV) and os.environ[CRASH_ON_ENV] in rel:
-                os._exit(1)
+            self.hooks.image(rel)
             data = self.inp.read_bytes(rel)
             d.x, d.width, d.height = decode_for_model(
                 data, self.model.image_size, self.opts.max_pixels, rel, self.opts.draft
@@ -247,10 +225,7 @@ class MaskWorker:
     # ------------------------------------------------------------------ per shard
     def process(self, shard: int, items: list[tuple[str, str]]) -> dict:
         t0 = time.time()
-        if os.environ.get(DELAY_ENV):
-            time.sleep(float(os.environ[DELAY_ENV]))
-        if os.environ.get(GATE_ENV):
-            _wait_for_gate(os.environ[GATE_ENV])
+        self.hooks.shard(shard)
         loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
         rows: list[dict] = []
         writes = []
@@ -265,7 +240,7 @@ class MaskWorker:
                     d.x = None
                     writes.append(self.pool.submit(self._finish, d, p))
             self.images += len(ds)
-            self._maybe_crash()
+            self.hooks.batch_done(self.images)
         rows += [f.result() for f in writes]
         self.out.write_bytes(part_name(self.opts.run_id, shard), rows_to_csv(rows))
         t1 = time.time()
@@ -276,18 +251,3 @@ class MaskWorker:
 
     def stats(self) -> dict:
         return {"images": self.images, "busy_s": round(self.busy_s, 3), **self._ident()}
-
-    def _maybe_crash(self) -> None:
-        spec = os.environ.get(CRASH_ENV)
-        if not spec:
-            return
-        n, _, marker = spec.partition(":")
-        if self.images >= int(n) and marker and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)
-
-
-def _wait_for_gate(path: str, limit_s: float = 600.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
