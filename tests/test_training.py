@@ -27,7 +27,7 @@ def small_model(**changes) -> ModelConfig:
                                  decoder_filters=(16, 16, 8, 8, 8), trainable_blocks=2), **changes})
 
 
-def test_train_writes_model_directory(trained_model):
+def test_train_writes_model_directory(trained_model, demo_wider):
     out = trained_model.out  # conftest: `batchmask train` on two sources, stratified, seed 7, 4 epochs (1 warm-up)
     assert {p.name for p in out.iterdir()} >= {"model.keras", "model.json", "history.csv", "learning_curves.png"}
     assert not (out / ".best.weights.h5").exists()
@@ -41,13 +41,16 @@ def test_train_writes_model_directory(trained_model):
     assert meta["keras_version"] and meta["batchmask_version"]
     v = meta["metrics"]["validation"]
     thr = meta["model"]["threshold"]
-    assert 0.0 < thr < 1.0 and v["threshold"] == thr and v["images"] == 3
+    assert 0.0 < thr < 1.0 and v["threshold"] == thr and v["images"] == n_val
     # The stored validation figures, by hand: the saved model on the validation images at their
     # original size, at the stored threshold (a range check cannot tell a wrong figure).
-    from batchmask.data import boxes_to_mask, load_wider
+    from batchmask.data import boxes_to_mask
     from batchmask.inference import load_model
+    from batchmask.training import _load_split
 
-    val = [s for s in load_wider(demo_wider) if s.name in meta["data"]["split"]["val_names"]]
+    cfg = TrainConfig(val_fraction=meta["training"]["config"]["val_fraction"], seed=7, split="stratified")
+    _, val, _, _ = _load_split([str(demo_wider), str(trained_model.pool)], None, cfg, None)
+    assert [s.name for s in val] == meta["data"]["split"]["val_names"]
     dice, iou = [], []
     for s, p in zip(val, load_model(out).predict_proba([s.load_image() for s in val]), strict=True):
         t, pred = boxes_to_mask(s.boxes, *p.shape).astype(bool), p >= thr
