@@ -152,8 +152,6 @@ def test_max_pixels_and_overlays(tmp_path, tiny_model_dir):
     assert not (out / "overlays" / "sub").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="README promise not kept yet: MaskWorker._load (batchmask/batch/worker.py) "
-                   "records width/height 0 for every decode error; decode_for_model's DataError now carries .size")
 def test_error_rows_have_the_size_when_the_image_header_was_read(tmp_path, tiny_model_dir):
     """README (coverage.csv): "On error rows the measurement columns are empty. width and height
     are filled in when the image header could be read." Over --max-pixels, and a PNG cut short

@@ -204,6 +204,7 @@ class MaskWorker:
             )
         except (DataError, ValueError) as exc:
             d.error = str(exc)
+            d.width, d.height = getattr(exc, "size", None) or (0, 0)  # the header's, when it was read
         except (FileNotFoundError, IsADirectoryError) as exc:  # this image only (e.g. deleted since listed)
             d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"
         # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors) fails the
