@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from batchmask.batch.dispatch import Dispatcher, RunCounts
+from batchmask.batch.dispatch import STATS_WAIT_S, STATS_WAIT_STOPPING_S, Dispatcher, RunCounts
 from batchmask.batch.options import RunError
 from batchmask.batch.policy import INFLIGHT_PER_ACTOR, MAX_SHARD_ATTEMPTS, Action, ErrorKind, decide
 
@@ -140,8 +140,9 @@ class FakePool:
     def is_restarting(self, exc):
         return isinstance(exc, Restarting)
 
-    def stats(self, i):
-        return {"peak_rss_mb": 70.0, "busy_s": 1.5}
+    def stats(self, actors, timeout):
+        self.stats_asked = (list(actors), timeout)
+        return {i: {"peak_rss_mb": 70.0, "busy_s": 1.5} for i in actors}
 
 
 def shards_of(n_images: int, size: int) -> list[list[tuple[str, str]]]:
@@ -173,6 +174,7 @@ def test_every_shard_is_done_and_every_actor_gets_work():
     assert sum(a["images"] for a in info["actors"]) == 40
     assert all(a["busy_s"] == 1.5 and a["restarts"] == 0 for a in info["actors"])
     assert info["nodes_used"] == ["node-a"] and "startup_s" in info["throughput"]
+    assert pool.stats_asked == ([0, 1, 2], STATS_WAIT_S)  # all actors at once, one wait
     assert not d.tasks and not d.retry and all(v == 0 for v in d.inflight.values())
 
 
@@ -237,6 +239,7 @@ def test_an_exception_twice_fails_the_run():
     d, counts, info = dispatch(pool, shards_of(8, 4), clock)
     with pytest.raises(RunError, match="failed 2 times: AccessDenied"):
         d.run()
+    assert pool.stats_asked[1] == STATS_WAIT_STOPPING_S < STATS_WAIT_S  # a stopping run waits less
     assert counts.retried_shards >= 1
     assert "actors" in info  # the statistics are written also when the run fails
 

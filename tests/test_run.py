@@ -122,6 +122,7 @@ def test_bad_input_corpus_then_rerun_skips(tmp_path, demo_wider, tiny_model_dir,
     assert info["counts"]["ok"] == 15 and info["counts"]["failed"] == 4 and info["exit_code"] == 3
     assert info["ray"]["cpus_per_actor"] == 1.0 and len(info["actors"]) == 2
     assert sum(a["images"] for a in info["actors"]) == len(exp) and all(a["images"] > 0 for a in info["actors"])
+    assert all(a["busy_s"] > 0 and a["peak_rss_mb"] > 0 for a in info["actors"])  # the actors' stats, asked at the end
     met_pids = {int(p.name) for p in met.iterdir()}
     assert len(met_pids) == 2 and met_pids == {pid for a in info["actors"] for pid in a["pids"]}
     monkeypatch.delenv("BATCHMASK_TEST_RENDEZVOUS")

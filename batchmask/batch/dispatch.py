@@ -39,6 +39,10 @@ ACTOR_START_TIMEOUT_S = float(os.environ.get("BATCHMASK_ACTOR_START_TIMEOUT", "6
 BALANCE_WAIT_S = 60.0
 #: Seconds one wait for a result lasts before the dispatcher looks at stalls and timeouts again.
 POLL_S = 5.0
+#: Seconds the end of a run waits for the actors' statistics (all asked at once); a run that is
+#: stopping (Ctrl-C, SIGTERM, a failure) waits less: its actors may be busy with a shard.
+STATS_WAIT_S = 10.0
+STATS_WAIT_STOPPING_S = 2.0
 #: Keys of an actor's ready() answer recorded in run.json's ``actors``.
 DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
 
@@ -112,7 +116,7 @@ class WorkerPool(Protocol):
     def restart(self, i: int) -> None: ...
     def is_dead(self, exc: BaseException) -> bool: ...
     def is_restarting(self, exc: BaseException) -> bool: ...
-    def stats(self, i: int) -> dict | None: ...
+    def stats(self, actors: list[int], timeout: float) -> dict[int, dict]: ...
 
 
 class RayPool:
@@ -149,12 +153,18 @@ class RayPool:
 
         return isinstance(exc, ActorUnavailableError)
 
-    def stats(self, i: int) -> dict | None:
-        from ray.exceptions import GetTimeoutError, RayError
+    def stats(self, actors: list[int], timeout: float) -> dict[int, dict]:
+        """Each actor's stats() answer, asked of all at once; those that do not answer within
+        ``timeout`` (busy with a shard, or dead) are left out."""
+        from ray.exceptions import RayError
 
-        with contextlib.suppress(GetTimeoutError, RayError):
-            return self.ray.get(self.actors[i].stats.remote(), timeout=10)
-        return None
+        refs = {self.actors[i].stats.remote(): i for i in actors}
+        done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out = {}
+        for ref in done:
+            with contextlib.suppress(RayError):
+                out[refs[ref]] = self.ray.get(ref)
+        return out
 
 
 class _NoBar:
@@ -218,11 +228,14 @@ class Dispatcher:
     def run(self) -> None:
         for i in range(self.pool.size):
             self.starting[self.pool.ready(i)] = i
+        finished = False
         try:
             while self.step():
                 pass
+            finished = True
         finally:
-            self.finish()
+            # A run that is stopping (interrupted, failed) does not wait long for busy actors.
+            self.finish(STATS_WAIT_S if finished else STATS_WAIT_STOPPING_S)
 
     def step(self) -> bool:
         """Hand out work, wait for one answer (at most POLL_S) and handle it; False when all is done."""
@@ -413,12 +426,14 @@ class Dispatcher:
 
     # -- the end
 
-    def finish(self) -> None:
-        """Actor statistics into run.json (also when the run failed)."""
+    def finish(self, stats_wait: float = 10.0) -> None:
+        """Actor statistics into run.json (also when the run failed; then from the actors that
+        answer within ``stats_wait``)."""
         self.bar.close()
+        stats = self.pool.stats(list(self.per_actor), stats_wait) if self.per_actor else {}
         for i, a in self.per_actor.items():
             a["restarts"] = max(0, len(a.get("pids", [])) - 1)
-            s = self.pool.stats(i)
+            s = stats.get(i)
             if s is not None:
                 a["peak_rss_mb"] = max(a.get("peak_rss_mb", 0), s["peak_rss_mb"])
                 a["busy_s"] = s["busy_s"]
