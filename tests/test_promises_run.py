@@ -341,7 +341,16 @@ def test_more_workers_than_cpus_start_every_actor_with_a_fraction_and_a_warning(
     monkeypatch.setattr(ray, "put", lambda obj: "blob")
     monkeypatch.setattr(ray, "remote", lambda cls: FakeActorClass())
     monkeypatch.setattr(ray, "kill", lambda *a, **k: None)
-    monkeypatch.setattr(runner, "_dispatch", lambda actors, *a: None)  # no work is handed out
+    monkeypatch.setattr(runner, "RayPool", lambda actors: None)
+
+    class NoDispatch:  # no work is handed out
+        def __init__(self, *a, **k):
+            pass
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(runner, "Dispatcher", NoDispatch)
     inp = images(tmp_path / "in", ["a.png"])
     with caplog.at_level("WARNING", logger="batchmask"):
         run(str(inp), str(tmp_path / "out"), str(tiny_model_dir), workers=3, in_process_max=0, quiet=True)
