@@ -114,24 +114,23 @@ def test_unreadable_storage_fails_the_run_but_a_vanished_file_is_an_error_row(tm
     inp, out = images(tmp_path / "in", ["a.png", "b.png"]), tmp_path / "out"
     real_read = Storage.read_bytes
 
-    def read(self, rel):
-        if rel == "b.png":
-            raise PermissionError(errno.EACCES, "Access Denied", rel)
-        return real_read(self, rel)
+    def failing_on(name: str, exc_type: type[OSError], code: int, text: str):
+        """Storage.read_bytes that raises ``exc_type`` for ``name`` and reads every other file."""
+        def read(self, rel):
+            if rel == name:
+                raise exc_type(code, text, rel)
+            return real_read(self, rel)
 
-    monkeypatch.setattr(Storage, "read_bytes", read)
+        return read
+
+    monkeypatch.setattr(Storage, "read_bytes", failing_on("b.png", PermissionError, errno.EACCES, "Access Denied"))
     res = cli("-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q")
     assert res.exit_code == 1 and "Access Denied" in res.output, res.output
     assert "b.png" not in rows(out)  # no error row: done next time
     monkeypatch.setattr(Storage, "read_bytes", real_read)
     (inp / "c.png").write_bytes((inp / "a.png").read_bytes())
-
-    def vanished(self, rel):
-        if rel == "c.png":
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", rel)
-        return real_read(self, rel)
-
-    monkeypatch.setattr(Storage, "read_bytes", vanished)
+    monkeypatch.setattr(Storage, "read_bytes",
+                        failing_on("c.png", FileNotFoundError, errno.ENOENT, "No such file or directory"))
     res = cli("-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q")
     assert res.exit_code == 3, res.output
     by = rows(out)

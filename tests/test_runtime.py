@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from batchmask import runtime as rt
+from batchmask.batch.dispatch import RunCounts
 from batchmask.batch.plan import plan_shards, shard_size_for
 from batchmask.batch.runner import RunError, run
 from batchmask.data import read_image
@@ -99,15 +100,15 @@ def test_shards_are_sized_from_images_and_workers():
     assert shard_size_for(10, 2, 8, 32, 2) == 5  # not below a batch, unless a worker would idle
     assert shard_size_for(10_000, 2, 8, 32, 2) == 32  # the cap
     assert shard_size_for(1, 4, 8, 32, 2) == 1
-    st = {"listed_all": False}
+    st = RunCounts()
 
     def items(n):
         yield from ((f"{i}.jpg", f"m/{i}.png") for i in range(n))
-        st["listed_all"] = True
+        st.listed_all = True
 
     shards, n, size = plan_shards(items(60), st, 2, 8, 32, 2)
     assert (n, size) == (60, 15) and [len(s) for s in shards] == [15] * 4
-    st["listed_all"] = False
+    st.listed_all = False
     shards, n, size = plan_shards(items(1000), st, 2, 8, 32, 2)  # too long to know up front
     got = [len(s) for s in shards]
     assert (n, size) == (None, 32) and sum(got) == 1000 and got[0] == 32

@@ -123,6 +123,7 @@ class Decoded:
     rel: str
     mask: str
     x: np.ndarray | None = None  # network input (S, S, 3) uint8
+    data: bytes | None = None  # the file's bytes, kept only for the overlay (read once)
     width: int = 0
     height: int = 0
     error: str = ""

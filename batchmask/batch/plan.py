@@ -25,6 +25,7 @@ from ..inference import META_FILE, MODEL_FILE
 from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
 from .dispatch import RunCounts, raise_interrupt, steady_rate
 from .options import RunError
+from .policy import Action, ErrorKind, decide
 from .storage import StorageSpec
 from .testhooks import RAY_ONLY_TEST_HOOKS
 from .worker import MaskWorker, WorkerOptions
@@ -72,21 +73,25 @@ def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: in
     return max(1, min(cap, max(even, floor)))
 
 
-def plan_shards(items: Iterator[tuple[str, str]], st: dict, workers: int, batch_size: int, shard_size: int,
-                inflight: int) -> tuple[Iterator[list], int | None, int]:
+def plan_shards(items: Iterator[tuple[str, str]], counts: RunCounts, workers: int, batch_size: int,
+                shard_size: int, inflight: int) -> tuple[Iterator[list], int | None, int]:
     """(shards, number of images to do if the listing ended early, shard size).
 
-    ``st["listed_all"]`` says whether ``items`` has ended (the runner passes ``vars(counts)``,
-    a live view of its :class:`~batchmask.batch.dispatch.RunCounts`).
+    ``counts.listed_all`` says whether ``items`` has ended (the listing sets it).
 
     Lists ahead up to ``workers * inflight * shard_size`` images; when the listing ends there,
     the shard size comes from :func:`shard_size_for`, else it is ``shard_size``.
     """
     head = list(islice(items, workers * inflight * shard_size + 1))
-    n = len(head) if st["listed_all"] else None
+    n = len(head) if counts.listed_all else None
     size = shard_size if n is None else shard_size_for(n, workers, batch_size, shard_size, inflight)
     rest = chain(head, items)
     return iter(lambda: list(islice(rest, size)), []), n, size
+
+
+def ray_address(address: str | None) -> str | None:
+    """The Ray cluster a run joins: ``--address``, else ``$RAY_ADDRESS``, else None (a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def in_process_reason(n: int | None, in_process_max: int, gpus_per_worker: float,
@@ -102,7 +107,7 @@ def in_process_reason(n: int | None, in_process_max: int, gpus_per_worker: float
     if gpus_per_worker > 0:
         return "GPU workers asked for"
     ray = sys.modules.get("ray")
-    if address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+    if ray_address(address) or (ray is not None and ray.is_initialized()):
         return "a Ray cluster was given"
     if any(os.environ.get(h) for h in RAY_ONLY_TEST_HOOKS):
         return "test hooks simulate worker deaths, which only Ray actors survive"
@@ -135,15 +140,7 @@ def _in_process(first: list, shards: Iterator[list], counts: RunCounts, info: di
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run (in process)")
     try:
         for sid, items in enumerate(chain([first], shards)):
-            for attempt in (1, 2):  # as with Ray: a failed shard is tried once more, then the run fails
-                try:
-                    r = worker.process(sid, items)
-                    break
-                except Exception as exc:
-                    if attempt == 2:
-                        raise RunError(f"shard {sid} failed {attempt} times: {type(exc).__name__}: {exc}") from exc
-                    counts.retried_shards += 1
-                    log.warning("shard %d (%d images) failed: %s; trying it again", sid, len(items), exc)
+            r = _process_with_retries(worker, sid, items, counts)
             counts.add_result(r)
             windows.append((r["start"], r["end"], r["n"]))
             bar.update(r["n"])
@@ -155,3 +152,18 @@ def _in_process(first: list, shards: Iterator[list], counts: RunCounts, info: di
                            "peak_rss_mb": s["peak_rss_mb"], "startup_s": round(worker.startup_s, 2),
                            **worker.device()}]
         info.setdefault("throughput", {})["steady_images_per_s"] = steady_rate(windows, t_ready)
+
+
+def _process_with_retries(worker: MaskWorker, sid: int, items: list, counts: RunCounts) -> dict:
+    """One shard in this process, retried as the Ray dispatcher would (:func:`~.policy.decide`): an
+    exception is retried, then fails the run (no worker process here can die and be split out)."""
+    attempt = 1
+    while True:
+        try:
+            return worker.process(sid, items)
+        except Exception as exc:
+            if decide(attempt, len(items), ErrorKind.ERROR) is not Action.RETRY:
+                raise RunError(f"shard {sid} failed {attempt} times: {type(exc).__name__}: {exc}") from exc
+            counts.retried_shards += 1
+            log.warning("shard %d (%d images) failed: %s; trying it again", sid, len(items), exc)
+            attempt += 1

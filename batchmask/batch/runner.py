@@ -46,6 +46,7 @@ from .plan import (
     in_process_reason,
     plan_shards,
     prepare_model_files,
+    ray_address,
     runtime_used,
 )
 from .policy import INFLIGHT_PER_ACTOR
@@ -109,7 +110,7 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    addr = address or os.environ.get("RAY_ADDRESS") or None
+    addr = ray_address(address)
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": log.isEnabledFor(logging.DEBUG),
               "configure_logging": False}
     if addr:
@@ -266,7 +267,7 @@ class _BatchRun:
     def _process(self) -> None:
         opts, info = self.opts, self.info
         # The listing starts here: its failure is recorded in run.json too.
-        shards, n_todo, planned_shard = plan_shards(self._pending(), vars(self.counts), opts.workers, opts.batch_size,
+        shards, n_todo, planned_shard = plan_shards(self._pending(), self.counts, opts.workers, opts.batch_size,
                                                     opts.shard_size, INFLIGHT_PER_ACTOR)
         self.first = next(shards, None)
         if self.first is None:

@@ -199,6 +199,8 @@ class MaskWorker:
             check_rel(mask)
             self.hooks.image(rel)
             data = self.inp.read_bytes(rel)
+            if self.opts.overlays:
+                d.data = data
             d.x, d.width, d.height = decode_for_model(
                 data, self.model.image_size, self.opts.max_pixels, rel, self.opts.draft
             )
@@ -216,7 +218,8 @@ class MaskWorker:
             m, face_pixels, faces, conf = mask_stats(prob, d.width, d.height, self.threshold, self.model.image_size)
             self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
-                self.out.write_bytes(overlay_rel(d.rel), encode_overlay(self.inp.read_bytes(d.rel), m, d.rel))
+                self.out.write_bytes(overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
+                d.data = None
         except (MemoryError, ValueError, DataError) as exc:  # the image's own problem (too big for memory)
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
         # Anything else (disk full, permission denied, storage unreachable) is the run's problem, not
