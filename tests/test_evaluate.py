@@ -182,13 +182,13 @@ def test_tune_threshold_refuses_the_shipped_model_by_path(demo_wider):
 
 def test_shipped_default_model_loads_and_finds_the_demo_faces(demo_wider):
     """The model in the package: loads, predicts, and scores far above what a broken model can."""
-    from batchmask.inference import default_model_dir, read_meta
+    from batchmask.inference import default_model_dir, load_model, read_meta
     from batchmask.model import count_macs
 
-    res = evaluate(None, str(demo_wider))
+    model = load_model()  # no path: the shipped default, loaded once for both checks
+    assert model.path == default_model_dir()
+    res = evaluate(model, str(demo_wider))
     assert res.metrics["images"] == 10 and res.metrics["dice"] > 0.7  # an untrained network scores about 0.05
     meta = read_meta(default_model_dir())
     assert res.threshold == meta["model"]["threshold"] and 0.3 <= res.threshold <= 0.8
-    from batchmask.inference import load_model
-
-    assert meta["cost"]["multiply_adds"] == count_macs(load_model().keras_model)
+    assert meta["cost"]["multiply_adds"] == count_macs(model.keras_model)

@@ -330,6 +330,7 @@ def test_s3_url_with_credentials_is_refused_without_echoing_them(s3_server):
 @pytest.mark.slow  # the S3 server
 def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
     import json
+    import time
 
     import batchmask.batch.lock as outlock
     from batchmask.batch.lock import LOCK_FILE, OutputLock, OutputLocked
@@ -341,20 +342,23 @@ def test_s3_lock_is_exclusive_renewed_and_expires(s3_server, monkeypatch):
         OutputLock(spec.open()).acquire()
     a.release()
     assert not s3_server.fs().exists(f"{bucket}/out/{LOCK_FILE}")
-    # a crashed holder: its lock object stays, but expires
-    monkeypatch.setattr(outlock, "S3_LOCK_TTL_S", 2.0)
+    # a crashed holder: its lock object stays, and blocks others until it expires
     crashed = OutputLock(spec.open())
     crashed._write_s3()
     with pytest.raises(OutputLocked):
         OutputLock(spec.open()).acquire()
-    import time
-
-    time.sleep(2.5)
+    key = f"{bucket}/out/{LOCK_FILE}"
+    rec = json.loads(s3_server.fs().cat_file(key))
+    s3_server.fs().pipe_file(key, json.dumps(dict(rec, expires=time.time() - 1)).encode())  # its TTL has passed
+    monkeypatch.setattr(outlock, "S3_LOCK_TTL_S", 0.6)  # renewed every 0.2 s
     b = OutputLock(spec.open()).acquire()
-    assert json.loads(s3_server.fs().cat_file(f"{bucket}/out/{LOCK_FILE}"))["token"] == b.token
-    time.sleep(1.5)  # renewed (every TTL/3): still ours, still in the future
-    rec = json.loads(s3_server.fs().cat_file(f"{bucket}/out/{LOCK_FILE}"))
-    assert rec["token"] == b.token and rec["expires"] > time.time()
+    first = json.loads(s3_server.fs().cat_file(key))
+    assert first["token"] == b.token
+    deadline = time.monotonic() + 60  # renewal: the record's expiry moves forward, still ours
+    while (rec := json.loads(s3_server.fs().cat_file(key)))["expires"] <= first["expires"]:
+        assert time.monotonic() < deadline, "the lock was never renewed"
+        time.sleep(0.05)
+    assert rec["token"] == b.token
     b.release()
 
 

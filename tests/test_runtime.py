@@ -159,14 +159,16 @@ def fake_gpu_ray():
 
 @pytest.mark.slow  # Ray in this process
 def test_small_ray_run_gives_every_actor_work(tmp_path, demo_wider, tiny_model_dir, fake_gpu_ray, monkeypatch):
-    """One actor starts 8 s late: the other must not take every shard meanwhile."""
+    """One actor is ready only after the other has finished a shard: the other must not take every
+    shard meanwhile (a gate: the late actor waits for the other's first shard, no sleep)."""
     out = tmp_path / "out"
-    monkeypatch.setenv("BATCHMASK_TEST_START_DELAY", f"8:{tmp_path / 'slow-marker'}")
+    monkeypatch.setenv("BATCHMASK_TEST_START_AFTER", str(tmp_path / "late-marker"))
     s = run(str(demo_wider / "images"), str(out), str(tiny_model_dir), workers=2, batch_size=2, quiet=True,
             runtime="onnx", in_process_max=0)
     info = json.loads((out / "run.json").read_text())
     assert s.ok == 10 and info["plan"]["mode"] == "ray" and info["plan"]["shard_size"] == 3
     assert len(info["actors"]) == 2 and all(a["images"] > 0 for a in info["actors"]), info["actors"]
+    assert (tmp_path / "late-marker.go").exists()  # the late actor really waited for the other's shard
     assert all(a["runtime"] == "onnx" and a["device"] == "cpu" and a["threads"] == 1 for a in info["actors"])
 
 

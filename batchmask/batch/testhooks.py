@@ -25,9 +25,11 @@ CRASH_ON_ENV = "BATCHMASK_TEST_CRASH_ON"
 #: Seconds to sleep before each shard: a *stalled* shard (the stalled-shard test, and
 #: scripts/s3_outage.py). Not for synchronising a test with a run: use the gate.
 DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
-#: "S:/path/marker": the first actor to create the marker starts S seconds late (the balancing
-#: test needs one slow actor).
-START_DELAY_ENV = "BATCHMASK_TEST_START_DELAY"
+#: "/path/marker": the first actor to create the marker is a late starter: it waits (at most
+#: :data:`GATE_LIMIT_S`) until ``<marker>.go`` exists, which every other actor writes when it has
+#: finished its first shard. The balancing test: the others have worked and gone idle before
+#: the late actor is ready, with no sleep.
+START_AFTER_ENV = "BATCHMASK_TEST_START_AFTER"
 #: A path: shards wait until that file exists (at most :data:`GATE_LIMIT_S`). A shard that waits
 #: first creates ``<path>.reached`` (and appends its pid), so a test knows the run is held there.
 GATE_ENV = "BATCHMASK_TEST_GATE"
@@ -41,7 +43,7 @@ RENDEZVOUS_ENV = "BATCHMASK_TEST_RENDEZVOUS"
 #: goes on, and the test fails on its asserts.
 GATE_LIMIT_ENV = "BATCHMASK_TEST_GATE_LIMIT"
 #: Hooks that simulate dying, slow or meeting actors: a run with any of them set always uses Ray.
-RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_DELAY_ENV, RENDEZVOUS_ENV)
+RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_AFTER_ENV, RENDEZVOUS_ENV)
 #: Every test hook, forwarded to Ray actors' environments.
 TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV, GATE_FREE_ENV, GATE_LIMIT_ENV)
 GATE_LIMIT_S = 600.0
@@ -61,6 +63,9 @@ class NoHooks:
 
     def batch_done(self, images: int) -> None:
         """After a batch; ``images``: images this worker has done in all."""
+
+    def shard_done(self, shard: int) -> None:
+        """After a shard's rows are written."""
 
 
 NO_HOOKS = NoHooks()
@@ -84,7 +89,7 @@ class EnvHooks(NoHooks):
         self.crash_after = env.get(CRASH_ENV) or ""
         self.crash_on = env.get(CRASH_ON_ENV) or ""
         self.delay = float(env.get(DELAY_ENV) or 0)
-        self.start_delay = env.get(START_DELAY_ENV) or ""
+        self.start_after = env.get(START_AFTER_ENV) or ""
         self.gate = env.get(GATE_ENV) or ""
         self.gate_free = int(env.get(GATE_FREE_ENV) or 0)
         self.rendezvous = env.get(RENDEZVOUS_ENV) or ""
@@ -92,14 +97,13 @@ class EnvHooks(NoHooks):
         self.shards = 0
 
     def start(self) -> None:
-        if not self.start_delay:
+        if not self.start_after:
             return
-        seconds, _, marker = self.start_delay.partition(":")
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(self.start_after, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-        time.sleep(float(seconds))
+        wait_for_file(f"{self.start_after}.go", self.limit_s)
 
     def shard(self, shard: int) -> None:
         self.shards += 1
@@ -116,6 +120,10 @@ class EnvHooks(NoHooks):
             with open(f"{self.gate}.reached", "a") as f:
                 f.write(f"{os.getpid()}\n")
             wait_for_file(self.gate, self.limit_s)
+
+    def shard_done(self, shard: int) -> None:
+        if self.start_after:
+            Path(f"{self.start_after}.go").touch()
 
     def image(self, rel: str) -> None:
         if self.crash_on and self.crash_on in rel:

@@ -247,6 +247,7 @@ class MaskWorker:
             self.hooks.batch_done(self.images)
         rows += [f.result() for f in writes]
         self.out.write_bytes(part_name(self.opts.run_id, shard), rows_to_csv(rows))
+        self.hooks.shard_done(shard)
         t1 = time.time()
         self.busy_s += t1 - t0
         ok = sum(r["status"] == "ok" for r in rows)
