@@ -84,18 +84,27 @@ def pil_to_rgb(im: Image.Image, where: str = "image") -> np.ndarray:
 
     Handles palette, grayscale, LA/RGBA (alpha dropped), CMYK and 16/32-bit modes.
     """
+    rgb = pil_rgb_image(im, where)
+    return to_rgb_uint8(np.asarray(rgb), where)
+
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def pil_rgb_image(im: Image.Image, where: str = "image") -> Image.Image:
+    """:func:`pil_to_rgb`, but kept as a PIL RGB image (a resize can follow without a copy)."""
     im = ImageOps.exif_transpose(im) or im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if im.mode in _WIDE_MODES:
         a = np.asarray(im, dtype=np.float64)
         if a.ndim == 3:
             a = a[..., 0]
         top = 65535.0 if (im.mode.startswith("I;16") or a.max() > 255) else 255.0
-        return to_rgb_uint8(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), where)
+        return Image.fromarray(to_rgb_uint8(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), where))
     if im.mode == "P" or im.mode in ("LA", "PA"):
         im = im.convert("RGBA")
     if im.mode != "RGB":
         im = im.convert("RGB")
-    return to_rgb_uint8(np.asarray(im), where)
+    return im
 
 
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:

@@ -177,3 +177,35 @@ def test_worker_load_rows_only_for_missing_files_and_pixel_limit(monkeypatch):
             decode_for_model(big, 64, limit, "big.png")
     set_pixel_limit(500_000_000)  # --max-pixels above PIL's default: PIL now opens such images
     Image.open(io.BytesIO(big)).close()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "I;16", "CMYK", "RGB-exif6"])
+def test_run_input_is_the_training_preprocessing_pixel_for_pixel(mode):
+    """The batch run resizes in PIL (issue 11, fewer copies); its network input must stay exactly
+    what training and evaluation feed the network: resize_rgb(pil_to_rgb(image))."""
+    import numpy as np
+    from PIL import Image
+
+    from batchmask.batch.outputs import decode_for_model
+    from batchmask.data import pil_to_rgb
+    from batchmask.image import resize_rgb
+
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (90, 130, 3), np.uint8))
+    exif = None
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    elif mode == "RGB-exif6":  # rotated 90° by its EXIF orientation
+        im, exif = base, Image.Exif()
+        exif[0x0112] = 6
+    else:
+        im = base.convert(mode)
+    buf = io.BytesIO()
+    fmt = "JPEG" if mode in ("CMYK", "RGB-exif6") else "PNG"
+    im.save(buf, fmt, **({"exif": exif} if exif else {}))
+    x, w, h = decode_for_model(buf.getvalue(), 64, 10**6, "x.img")
+    with Image.open(io.BytesIO(buf.getvalue())) as ref_im:
+        ref = resize_rgb(pil_to_rgb(ref_im), 64, 64)
+    assert (w, h) == ((90, 130) if mode == "RGB-exif6" else (130, 90))
+    assert x.shape == (64, 64, 3) and x.dtype == np.uint8
+    assert np.array_equal(x, ref)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data import DataError, pil_to_rgb
-from ..image import resize_rgb, upsample_probs
+from ..data import DataError, pil_rgb_image, pil_to_rgb
+from ..image import upsample_probs
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,12 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
             header_size = (w, h)
             if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
                 im.draft(im.mode, (size, size))
-            rgb = pil_to_rgb(im, where)
+            # resized as a PIL image: the same pixels as resize_rgb(pil_to_rgb(im)), without
+            # two full-size copies through numpy
+            rgb = pil_rgb_image(im, where)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.BILINEAR)
+            x = np.asarray(rgb)
     except DataError as exc:
         exc.size = header_size
         raise
@@ -166,7 +171,7 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
         err = DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})")
         err.size = header_size
         raise err from exc
-    return resize_rgb(rgb, size, size), w, h
+    return x, w, h
 
 
 def mask_stats(prob_small: np.ndarray, width: int, height: int, threshold: float, image_size: int):
