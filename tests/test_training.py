@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 
-from batchmask.augment import make_pair
 from batchmask.config import AugmentConfig, ModelConfig, TrainConfig
 from batchmask.training import OutputExistsError, train
 
@@ -33,6 +32,13 @@ def test_train_writes_model_directory(trained_model, demo_wider):
     assert not (out / ".best.weights.h5").exists()
     meta = json.loads((out / "model.json").read_text())
     assert meta["model"]["image_size"] == 64 and meta["model"]["alpha"] == 0.25
+    # --crop-size 32: trained on 32x32 crops (test_training_sequence_gives_crops...), saved, validated
+    # and run at the 64x64 inference size
+    tc = meta["training"]["config"]
+    assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
+    from batchmask.inference import load_model
+
+    assert load_model(out).keras_model.input_shape[1:3] == (64, 64)
     n_train, n_val = meta["data"]["train_images"], meta["data"]["val_images"]
     assert n_train + n_val == 15 and 0 < n_val < n_train
     assert len(meta["data"]["split"]["val_names"]) == n_val and meta["data"]["split"]["seed"] == 7
@@ -105,35 +111,3 @@ def test_learning_happens_on_a_trivial_task(tmp_path):
     train(samples, tmp_path / "m", cfg, progress=False)
     res = evaluate(str(tmp_path / "m"), samples[:6])
     assert res.metrics["dice"] > 0.6
-
-
-def test_training_on_crops_smaller_than_the_input_size(tmp_path, demo_wider, monkeypatch):
-    import batchmask.training as training
-
-    pairs = []  # (size asked for, augmented?, x shape, y shape) of every pair training made
-
-    def spy(image, boxes, size, rng=None, cfg=None):
-        x, y = make_pair(image, boxes, size, rng, cfg)
-        pairs.append((size, rng is not None, x.shape, y.shape))
-        return x, y
-
-    monkeypatch.setattr(training, "make_pair", spy)
-    out = tmp_path / "crops"
-    cfg = TrainConfig(model=small_model(), backbone_weights="none", epochs=1, warmup_epochs=1, batch_size=4,
-                      val_fraction=0.3, seed=7, crop_size=32, dice_per_image=True)
-    res = train(str(demo_wider), out, cfg, progress=False)
-    # The network was fed 32x32 random crops (7 training images: one batch of 4 per epoch) and
-    # validated on whole images at 64x64.
-    train_pairs = {p for p in pairs if p[1]}
-    assert train_pairs == {(32, True, (32, 32, 3), (32, 32))} and 4 <= sum(p[1] for p in pairs) <= 8
-    assert {p for p in pairs if not p[1]} == {(64, False, (64, 64, 3), (64, 64))}
-    from batchmask.inference import load_model
-
-    m = load_model(out)
-    # Trained on 32x32 crops, saved (and validated) at the 64x64 inference size.
-    assert m.keras_model.input_shape[1:3] == (64, 64) and m.image_size == 64
-    tc = m.meta["training"]["config"]
-    assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
-    assert res.metrics["images"] == 3
-    with pytest.raises(ValueError, match="crop_size"):
-        train(str(demo_wider), tmp_path / "bad", TrainConfig(model=small_model(), crop_size=48), progress=False)
