@@ -250,7 +250,7 @@ def test_two_processes_merging_parts_under_the_lock_lose_no_row(tmp_path):
     out = _out(tmp_path)
     script = tmp_path / "merger.py"
     script.write_text(MERGER)
-    n = 50
+    n = 25
     procs = [subprocess.Popen([sys.executable, str(script), out.root, who, str(n)], stderr=subprocess.PIPE, text=True)
              for who in ("a", "b")]
     errs = [p.communicate(timeout=300)[1] for p in procs]
