@@ -209,3 +209,22 @@ def test_run_input_is_the_training_preprocessing_pixel_for_pixel(mode):
     assert (w, h) == ((90, 130) if mode == "RGB-exif6" else (130, 90))
     assert x.shape == (64, 64, 3) and x.dtype == np.uint8
     assert np.array_equal(x, ref)
+
+
+def test_mask_png_is_8_bit_single_channel_lossless_and_compact():
+    """The mask format (README, "Masks"): mode L, 0/255, same pixels; run-length zlib keeps it small."""
+    import numpy as np
+    from PIL import Image
+
+    from batchmask.batch.outputs import encode_png
+
+    m = np.zeros((683, 1024), np.uint8)
+    m[100:180, 200:260] = 255
+    m[400:430, 700:725] = 255
+    data = encode_png(m)
+    with Image.open(io.BytesIO(data)) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "L", (1024, 683))
+        assert np.array_equal(np.asarray(im), m)
+    plain = io.BytesIO()
+    Image.fromarray(m, "L").save(plain, "PNG", compress_level=1)  # zlib's default strategy
+    assert len(data) < len(plain.getvalue()) / 2
