@@ -106,6 +106,22 @@ def test_rendezvous_releases_nobody_until_everyone_is_there(tmp_path):
     assert done.is_set()
 
 
+def test_the_late_starter_waits_for_another_actors_first_shard(tmp_path):
+    marker = tmp_path / "late"
+    env = {testhooks.START_AFTER_ENV: str(marker)}
+    late, other = EnvHooks(env), EnvHooks(env)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (late.start(), done.set()))
+    t.start()  # the first to start is the late one
+    conftest.wait_until(marker.exists, "the late actor chose itself")
+    other.start()  # returns at once: the marker is taken
+    other.shard(0)
+    assert not done.is_set()  # still held: the other has not finished a shard
+    other.shard_done(0)
+    t.join()
+    assert done.is_set()
+
+
 def test_gate_and_rendezvous_give_up_after_their_limit(tmp_path):
     h = EnvHooks({testhooks.GATE_ENV: str(tmp_path / "never"), testhooks.RENDEZVOUS_ENV: f"3:{tmp_path / 'm'}",
                   testhooks.GATE_LIMIT_ENV: "0.2"})
