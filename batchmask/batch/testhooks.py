@@ -1,8 +1,8 @@
 """Test hooks of the batch worker, out of its main path (issue 13).
 
-:class:`MaskWorker <batchmask.batch.worker.MaskWorker>` calls a hook object at four points: when
-it starts, before each shard, before each image and after each batch. In production that object
-is :data:`NO_HOOKS`, whose methods do nothing. :func:`hooks_from_env` returns :class:`EnvHooks`
+:class:`MaskWorker <batchmask.batch.worker.MaskWorker>` calls a hook object at five points: when
+it starts, before each shard, before each image, after each batch and after each shard. In
+production that object is :data:`NO_HOOKS`, whose methods do nothing. :func:`hooks_from_env` returns :class:`EnvHooks`
 only when one of the ``BATCHMASK_TEST_*`` variables below is set; the runner forwards them to
 Ray actors' environments (:data:`TEST_HOOKS`). Never set them in production.
 
