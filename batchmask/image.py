@@ -1,6 +1,7 @@
 """Pixel-array helpers shared by training, inference and the batch run (no model, no data format).
 
-* :func:`resize_rgb` - an HxWx3 uint8 image to the network's input size (and augmentation).
+* :func:`resize_rgb` - an HxWx3 uint8 image to the network's input size (and augmentation);
+  :func:`resize_pil` the same from a PIL image.
 * :func:`upsample_probs` - a probability map back to the image's own size.
 """
 
@@ -14,7 +15,14 @@ def resize_rgb(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Bilinear (antialiased) resize of an HxWx3 uint8 image."""
     if image.shape[1] == width and image.shape[0] == height:
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return resize_pil(Image.fromarray(image), width, height)
+
+
+def resize_pil(im: Image.Image, width: int, height: int) -> np.ndarray:
+    """:func:`resize_rgb` of a PIL RGB image (the batch run's decode: no full-size array first)."""
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.BILINEAR)
+    return np.asarray(im)
 
 
 def upsample_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:

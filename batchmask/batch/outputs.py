@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import DataError, pil_rgb_image, pil_to_rgb
-from ..image import upsample_probs
+from ..image import resize_pil, upsample_probs
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,8 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
             header_size = (w, h)
             if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
                 im.draft(im.mode, (size, size))
-            # resized as a PIL image: the same pixels as resize_rgb(pil_to_rgb(im)), without
-            # two full-size copies through numpy
-            rgb = pil_rgb_image(im, where)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-            x = np.asarray(rgb)
+            # the same pixels as resize_rgb(pil_to_rgb(im)), without two full-size numpy copies
+            x = resize_pil(pil_rgb_image(im, where), size, size)
     except DataError as exc:
         exc.size = header_size
         raise
