@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .config import AugmentConfig
-from .data import Sample, boxes_to_mask
+from .data import Sample, boxes_to_mask, face_weights
 from .image import resize_rgb
 
 
@@ -43,6 +43,34 @@ def make_pair(
     Without ``rng``/``cfg`` (or with ``cfg.enabled`` false) the whole image is resized,
     which is exactly what inference does.
     """
+    x, sb = transform(image, boxes, size, rng, cfg)
+    return x, boxes_to_mask(np.clip(sb, 0, size), size, size)
+
+
+def make_weighted_pair(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    max_weight: float,
+    rng: np.random.Generator | None = None,
+    cfg: AugmentConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_pair` plus the per-pixel loss weights of :func:`data.face_weights`.
+
+    The same ``rng`` draws give the same ``(x, y)`` as :func:`make_pair`.
+    """
+    x, sb = transform(image, boxes, size, rng, cfg)
+    return x, boxes_to_mask(np.clip(sb, 0, size), size, size), face_weights(sb, size, size, max_weight)
+
+
+def transform(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    rng: np.random.Generator | None = None,
+    cfg: AugmentConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The augmented image (size x size x 3 uint8) and the boxes in its pixels, not clipped."""
     h, w = image.shape[:2]
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     x0, y0, cw, ch = 0.0, 0.0, float(w), float(h)
@@ -61,14 +89,12 @@ def make_pair(
     sb = (boxes - np.array([x0, y0, x0, y0], np.float32)) * np.array(
         [size / cw, size / ch, size / cw, size / ch], np.float32
     )
-    sb = np.clip(sb, 0, size)
     if augment and cfg.hflip and rng.random() < 0.5:
         x = x[:, ::-1]
         sb = np.stack([size - sb[:, 2], sb[:, 1], size - sb[:, 0], sb[:, 3]], axis=1)
-    y = boxes_to_mask(sb, size, size)
     if augment:
         x = color_jitter(x, rng, cfg)
-    return np.ascontiguousarray(x), y
+    return np.ascontiguousarray(x), sb
 
 
 def color_jitter(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:

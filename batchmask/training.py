@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .augment import downscale_sample, make_pair
+from .augment import downscale_sample, make_pair, make_weighted_pair
 from .config import TrainConfig
 from .data import DataError, DataSource, Sample, fingerprint, is_samples, load_datasets, split_samples
 
@@ -92,10 +92,12 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
             # Seeded per (seed, epoch, batch): reproducible whatever the worker order.
             rng = np.random.default_rng([cfg.seed, self.epoch, idx])
             sel = self.order[idx * cfg.batch_size : (idx + 1) * cfg.batch_size]
-            pairs = [make_pair(images[i], boxes[i], cfg.train_size, rng, cfg.augment) for i in sel]
-            x = np.stack([p[0] for p in pairs]).astype(np.float32)
-            y = np.stack([p[1] for p in pairs]).astype(np.float32)[..., None]
-            return x, y
+            if cfg.small_face_weight > 1.0:
+                pairs = [make_weighted_pair(images[i], boxes[i], cfg.train_size, cfg.small_face_weight, rng,
+                                            cfg.augment) for i in sel]
+            else:
+                pairs = [make_pair(images[i], boxes[i], cfg.train_size, rng, cfg.augment) for i in sel]
+            return _stack(pairs)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -104,7 +106,15 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
     return AugmentedBatches()
 
 
-def _fixed_pairs(images, boxes, size: int, batch_size: int):
+def _stack(pairs) -> tuple[np.ndarray, np.ndarray]:
+    """A batch from (x, y) or (x, y, weights) tuples: x (N,H,W,3); y (N,H,W,1), or (N,H,W,2) with
+    the weights as channel 1 (what ``losses.get_loss(weighted=True)`` reads)."""
+    x = np.stack([p[0] for p in pairs]).astype(np.float32)
+    y = np.stack([np.stack(p[1:], axis=-1) for p in pairs]).astype(np.float32)
+    return x, y
+
+
+def _fixed_pairs(images, boxes, size: int, batch_size: int, small_face_weight: float = 1.0):
     """Un-augmented validation pairs for per-epoch monitoring.
 
     Trimmed to a whole number of batches (one compiled shape); the final validation after
@@ -112,11 +122,11 @@ def _fixed_pairs(images, boxes, size: int, batch_size: int):
     """
     bs = min(batch_size, len(images))
     n = len(images) // bs * bs
-    pairs = [make_pair(im, b, size) for im, b in zip(images[:n], boxes[:n], strict=True)]
-    return (
-        np.stack([p[0] for p in pairs]).astype(np.float32),
-        np.stack([p[1] for p in pairs]).astype(np.float32)[..., None],
-    )
+    if small_face_weight > 1.0:
+        pairs = [make_weighted_pair(im, b, size, small_face_weight) for im, b in zip(images[:n], boxes[:n], strict=True)]
+    else:
+        pairs = [make_pair(im, b, size) for im, b in zip(images[:n], boxes[:n], strict=True)]
+    return _stack(pairs)
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -222,7 +232,7 @@ def train(
     tr_images, tr_boxes = _cache_images(train_s, max_side, "decoding training images", progress)
     va_images, va_boxes = _cache_images(val_s, max_side, "decoding validation images", progress)
     train_seq = _make_sequence(tr_images, tr_boxes, cfg, workers=min(4, os.cpu_count() or 1))
-    val_xy = _fixed_pairs(va_images, va_boxes, size, cfg.batch_size)
+    val_xy = _fixed_pairs(va_images, va_boxes, size, cfg.batch_size, cfg.small_face_weight)
 
     # Crops smaller than the inference size: train on crops, validate whole images at size.
     net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights, any_size=crop != size)
@@ -253,13 +263,15 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, ckpt: Path, dead
     the weights of the best epoch. Returns one history row per epoch."""
     import keras
 
-    from .losses import dice_at_half, dice_metric, get_loss
+    from .losses import dice_at_half, dice_metric, get_loss, mask_only
     from .model import set_trainable
 
     checkpoint = keras.callbacks.ModelCheckpoint(
         str(ckpt), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
     )
-    loss = get_loss(cfg.loss, per_image=cfg.dice_per_image)
+    weighted = cfg.small_face_weight > 1.0
+    loss = get_loss(cfg.loss, per_image=cfg.dice_per_image, weighted=weighted)
+    metrics = [mask_only(m) for m in (dice_metric, dice_at_half)] if weighted else [dice_metric, dice_at_half]
     history: list[dict[str, Any]] = []
     steps = len(train_seq)
     phases = [("decoder", 0, warmup, cfg.learning_rate, False)]
@@ -271,7 +283,7 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, ckpt: Path, dead
         net.compile(
             optimizer=keras.optimizers.Adam(schedule),
             loss=loss,
-            metrics=[dice_metric, dice_at_half],
+            metrics=metrics,
         )
         callbacks: list = [checkpoint, _time_limit_callback(deadline)]
         if finetune and cfg.patience > 0:

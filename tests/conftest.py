@@ -179,7 +179,8 @@ def trained_model(tmp_path_factory, demo_wider) -> TrainedModel:
     """One model trained by the real CLI, shared by every test that needs "a trained model" (the
     CLI end-to-end test, the training-output tests): two sources (the demo images and a synthetic
     pool), a stratified split seeded 7, 64 px input trained on 32 px crops with per-image Dice,
-    alpha 0.25, lean4 decoder, 4 epochs of which 1 decoder-only, no early stopping (--patience 0)."""
+    alpha 0.25, lean4 decoder, small faces weighted up (--small-face-weight 3: the weighted loss and
+    metrics end to end), 4 epochs of which 1 decoder-only, no early stopping (--patience 0)."""
     from click.testing import CliRunner
 
     from batchmask.cli import main
@@ -190,7 +191,7 @@ def trained_model(tmp_path_factory, demo_wider) -> TrainedModel:
     args = ["train", "--data", str(demo_wider), "--data", str(pool), "--split", "stratified", "--seed", "7",
             "--out", str(out), "--backbone-weights", "none", "--image-size", "64", "--decoder", "lean4",
             "--crop-scale", "0.4", "--alpha", "0.25", "--epochs", "4", "--warmup-epochs", "1", "--patience", "0",
-            "--batch-size", "4", "--crop-size", "32", "--dice-per-image", "--quiet"]
+            "--batch-size", "4", "--crop-size", "32", "--dice-per-image", "--small-face-weight", "3", "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "Saved" in res.output

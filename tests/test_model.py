@@ -144,7 +144,7 @@ def test_unet_mac_count_matches_the_issue_figures():
     assert count_macs(lean, "conv") == total - decoder - layer_macs(net.get_layer("mask"))  # same encoder
 
 
-@pytest.mark.parametrize("decoder,stages", [("lean", 4), ("lean4", 3), ("unet", 5)])
+@pytest.mark.parametrize("decoder,stages", [("lean", 4), ("lean4", 3), ("lean1", 5), ("unet", 5)])
 def test_named_decoders_output_the_input_size(decoder, stages):
     cfg = ModelConfig.with_decoder(decoder, alpha=0.25, image_size=64)
     net = build_unet(cfg, backbone_weights=None)

@@ -35,7 +35,7 @@ def test_train_writes_model_directory(trained_model, demo_wider):
     # --crop-size 32: trained on 32x32 crops (test_training_sequence_gives_crops...), saved, validated
     # and run at the 64x64 inference size
     tc = meta["training"]["config"]
-    assert tc["crop_size"] == 32 and tc["dice_per_image"] is True
+    assert tc["crop_size"] == 32 and tc["dice_per_image"] is True and tc["small_face_weight"] == 3.0
     from batchmask.inference import load_model
 
     assert load_model(out).keras_model.input_shape[1:3] == (64, 64)

@@ -38,7 +38,7 @@ from .common import user_errors
 @click.option("--crop-size", type=int, help="Train on random crops of this side (multiple of 32; default: --image-size).")
 @click.option("--decoder", type=click.Choice(list(DECODERS)), default=DEFAULT_DECODER, show_default=True,
               help="Decoder: 'lean' (depthwise-separable, ends at 1/2 size, 3.8 G MACs at 512²), 'lean4' "
-                   "(ends at 1/4), 'unet' (full 3x3 convolutions, 16.6 G MACs at 512²).")
+                   "(ends at 1/4), 'lean1' (a fifth stage at full size), 'unet' (full 3x3 convolutions, 16.6 G MACs at 512²).")
 @click.option("--crop-scale", type=click.FloatRange(0.05, 1.0), default=AugmentConfig.crop_scale[0], show_default=True,
               help="Smallest training crop as a share of the image side (crops range from it to 1).")
 @click.option("--alpha", default=ModelConfig.alpha, type=click.FloatRange(min=0, min_open=True), show_default=True, help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0).")
@@ -49,6 +49,9 @@ from .common import user_errors
 @click.option("--loss", type=click.Choice(["bce_dice", "dice", "bce_logdice"]), default="bce_dice", show_default=True)
 @click.option("--dice-per-image/--dice-per-batch", default=TrainConfig.dice_per_image, show_default=True,
               help="Average the loss's Dice term over images (as the metric does) or over the batch's pixels.")
+@click.option("--small-face-weight", type=click.FloatRange(min=1.0), default=TrainConfig.small_face_weight,
+              show_default=True,
+              help="Weigh the loss on faces under 32x32 px of the training input up, by 32²/area, at most this (1: off).")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Crop/scale/flip/colour augmentation.")
 @click.option("--tta-flip/--no-tta-flip", default=False, show_default=True,
               help="Store test-time horizontal-flip averaging in the model (2x predict cost).")
@@ -60,8 +63,8 @@ from .common import user_errors
 @click.option("--force", is_flag=True, help="Overwrite an existing model in --out.")
 @click.option("--quiet", is_flag=True, help="No Keras progress bars (-v still logs each epoch).")
 def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
-              crop_size, decoder, crop_scale, alpha, trainable_blocks, backbone_weights, loss, dice_per_image, augment, tta_flip, seed,
-              limit, patience, time_limit, force, quiet) -> None:
+              crop_size, decoder, crop_scale, alpha, trainable_blocks, backbone_weights, loss, dice_per_image,
+              small_face_weight, augment, tta_flip, seed, limit, patience, time_limit, force, quiet) -> None:
     """Train a MobileNet U-Net that predicts face masks from face boxes.
 
     \b
@@ -85,6 +88,7 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
         learning_rate=learning_rate,
         loss=loss,
         dice_per_image=dice_per_image,
+        small_face_weight=small_face_weight,
         crop_size=crop_size,
         val_fraction=val_fraction,
         split=split,
