@@ -10,7 +10,10 @@ The images are the validation split recorded in the model given by ``--split-of`
 of ``--data``. Each model is scored at its own stored threshold, at original image size, as
 ``batchmask evaluate`` does. Also printed: multiply-adds per image at the model's input size
 (``batchmask.model.count_macs``) and model-only predict speed on this machine (images/s,
-batches of 8 after a warm-up batch; say what else was running when you quote it).
+batches of 8 after a warm-up batch; say what else was running when you quote it). Every model
+after the first is also compared with the first image by image: the mean Dice difference with a
+95% paired-bootstrap interval, and on how many images it is better or worse. An interval that
+spans 0 means these images cannot tell the two models apart.
 """
 
 from __future__ import annotations
@@ -63,7 +66,10 @@ def main() -> int:
             "event_mean_dice": round(float(np.mean([g["dice"] for g in res.by_group])), 4),
             "by_face_size": res.by_face_size, "by_group": res.by_group,
             "images_per_s": None if args.no_speed else round(predict_speed(m), 1),
+            "per_image_dice": [r["dice"] for r in res.rows],
         }
+        if rows:
+            row["vs_first"] = paired_difference(rows[0]["per_image_dice"], row["per_image_dice"])
         rows.append(row)
         print(f"\n[{label}] {path}: {row['decoder']}, {row['image_size']}², threshold {row['threshold']:.2f}, "
               f"{row['gmacs']:.2f} G MACs, {row['params_m']:.2f} M params, "
@@ -74,6 +80,10 @@ def main() -> int:
             b = by_size[name]
             print(f"  {name:<6}: {b['faces']:>5} faces, coverage {_f(b['face_coverage'])}; "
                   f"{b['images']:>4} images by median face, Dice {_f(b['dice'])}")
+        if "vs_first" in row:
+            d = row["vs_first"]
+            print(f"  vs {rows[0]['label']}: Dice {d['mean']:+.4f} (95% paired bootstrap {d['low']:+.4f}..{d['high']:+.4f}), "
+                  f"better on {d['better']}, worse on {d['worse']} of {d['images']} images")
         worst = sorted(by_group.values(), key=lambda g: g["dice"])[: args.worst]
         print("  lowest events: " + ", ".join(f"{g['group']} {g['dice']:.2f} ({g['images']})" for g in worst))
     if len(rows) > 1:
@@ -86,6 +96,21 @@ def main() -> int:
             json.dump({"data": where, "split_of": args.split_of, "images": len(samples), "cpus": os.cpu_count(),
                        "rows": rows}, f, indent=2)
     return 0
+
+
+def paired_difference(ref, new, n_boot: int = 2000, seed: int = 0, tol: float = 1e-3) -> dict:
+    """Mean of ``new - ref`` (per-image scores of the same images) with a 95% bootstrap interval
+    (images resampled with replacement, ``n_boot`` times, seeded), and the number of images where
+    ``new`` is better or worse by more than ``tol``."""
+    a, b = np.asarray(ref, np.float64), np.asarray(new, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"need two equal-length score lists, got {a.shape} and {b.shape}")
+    d = b - a
+    idx = np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    return {"mean": float(d.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "better": int((d > tol).sum()),
+            "worse": int((d < -tol).sum()), "images": int(d.size)}
 
 
 def _f(v) -> str:

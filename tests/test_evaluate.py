@@ -192,3 +192,24 @@ def test_shipped_default_model_loads_and_finds_the_demo_faces(demo_wider):
     meta = read_meta(default_model_dir())
     assert res.threshold == meta["model"]["threshold"] and 0.3 <= res.threshold <= 0.8
     assert meta["cost"]["multiply_adds"] == count_macs(model.keras_model)
+
+
+def test_compare_models_paired_difference():
+    """scripts/compare_models.py: the paired bootstrap says when two models' scores cannot be told apart."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from compare_models import paired_difference
+
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(0.3, 0.9, 300)
+    better = paired_difference(ref, ref + 0.02)
+    assert better["mean"] == pytest.approx(0.02) and better["low"] == pytest.approx(0.02)
+    assert (better["better"], better["worse"], better["images"]) == (300, 0, 300)
+    noise = ref + rng.normal(0, 0.1, 300)  # no real difference: the interval spans 0
+    d = paired_difference(ref, noise)
+    assert d["low"] < 0 < d["high"] and d["high"] - d["low"] < 0.05
+    assert paired_difference(ref, noise) == d  # seeded
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(ref, ref[:-1])
