@@ -141,6 +141,9 @@ class TrainConfig:
     #: "random" or "event" (hold out whole WIDER event folders).
     split: str = "random"
     seed: int = 42
+    #: Seed of the train/validation split; None = ``seed``. Set it to vary the initialisation and
+    #: augmentation (``seed``) while validating on the same images.
+    split_seed: int | None = None
     #: Fine-tuning ends after this many epochs without a better ``val_dice_t50``; 0 = never.
     patience: int = 8
     tune_threshold: bool = True

@@ -183,8 +183,9 @@ def _load_split(data, val_data, cfg: TrainConfig, limit: int | None):
         val, val_sources = _load(val_data, limit)
         split = {"method": "separate", "val_data": _path_field(val_sources), "val_sources": val_sources}
         return samples, val, split, sources
-    tr_idx, va_idx = split_samples(samples, cfg.val_fraction, cfg.seed, by=cfg.split)
-    split = {"method": cfg.split, "seed": cfg.seed, "val_fraction": cfg.val_fraction}
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    tr_idx, va_idx = split_samples(samples, cfg.val_fraction, seed, by=cfg.split)
+    split = {"method": cfg.split, "seed": seed, "val_fraction": cfg.val_fraction}
     return [samples[i] for i in tr_idx], [samples[i] for i in va_idx], split, sources
 
 

@@ -91,3 +91,15 @@ def test_training_batches_carry_weights_as_a_second_channel():
     assert np.array_equal(vy[..., 0], _fixed_pairs(images, small, 64, 4)[1][..., 0])  # same masks as unweighted
     with pytest.raises(ValueError, match="small_face_weight"):
         TrainConfig(small_face_weight=0.5).validate()
+
+
+def test_split_seed_keeps_the_validation_images_while_seed_changes(demo_wider):
+    from batchmask.training import _load_split
+
+    def val_names(**kw):
+        _, val, split, _ = _load_split(str(demo_wider), None, TrainConfig(val_fraction=0.3, **kw), None)
+        return [s.name for s in val], split["seed"]
+
+    assert val_names(seed=8, split_seed=7) == val_names(seed=7)
+    assert val_names(seed=8)[0] != val_names(seed=7)[0]  # the split does depend on its seed
+    assert val_names(seed=8, split_seed=7)[1] == 7  # model.json records the split's seed

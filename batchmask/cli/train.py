@@ -55,7 +55,8 @@ from .common import user_errors
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Crop/scale/flip/colour augmentation.")
 @click.option("--tta-flip/--no-tta-flip", default=False, show_default=True,
               help="Store test-time horizontal-flip averaging in the model (2x predict cost).")
-@click.option("--seed", default=42, show_default=True)
+@click.option("--seed", default=42, show_default=True, help="Seeds the initialisation, augmentation and (unless --split-seed) the split.")
+@click.option("--split-seed", type=int, help="Seed of the train/validation split (default: --seed): vary --seed, keep the validation images.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images (quick trials).")
 @click.option("--patience", default=TrainConfig.patience, type=click.IntRange(min=0), show_default=True,
               help="End fine-tuning after this many epochs without a better val_dice_t50 (0: run every epoch).")
@@ -64,7 +65,7 @@ from .common import user_errors
 @click.option("--quiet", is_flag=True, help="No Keras progress bars (-v still logs each epoch).")
 def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
               crop_size, decoder, crop_scale, alpha, trainable_blocks, backbone_weights, loss, dice_per_image,
-              small_face_weight, augment, tta_flip, seed, limit, patience, time_limit, force, quiet) -> None:
+              small_face_weight, augment, tta_flip, seed, split_seed, limit, patience, time_limit, force, quiet) -> None:
     """Train a MobileNet U-Net that predicts face masks from face boxes.
 
     \b
@@ -93,6 +94,7 @@ def train_cmd(data, out, val_data, val_fraction, split, epochs, warmup_epochs, b
         val_fraction=val_fraction,
         split=split,
         seed=seed,
+        split_seed=split_seed,
         patience=patience,
         time_limit_s=time_limit * 60 if time_limit is not None else None,
     )
