@@ -92,12 +92,8 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
             # Seeded per (seed, epoch, batch): reproducible whatever the worker order.
             rng = np.random.default_rng([cfg.seed, self.epoch, idx])
             sel = self.order[idx * cfg.batch_size : (idx + 1) * cfg.batch_size]
-            if cfg.small_face_weight > 1.0:
-                pairs = [make_weighted_pair(images[i], boxes[i], cfg.train_size, cfg.small_face_weight, rng,
-                                            cfg.augment) for i in sel]
-            else:
-                pairs = [make_pair(images[i], boxes[i], cfg.train_size, rng, cfg.augment) for i in sel]
-            return _stack(pairs)
+            return _batch([images[i] for i in sel], [boxes[i] for i in sel], cfg.train_size, cfg.small_face_weight,
+                          rng, cfg.augment)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -106,9 +102,14 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
     return AugmentedBatches()
 
 
-def _stack(pairs) -> tuple[np.ndarray, np.ndarray]:
-    """A batch from (x, y) or (x, y, weights) tuples: x (N,H,W,3); y (N,H,W,1), or (N,H,W,2) with
-    the weights as channel 1 (what ``losses.get_loss(weighted=True)`` reads)."""
+def _batch(images, boxes, size: int, small_face_weight: float = 1.0, rng=None, augment=None):
+    """A batch (x, y): x (N,H,W,3); y (N,H,W,1), or (N,H,W,2) with the small-face loss weights as
+    channel 1 when ``small_face_weight`` > 1 (what ``losses.get_loss(weighted=True)`` reads)."""
+    if small_face_weight > 1.0:
+        pairs = [make_weighted_pair(im, b, size, small_face_weight, rng, augment)
+                 for im, b in zip(images, boxes, strict=True)]
+    else:
+        pairs = [make_pair(im, b, size, rng, augment) for im, b in zip(images, boxes, strict=True)]
     x = np.stack([p[0] for p in pairs]).astype(np.float32)
     y = np.stack([np.stack(p[1:], axis=-1) for p in pairs]).astype(np.float32)
     return x, y
@@ -122,11 +123,7 @@ def _fixed_pairs(images, boxes, size: int, batch_size: int, small_face_weight: f
     """
     bs = min(batch_size, len(images))
     n = len(images) // bs * bs
-    if small_face_weight > 1.0:
-        pairs = [make_weighted_pair(im, b, size, small_face_weight) for im, b in zip(images[:n], boxes[:n], strict=True)]
-    else:
-        pairs = [make_pair(im, b, size) for im, b in zip(images[:n], boxes[:n], strict=True)]
-    return _stack(pairs)
+    return _batch(images[:n], boxes[:n], size, small_face_weight)
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
