@@ -149,6 +149,20 @@ class TrainConfig:
     tune_threshold: bool = True
     #: Stop training (keeping the best epoch so far) after this many seconds; None = no limit.
     time_limit_s: float | None = None
+    #: The trained model this training starts from (``--init-from``); None = ImageNet encoder
+    #: weights (``backbone_weights``) and a fresh decoder.
+    init_from: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict` (unknown keys, from other versions, are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["model"] = ModelConfig.from_dict(d.get("model", {}))
+        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in (d.get("augment") or {}).items()
+               if k in {f.name for f in dataclasses.fields(AugmentConfig)}}
+        kwargs["augment"] = AugmentConfig(**aug)
+        return cls(**kwargs)
 
     @property
     def train_size(self) -> int:

@@ -379,6 +379,7 @@ def evaluate(
     limit: int | None = None,
     grid_images: int = 8,
     runtime: str = "keras",
+    store_threshold: bool = True,
 ) -> EvalResult:
     """Score ``model`` (a directory, a loaded :class:`FaceMaskModel`, or None for the default
     model) on ``data`` (an ``images.npy``, a WIDER folder, or samples).
@@ -388,13 +389,15 @@ def evaluate(
     images). ``out_dir`` gets metrics.json, per_image.csv and predictions.png; ``report_dir`` an
     HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
     ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.runtime`).
+    ``store_threshold=False`` tunes the threshold without writing it anywhere (scoring a model
+    that must not change, such as a fine-tuning run's starting model).
     """
     from .inference import FaceMaskModel, default_model_dir, load_model
     from .report import Examples, write_outputs, write_report
 
     if baseline not in (None, "haar"):
         raise EvaluationError(f"unknown baseline {baseline!r} (choose: haar)")
-    if tune_threshold and _is_shipped_model(model):
+    if tune_threshold and store_threshold and _is_shipped_model(model):
         raise EvaluationError(
             f"--tune-threshold would modify the model shipped inside the package ({default_model_dir()}); "
             "copy it and pass --model DIR"
@@ -405,7 +408,7 @@ def evaluate(
 
         haar = HaarBaseline()  # fail early when OpenCV is missing
     fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime)
-    if tune_threshold and fmm.path is None:
+    if tune_threshold and store_threshold and fmm.path is None:
         raise EvaluationError("tune_threshold needs a model loaded from a directory")
     samples, where = load_samples(data, subset, fmm, limit)
     previous = fmm.threshold
@@ -423,7 +426,8 @@ def evaluate(
     if tune_threshold:
         table = scores.threshold_table()
         best = _best_threshold(table, previous)
-        _store_threshold(fmm, best, previous, table, info)
+        if store_threshold:
+            _store_threshold(fmm, best, previous, table, info)
         info["threshold_source"] = "tuned on these images"
         info["previous_threshold"] = previous
     result = _result(scores, best if best is not None else previous, info, best)
