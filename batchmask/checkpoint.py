@@ -28,6 +28,10 @@ WEIGHTS_FILE = "last.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 BEST_FILE = "best.weights.h5"
 STATE_VERSION = 1
+#: Test hook, never set in production: "N:/path". After saving epoch N's state the training
+#: creates ``/path.reached`` and waits (at most 10 minutes) until ``/path`` exists, so a test can
+#: kill it at a known point instead of racing it.
+TEST_GATE_ENV = "BATCHMASK_TEST_TRAIN_GATE"
 
 
 class ResumeError(ValueError):
@@ -80,6 +84,16 @@ def save_state(out_dir: str | os.PathLike, net, optimizer, state: TrainState) ->
     for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE):  # the state file last: it marks a whole set
         os.replace(tmp / name, d / name)
     tmp.rmdir()
+
+
+def hold_at_test_gate(epoch: int) -> None:
+    at, _, gate = os.environ.get(TEST_GATE_ENV, "").partition(":")
+    if not gate or int(at) != epoch:
+        return
+    Path(f"{gate}.reached").write_text(f"{epoch}\n")
+    deadline = time.time() + 600
+    while not Path(gate).exists() and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def load_state(out_dir: str | os.PathLike) -> TrainState:

@@ -111,6 +111,18 @@ class AugmentConfig:
 
 
 @dataclass
+class LabelOptions:
+    """How face boxes are picked out of multi-class label files (``train --category`` etc.)."""
+
+    #: COCO: the category whose boxes are faces (matched by name, case-insensitively).
+    category: str = "face"
+    #: YOLO: the class number whose boxes are faces.
+    class_id: int = 0
+    #: COCO: the folder that ``file_name`` is relative to (default: beside the JSON, or its images/).
+    images: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """Everything ``batchmask train`` does, recorded verbatim in ``model.json``."""
 
@@ -152,6 +164,7 @@ class TrainConfig:
     #: The trained model this training starts from (``--init-from``); None = ImageNet encoder
     #: weights (``backbone_weights``) and a fresh decoder.
     init_from: str | None = None
+    labels: LabelOptions = field(default_factory=LabelOptions)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -162,6 +175,7 @@ class TrainConfig:
         aug = {k: tuple(v) if isinstance(v, list) else v for k, v in (d.get("augment") or {}).items()
                if k in {f.name for f in dataclasses.fields(AugmentConfig)}}
         kwargs["augment"] = AugmentConfig(**aug)
+        kwargs["labels"] = LabelOptions(**(d.get("labels") or {}))
         return cls(**kwargs)
 
     @property

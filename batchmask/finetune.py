@@ -71,15 +71,17 @@ def start_record(start_dir: Path) -> dict[str, Any]:
     return {"path": str(start_dir), "model_sha256": file_sha256(start_dir / MODEL_FILE)}
 
 
-def finetune_config(cfg: TrainConfig, start_meta: dict[str, Any], explicit: set[str]) -> TrainConfig:
+def finetune_config(cfg: TrainConfig, start_dir: Path, start_meta: dict[str, Any], explicit: set[str]) -> TrainConfig:
     """``cfg`` with every field the user did not set (``explicit``: TrainConfig field names, and
     ``model.<field>`` for model fields) taken from the starting model's recipe, and the
-    fine-tuning defaults for warm-up and learning rate."""
+    fine-tuning defaults for warm-up and learning rate; ``init_from`` set to ``start_dir``.
+    Raises :class:`InitFromError` when an explicit option changes the architecture."""
     recipe = recipe_from(start_meta)
     start_model: ModelConfig = recipe.pop("model")
     model_kwargs = {f.name: getattr(start_model, f.name) for f in dataclasses.fields(ModelConfig)
                     if f"model.{f.name}" not in explicit}
     model = dataclasses.replace(cfg.model, **model_kwargs)
+    check_architecture(start_model, model, start_dir)
     kwargs = {k: v for k, v in recipe.items() if k not in explicit}
     if "warmup_epochs" not in explicit:
         kwargs["warmup_epochs"] = FINETUNE_WARMUP_EPOCHS
@@ -87,4 +89,4 @@ def finetune_config(cfg: TrainConfig, start_meta: dict[str, Any], explicit: set[
         kwargs["learning_rate"] = FINETUNE_LEARNING_RATE
     if "augment" in kwargs:
         kwargs["augment"] = dataclasses.replace(cfg.augment, crop_scale=kwargs["augment"].crop_scale)
-    return dataclasses.replace(cfg, model=model, **kwargs)
+    return dataclasses.replace(cfg, model=model, init_from=str(start_dir), **kwargs)

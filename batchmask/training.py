@@ -184,10 +184,10 @@ def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int |
     plt.close(fig)
 
 
-def _load(data, limit: int | None) -> tuple[list[Sample], list[dict]]:
+def _load(data, limit: int | None, labels=None) -> tuple[list[Sample], list[dict]]:
     if is_samples(data):
         return list(data), [{"path": "<samples>", "images": len(data), "fingerprint": fingerprint(data)}]
-    return load_datasets(data, limit=limit)
+    return load_datasets(data, limit=limit, labels=labels)
 
 
 def _path_field(sources: list[dict]) -> str | list[str]:
@@ -197,9 +197,9 @@ def _path_field(sources: list[dict]) -> str | list[str]:
 
 
 def _load_split(data, val_data, cfg: TrainConfig, limit: int | None):
-    samples, sources = _load(data, limit)
+    samples, sources = _load(data, limit, cfg.labels)
     if val_data is not None:
-        val, val_sources = _load(val_data, limit)
+        val, val_sources = _load(val_data, limit, cfg.labels)
         split = {"method": "separate", "val_data": _path_field(val_sources), "val_sources": val_sources}
         return samples, val, split, sources
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
@@ -454,6 +454,7 @@ def _epoch_state(out_dir: Path, state: TrainState, phase: str, schedule, elapsed
             state.history.append(row)
             state.epoch, state.phase, state.elapsed_s = epoch + 1, phase, elapsed()
             checkpoint.save_state(out_dir, self.model, opt, state)
+            checkpoint.hold_at_test_gate(epoch + 1)
 
     return EpochState()
 

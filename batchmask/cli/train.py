@@ -13,6 +13,7 @@ from ..config import (
     DEFAULT_DECODER,
     DEFAULT_TRAINABLE_BLOCKS,
     AugmentConfig,
+    LabelOptions,
     ModelConfig,
     TrainConfig,
 )
@@ -21,8 +22,14 @@ from .common import user_errors
 
 @click.command("train")
 @click.option("--data", multiple=True, type=click.Path(exists=True),
-              help="images.npy (the exercise's format) or a WIDER FACE folder / wider_face_*_bbx_gt.txt. "
-                   "Repeat to train on several sources together.")
+              help="images.npy (the exercise's format), a WIDER FACE folder / wider_face_*_bbx_gt.txt, a COCO "
+                   "instances .json or a YOLO folder (images/ + labels/). Repeat to train on several together.")
+@click.option("--category", default=LabelOptions.category, show_default=True,
+              help="COCO: the category (by name) whose boxes are faces.")
+@click.option("--class-id", default=LabelOptions.class_id, type=click.IntRange(min=0), show_default=True,
+              help="YOLO: the class number whose boxes are faces.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="COCO: the folder file_name is relative to (default: beside the JSON or its images/).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Model directory to write (model.keras, model.json, history.csv, learning_curves.png).")
 @click.option("--init-from", "init_from", metavar="MODEL_DIR",
@@ -71,7 +78,7 @@ from .common import user_errors
 @click.option("--force", is_flag=True, help="Overwrite an existing model in --out.")
 @click.option("--quiet", is_flag=True, help="No Keras progress bars (-v still logs each epoch).")
 @click.pass_context
-def train_cmd(ctx, data, out, init_from, resume_dir, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
+def train_cmd(ctx, data, category, class_id, images_dir, out, init_from, resume_dir, val_data, val_fraction, split, epochs, warmup_epochs, batch_size, learning_rate, image_size,
               crop_size, decoder, crop_scale, alpha, trainable_blocks, backbone_weights, loss, dice_per_image,
               small_face_weight, augment, tta_flip, seed, split_seed, limit, patience, time_limit, force, quiet) -> None:
     """Train a MobileNet U-Net that predicts face masks from face boxes.
@@ -121,6 +128,7 @@ def train_cmd(ctx, data, out, init_from, resume_dir, val_data, val_fraction, spl
         split_seed=split_seed,
         patience=patience,
         time_limit_s=time_limit * 60 if time_limit is not None else None,
+        labels=LabelOptions(category=category, class_id=class_id, images=images_dir),
     )
     with user_errors(*errors):
         if init_from:
@@ -147,15 +155,13 @@ _CONFIG_FIELDS = {
 
 
 def _finetune_config(ctx: click.Context, cfg: TrainConfig, init_from: str) -> TrainConfig:
-    import dataclasses
-
     from ..finetune import finetune_config, resolve_start
     from ..inference import read_meta
 
     start_dir = resolve_start(init_from)
     given = {f for name, fields in _CONFIG_FIELDS.items()
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None) for f in fields}
-    return dataclasses.replace(finetune_config(cfg, read_meta(start_dir), given), init_from=str(start_dir))
+    return finetune_config(cfg, start_dir, read_meta(start_dir), given)
 
 
 def _summary(res) -> None:
