@@ -28,7 +28,7 @@ from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RayPool, RunCounts, raise_interrupt
-from .lock import OutputLock
+from .lock import LockLost, OutputLock
 from .modelcheck import check_model
 from .options import RunError, RunOptions
 from .outputs import (
@@ -272,6 +272,8 @@ class _BatchRun:
         self.first = next(shards, None)
         if self.first is None:
             return
+        self.lock.check()
+        shards = self._guarded(shards)
         files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime)
         wopts = WorkerOptions.of(opts, self.run_id)
         why_ray = in_process_reason(n_todo, opts.in_process_max, opts.gpus_per_worker, opts.address)
@@ -286,11 +288,41 @@ class _BatchRun:
             with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
                 _execute(self, shards, files, wopts)
 
+    def _guarded(self, shards: Iterator[list]) -> Iterator[list]:
+        """``shards``, each handed out only while the output's lock is still ours (LockLost otherwise)."""
+        for shard in shards:
+            self.lock.check()
+            yield shard
+
+    def _lock_lost(self, failing: bool) -> LockLost | None:
+        """Renew the lock now (proof that it is still ours before merging); the LockLost if it is not."""
+        try:
+            if failing:
+                _bounded(lambda: self.lock.check(renew=True), "checking the output lock")
+            else:
+                self.lock.check(renew=True)
+        except LockLost as exc:
+            return exc
+        except Exception as exc:
+            if not failing:
+                raise
+            log.warning("could not renew the output lock: %s", redact_urls(str(exc)))
+        return None
+
     def _finish(self, interrupted: bool, failed: bool) -> None:
-        """Driver rows, merge, run.json and the lock's release: also when the run failed (bounded then)."""
+        """Driver rows, merge, run.json and the lock's release: also when the run failed (bounded then).
+        A run that lost its lock does none of these: the output is another run's now."""
         failing, info, c = interrupted or failed, self.info, self.counts
         if "runtime" in info:
             runtime_used(info)
+        try:
+            lost = self._lock_lost(failing)
+        except BaseException:
+            _release(self.lock, True)
+            raise
+        if lost is not None:
+            _release(self.lock, True)
+            raise lost
         try:
             _save_rows(self.out, self.run_id, c.rows, self.first is not None or bool(c.rows), failing, info)
         except BaseException:
