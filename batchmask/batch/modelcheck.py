@@ -5,12 +5,16 @@ input size disagrees with ``model.json`` was found only when every Ray worker fa
 after ``coverage.csv`` and ``run.json`` had been written. The check reads the files only (no
 TensorFlow import, so an already-done folder still finishes in a second or two): ``model.json``
 parses and names a valid configuration; ``model.keras`` is an intact zip (every member's CRC)
-holding ``config.json`` and HDF5 weights, and its input layer has the size ``model.json`` says.
+holding ``config.json`` and HDF5 weights whose every object can be visited and read (a zip's CRCs
+cover the bytes as zipped: a weights file damaged before zipping passes them), and its input
+layer has the size ``model.json`` says.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -54,9 +58,11 @@ def check_model(model_dir: str | Path) -> dict[str, Any]:
             bad = z.testzip()
             if bad is not None:
                 raise BadModelError(f"{keras_path}: corrupt ({bad} fails its checksum); copy or train it again")
-            with z.open("model.weights.h5") as f:
-                if f.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
-                    raise BadModelError(f"{keras_path}: model.weights.h5 is not an HDF5 file")
+            weights = z.read("model.weights.h5")
+            if not weights.startswith(HDF5_SIGNATURE):
+                raise BadModelError(f"{keras_path}: model.weights.h5 is not an HDF5 file")
+            _check_weights(weights, keras_path)
+            del weights
             config = json.loads(z.read("config.json"))
     except BadModelError:
         raise
@@ -68,6 +74,23 @@ def check_model(model_dir: str | Path) -> dict[str, Any]:
         raise BadModelError(f"{keras_path}: the network's input is {shape[1]}x{shape[2]} but {meta_path} says "
                             f"image_size {size}; they belong to different models")
     return meta
+
+
+def _check_weights(data: bytes, keras_path: Path) -> None:
+    """Visit every group and read every dataset of the HDF5 weights (milliseconds: a few MB)."""
+    import h5py
+
+    def read(_name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            f.visititems(read)
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError, RuntimeError, KeyError, ValueError...
+        why = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", str(exc))  # no per-run addresses
+        raise BadModelError(f"{keras_path}: model.weights.h5 inside it is damaged ({why}); "
+                            "copy or train it again") from None
 
 
 def _input_shape(config: Any) -> list | None:

@@ -40,6 +40,7 @@ from .outputs import (
     part_name,
     recorded_masks,
     rows_to_csv,
+    stable_text,
 )
 from .plan import (
     execute_in_process,
@@ -199,6 +200,7 @@ class _BatchRun:
             self.inp.exclude_dir(self.out.root)  # the output, also where a symlink inside the input leads to it
         self.lock = OutputLock(self.out).acquire(wait=opts.wait, wait_timeout=opts.wait_timeout)
         try:
+            self.model_sha256 = _same_model(self.out, self.model_dir, opts.overwrite)
             records = merge_parts(self.out)  # leftovers of an interrupted run first
             self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors)
             self.names = MaskNames(recorded_masks(records))  # an image keeps its mask path; no new image takes one
@@ -207,12 +209,14 @@ class _BatchRun:
             self.lock.release()
             raise
         self.counts = RunCounts()
+        self.n_images = 0  # images listed before --glob
         self.first: list | None = None
         self.info = self._info(started)
 
     def _info(self, started: str) -> dict:
         info: dict = {"format_version": 1, "run_id": self.run_id, "input": self.in_spec.public(),
-                      "output": self.out_spec.public(), "model": {"path": str(self.model_dir)},
+                      "output": self.out_spec.public(),
+                      "model": {"path": str(self.model_dir), "sha256": self.model_sha256},
                       "options": self.opts.recorded(), "versions": _versions(), "start": started}
         try:
             meta = read_meta(self.model_dir)
@@ -228,7 +232,10 @@ class _BatchRun:
         for rel in self.inp.iter_files():
             if self.skip_prefix and rel.startswith(self.skip_prefix):
                 continue
-            if not matches(rel, RUN_EXTENSIONS, self.opts.glob):
+            if not matches(rel, RUN_EXTENSIONS, None):
+                continue
+            self.n_images += 1
+            if self.opts.glob is not None and not matches(rel, RUN_EXTENSIONS, self.opts.glob):
                 continue
             c.total += 1
             try:
@@ -256,7 +263,7 @@ class _BatchRun:
             raise
         except BaseException as exc:
             failed = True
-            self.info["error"] = f"{type(exc).__name__}: {redact_urls(str(exc)).strip()}"[:1000]
+            self.info["error"] = stable_text(f"{type(exc).__name__}: {redact_urls(str(exc)).strip()}")[:1000]
             raise
         finally:
             self._finish(interrupted, failed)
@@ -271,6 +278,7 @@ class _BatchRun:
                                                     opts.shard_size, INFLIGHT_PER_ACTOR)
         self.first = next(shards, None)
         if self.first is None:
+            self._warn_if_empty()
             return
         self.lock.check()
         shards = self._guarded(shards)
@@ -287,6 +295,20 @@ class _BatchRun:
         else:
             with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
                 _execute(self, shards, files, wopts)
+
+    def _warn_if_empty(self) -> None:
+        """Nothing to do: normal for an incremental run (all done), but a listing without images, or
+        a --glob that matched none of them, usually means a wrong path, prefix or pattern."""
+        where = self.in_spec.public()["url"]
+        if not self.counts.listed_all:
+            return
+        if self.n_images == 0:
+            log.warning("no images found under %s (extensions %s); is the path or prefix right?", where,
+                        " ".join(RUN_EXTENSIONS))
+        elif self.counts.total == 0:
+            log.warning("--glob %r matched none of the %d images under %s", self.opts.glob, self.n_images, where)
+        else:
+            log.info("nothing new: all %d images are done", self.counts.total)
 
     def _guarded(self, shards: Iterator[list]) -> Iterator[list]:
         """``shards``, each handed out only while the output's lock is still ours (LockLost otherwise)."""
@@ -339,6 +361,25 @@ class _BatchRun:
             _write_run_json(self.out, info, failing)
         finally:
             _release(self.lock, failing)
+
+
+def _same_model(out: Storage, model_dir, overwrite: bool) -> str:
+    """The sha256 of this run's ``model.keras``; RunError if the output's last run (run.json) used
+    another model and ``overwrite`` is not set: one output, one model's masks."""
+    from ..inference import MODEL_FILE
+    from ..runtime import file_sha256
+
+    sha = file_sha256(model_dir / MODEL_FILE)
+    try:
+        prev = json.loads(out.read_bytes(RUN_JSON)).get("model") or {}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return sha
+    old = prev.get("sha256") if isinstance(prev, dict) else None
+    if old and old != sha and not overwrite:
+        raise RunError(f"{out.spec.public()['url']} holds masks of another model ({prev.get('path')}, sha256 "
+                       f"{old[:12]}); this run's model {model_dir} is sha256 {sha[:12]}. Pass --overwrite to "
+                       "redo every image with this model, or use another --output")
+    return sha
 
 
 def _save_rows(out: Storage, run_id: str, driver_rows: list[dict], merge: bool, failing: bool, info: dict) -> None:
