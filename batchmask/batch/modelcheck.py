@@ -21,6 +21,8 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..inference import FORMAT_VERSION, META_FILE, MODEL_FILE, ModelNotFoundError
+from .options import RunError
+from .storage import Storage
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -103,3 +105,21 @@ def _input_shape(config: Any) -> list | None:
     except (KeyError, TypeError, AttributeError):
         return None
     return None
+
+
+def check_same_model(out: Storage, model_dir: Path, overwrite: bool) -> str:
+    """The sha256 of this run's ``model.keras``; RunError if the output's last run (run.json) used
+    another model and ``overwrite`` is not set: one output, one model's masks."""
+    from ..runtime import file_sha256
+
+    sha = file_sha256(model_dir / MODEL_FILE)
+    try:
+        prev = json.loads(out.read_bytes("run.json")).get("model") or {}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return sha
+    old = prev.get("sha256") if isinstance(prev, dict) else None
+    if old and old != sha and not overwrite:
+        raise RunError(f"{out.spec.public()['url']} holds masks of another model ({prev.get('path')}, sha256 "
+                       f"{old[:12]}); this run's model {model_dir} is sha256 {sha[:12]}. Pass --overwrite to "
+                       "redo every image with this model, or use another --output")
+    return sha

@@ -29,7 +29,7 @@ from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RayPool, RunCounts, raise_interrupt
 from .lock import LockLost, OutputLock
-from .modelcheck import check_model
+from .modelcheck import check_model, check_same_model
 from .options import RunError, RunOptions
 from .outputs import (
     RUN_JSON,
@@ -200,7 +200,7 @@ class _BatchRun:
             self.inp.exclude_dir(self.out.root)  # the output, also where a symlink inside the input leads to it
         self.lock = OutputLock(self.out).acquire(wait=opts.wait, wait_timeout=opts.wait_timeout)
         try:
-            self.model_sha256 = _same_model(self.out, self.model_dir, opts.overwrite)
+            self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
             records = merge_parts(self.out)  # leftovers of an interrupted run first
             self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors)
             self.names = MaskNames(recorded_masks(records))  # an image keeps its mask path; no new image takes one
@@ -361,25 +361,6 @@ class _BatchRun:
             _write_run_json(self.out, info, failing)
         finally:
             _release(self.lock, failing)
-
-
-def _same_model(out: Storage, model_dir, overwrite: bool) -> str:
-    """The sha256 of this run's ``model.keras``; RunError if the output's last run (run.json) used
-    another model and ``overwrite`` is not set: one output, one model's masks."""
-    from ..inference import MODEL_FILE
-    from ..runtime import file_sha256
-
-    sha = file_sha256(model_dir / MODEL_FILE)
-    try:
-        prev = json.loads(out.read_bytes(RUN_JSON)).get("model") or {}
-    except (FileNotFoundError, ValueError, AttributeError):
-        return sha
-    old = prev.get("sha256") if isinstance(prev, dict) else None
-    if old and old != sha and not overwrite:
-        raise RunError(f"{out.spec.public()['url']} holds masks of another model ({prev.get('path')}, sha256 "
-                       f"{old[:12]}); this run's model {model_dir} is sha256 {sha[:12]}. Pass --overwrite to "
-                       "redo every image with this model, or use another --output")
-    return sha
 
 
 def _save_rows(out: Storage, run_id: str, driver_rows: list[dict], merge: bool, failing: bool, info: dict) -> None:
