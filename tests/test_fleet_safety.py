@@ -209,15 +209,16 @@ def test_quiet_runs_print_nothing_and_a_users_column_never_fails_a_run(tmp_path,
 # ----------------------------------------------------------------------------- the output deleted
 
 
-@pytest.mark.slow  # a CLI run loading the model
-def test_output_deleted_mid_run_fails_instead_of_ok(tmp_path, tiny_model_dir, demo_wider, leftovers):
+@pytest.mark.slow  # a CLI run loading the model (and one starting Ray)
+@pytest.mark.parametrize("in_process_max", ["40", "0"], ids=["in-process", "ray"])
+def test_output_deleted_mid_run_fails_instead_of_ok(tmp_path, tiny_model_dir, demo_wider, leftovers, in_process_max):
     inp, out, gate = tmp_path / "in", tmp_path / "out", tmp_path / "gate"
     shutil.copytree(demo_wider / "images", inp)
     leftovers.gates.append(gate)
     env = _env(BATCHMASK_TEST_GATE=str(gate), BATCHMASK_TEST_GATE_FREE="1")
     p = subprocess.Popen([*BATCHMASK, "run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q",
-                          "-w", "1", "--shard-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+                          "-w", "1", "--shard-size", "2", "--in-process-max", in_process_max],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     leftovers.procs.append(p)
     wait_until(Path(f"{gate}.reached").exists, "the run reached its second shard", p)
     shutil.rmtree(out)
