@@ -140,6 +140,10 @@ def test_a_rerun_with_another_model_is_refused_without_overwrite(tmp_path, tiny_
     inp.mkdir()
     s = run(str(inp), str(out), str(tiny_model_dir), quiet=True)
     assert s.run_json["model"]["sha256"]
+    run(str(inp), str(out), str(other), quiet=True)  # no masks yet: nothing to mix
+    s = run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    (out / "masks").mkdir()
+    (out / "masks" / "a.png").write_bytes(b"a mask made with the first model")
     with pytest.raises(RunError, match="holds masks of another model.*--overwrite"):
         run(str(inp), str(out), str(other), quiet=True)
     assert json.loads((out / "run.json").read_text())["model"]["sha256"] == s.run_json["model"]["sha256"]

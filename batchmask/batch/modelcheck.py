@@ -108,8 +108,8 @@ def _input_shape(config: Any) -> list | None:
 
 
 def check_same_model(out: Storage, model_dir: Path, overwrite: bool) -> str:
-    """The sha256 of this run's ``model.keras``; RunError if the output's last run (run.json) used
-    another model and ``overwrite`` is not set: one output, one model's masks."""
+    """The sha256 of this run's ``model.keras``; RunError if the output holds masks and its last
+    run (run.json) used another model, unless ``overwrite``: one output, one model's masks."""
     from ..runtime import file_sha256
 
     sha = file_sha256(model_dir / MODEL_FILE)
@@ -118,7 +118,7 @@ def check_same_model(out: Storage, model_dir: Path, overwrite: bool) -> str:
     except (FileNotFoundError, ValueError, AttributeError):
         return sha
     old = prev.get("sha256") if isinstance(prev, dict) else None
-    if old and old != sha and not overwrite:
+    if old and old != sha and not overwrite and next(iter(out.iter_files("masks/")), None) is not None:
         raise RunError(f"{out.spec.public()['url']} holds masks of another model ({prev.get('path')}, sha256 "
                        f"{old[:12]}); this run's model {model_dir} is sha256 {sha[:12]}. Pass --overwrite to "
                        "redo every image with this model, or use another --output")
