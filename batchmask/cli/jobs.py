@@ -143,7 +143,7 @@ def run_cmd(
     """One incremental run now: only images not yet in the job's output are processed.
 
     Exit codes: 0 ok, 1 failed or timed out, 3 more failed images than max_failures,
-    4 another run of this job holds the lock.
+    4 another run of this job (or of the output) holds the lock, 5 the run lost the output's lock.
     """
     from ..jobs.execute import JobLocked, run_job
 

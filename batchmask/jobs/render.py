@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .schedule import iso, to_on_calendar, utcnow
+from .schedule import iso, spring_forward_runs, to_on_calendar, utcnow
 from .spec import JobSpec, is_url, line_unsafe
+
+#: Years ahead for which timers carry explicit dates of runs moved by a DST change.
+SPRING_FORWARD_YEARS = 10
 
 K8S_JOBS_MOUNT = "/etc/batchmask/jobs"
 #: Kubernetes limits CronJob names to 52 characters (it appends a suffix per Job it creates)
@@ -144,6 +147,7 @@ def render_systemd(
             "",
             "[Timer]",
             f"OnCalendar={calendar}",
+            *_spring_forward_lines(job),
             f"Unit={unit}.service",
             "",
             "[Install]",
@@ -152,6 +156,18 @@ def render_systemd(
         units[f"{unit}.service"] = "\n".join(service) + "\n"
         units[f"{unit}.timer"] = "\n".join(timer) + "\n"
     return units
+
+
+def _spring_forward_lines(job: JobSpec) -> list[str]:
+    """Explicit dates for runs that a DST change moves (systemd would skip them; cron and
+    ``jobs list`` run them at the next valid time), for the next SPRING_FORWARD_YEARS years."""
+    runs = spring_forward_runs(job.schedule, job.timezone, SPRING_FORWARD_YEARS)
+    if not runs:
+        return []
+    last = runs[-1].year
+    return [f"# {job.timezone} skips an hour in spring: those runs at the next valid time, as cron does "
+            f"(until {last}: render the units again before then)",
+            *(f"OnCalendar={r:%Y-%m-%d %H:%M}:00 UTC" for r in runs)]
 
 
 def _systemd_quote(arg: str) -> str:
