@@ -140,6 +140,7 @@ def test_demo_run_in_the_image_uses_its_onnx_cache_in_process_and_on_ray(contain
         assert len(rows) == len(masks) == n_images and all(row["status"] == "ok" for row in rows)
         assert info["plan"]["mode"] == ("ray" if extra else "in-process"), info["plan"]
         assert info["runtime"]["used"] == "onnx" and info["runtime"]["onnx"]["cached"] is True, info["runtime"]
+        assert info["runtime"]["onnx"]["file"].startswith("/opt/batchmask/cache/onnx/"), info["runtime"]
         first = min(p.stat().st_mtime for p in masks) - t0
         print(f"\n{info['plan']['mode']}: start to first image {first:.1f} s, {info['throughput']}")
     assert _cache_files(root) == cache_before

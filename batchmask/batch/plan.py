@@ -49,6 +49,7 @@ def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict
             path, record = found
             files[ONNX_FILE] = path.read_bytes()
             info["onnx"] = {"keras_sha256": record.get("keras_sha256"), "cached": record.get("cached", False),
+                            "file": str(path),
                             "parity_max_abs_diff": record.get("parity_max_abs_diff"),
                             "export_s": record.get("export_s"), "onnxruntime": onnxruntime_version()}
         else:
