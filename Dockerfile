@@ -51,8 +51,10 @@ RUN useradd --uid "${UID}" --gid 0 --create-home --home-dir /home/batchmask --sh
     && chown -R "${UID}:0" /var/lib/batchmask /data /home/batchmask \
     && chmod -R g+rwX /var/lib/batchmask /data /home/batchmask
 COPY --from=venv /opt/batchmask/venv /opt/batchmask/venv
-RUN --mount=type=bind,from=wheel,source=/tmp/dist,target=/tmp/dist \
-    /opt/batchmask/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl
+# COPY, not RUN --mount=from=wheel: buildah's layer cache does not look at a mount's content, so a
+# changed wheel would be skipped. The wheel (~15 MB, mostly the model) stays in this layer.
+COPY --from=wheel /tmp/dist/ /tmp/dist/
+RUN /opt/batchmask/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 COPY --from=onnx --chown=${UID}:0 /opt/batchmask/cache /opt/batchmask/cache
 ENV PATH=/opt/batchmask/venv/bin:$PATH \
     HOME=/home/batchmask \

@@ -115,6 +115,10 @@ def test_image_is_small_has_no_tensorflow_and_runs_batchmask(container):
     assert r.returncode != 0 and "No module named 'tensorflow'" in r.stderr, r.stderr
     cfg = json.loads(_buildah("inspect", "--type", "image", TAG))["OCIv1"]["config"]
     assert cfg["Entrypoint"] == ["dumb-init", "--single-child", "--"] and cfg["User"] == "10001"
+    # the user's writable places: outputs, locks, job state, the ONNX cache, home
+    r = _run_in(c, "sh", "-c", 'for d in /data "$BATCHMASK_LOCK_DIR" "$XDG_STATE_HOME" "$BATCHMASK_CACHE_DIR" "$HOME"; '
+                'do touch "$d/.w" || exit 1; done')
+    assert r.returncode == 0, r.stderr
 
 
 def _cache_files(root: Path) -> dict[str, float]:
