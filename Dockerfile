@@ -6,7 +6,7 @@
 #
 # BASE: any image with `python3` (>= 3.11) that can make a venv: an official python:*-slim,
 # Debian with python3 + python3-venv, or docker/cuda-base.Dockerfile for the GPU variant.
-ARG BASE=python:3.12-slim
+ARG BASE=docker.io/library/python:3.12-slim
 
 # ---- the virtualenv: run-time requirements, ONNX Runtime and dumb-init (batchmask comes later,
 # so a change to the source leaves this ~750 MB layer cached)

@@ -3,7 +3,7 @@
 # repository root on top of it with ONNXRUNTIME=onnxruntime-gpu.
 # Unpinned apt packages (DL3008): the CUDA base pins the distribution; python3 follows it.
 # onnxruntime-gpu 1.19+ wheels on PyPI are built for CUDA 12 and cuDNN 9.
-ARG CUDA_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG CUDA_BASE=docker.io/nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_BASE}
 # hadolint ignore=DL3008
 RUN apt-get update \
