@@ -119,8 +119,11 @@ def _start_ray(address: str | None) -> bool:
         ray.init(address=addr, **kwargs)
     else:
         # "local": a Ray of our own, even when a `ray start` cluster runs on this machine (plain
-        # ray.init() would join that one, and refuse num_cpus with a ValueError).
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        # ray.init() would join that one, and refuse num_cpus with a ValueError). The CPUs this
+        # process may use (a pod's CPU limit), not the machine's count.
+        from .cpus import available_cpus
+
+        ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, **kwargs)
     return True
 
 
