@@ -41,9 +41,9 @@ from .data import (
     boxes_to_mask,
     fingerprint,
     is_samples,
-    load_datasets,
 )
 from .results import EvalResult, format_table  # noqa: F401  (format_table re-exported: the CLI prints it)
+from .sources import load_datasets
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint
 from .augment import downscale_sample, make_pair, make_weighted_pair
-from .checkpoint import TrainState
+from .checkpoint import (
+    ResumeError,
+    TrainState,
+    best_weights_path,
+    hold_at_test_gate,
+    load_state,
+    restore_optimizer,
+    restore_weights,
+    save_state,
+)
+from .checkpoint import (
+    clear as clear_resume_state,
+)
 from .config import ModelConfig, TrainConfig
 from .data import (
     DataError,
@@ -36,9 +47,9 @@ from .data import (
     as_sources,
     fingerprint,
     is_samples,
-    load_datasets,
     split_samples,
 )
+from .sources import load_datasets
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +247,7 @@ def train(
         raise ValueError("epochs and batch_size must be at least 1")
     args = {"config": cfg.to_dict(), "data": _source_args(data), "val_data": _source_args(val_data),
             "limit": limit, "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    checkpoint.clear(out_dir)  # a new training never continues an older one's state
+    clear_resume_state(out_dir)  # a new training never continues an older one's state
     return _train(data, val_data, out_dir, cfg, TrainState(0, "", [], args), progress)
 
 
@@ -249,12 +260,12 @@ def resume(out: str | os.PathLike, *, time_limit_s: float | None = None, progres
     ``data``/``val_data`` are needed only for a training started from in-memory samples.
     """
     out_dir = Path(out)
-    state = checkpoint.load_state(out_dir)
+    state = load_state(out_dir)
     cfg = dataclasses.replace(TrainConfig.from_dict(state.args["config"]), time_limit_s=time_limit_s)
     data = data if data is not None else state.args["data"]
     val_data = val_data if val_data is not None else state.args["val_data"]
     if data is None:
-        raise checkpoint.ResumeError(f"{out_dir}: this training was started from in-memory samples; "
+        raise ResumeError(f"{out_dir}: this training was started from in-memory samples; "
                                      "pass them again (resume(out, data=...))")
     log.info("resuming %s after epoch %d of %d", out_dir, state.epoch, cfg.epochs)
     return _train(data, val_data, out_dir, cfg, state, progress)
@@ -275,7 +286,7 @@ def _train(data, val_data, out_dir: Path, cfg: TrainConfig, state: TrainState, p
         raise DataError(f"empty split: {len(train_s)} training and {len(val_s)} validation images")
     fp = fingerprint(train_s + val_s)
     if state.epoch and state.extra.get("fingerprint") != fp:
-        raise checkpoint.ResumeError(f"{out_dir}: the training data changed since the saved epoch "
+        raise ResumeError(f"{out_dir}: the training data changed since the saved epoch "
                                      f"(fingerprint {fp[:12]}, saved {str(state.extra.get('fingerprint'))[:12]})")
     state.extra["fingerprint"] = fp
     log.info("training on %d images, validating on %d", len(train_s), len(val_s))
@@ -299,7 +310,7 @@ def _train(data, val_data, out_dir: Path, cfg: TrainConfig, state: TrainState, p
     net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights if fresh else None, any_size=crop != size)
     out_dir.mkdir(parents=True, exist_ok=True)
     if state.epoch:
-        checkpoint.restore_weights(out_dir, net)
+        restore_weights(out_dir, net)
     elif cfg.init_from is not None:
         state.extra["init_from"] = _init_from(net, cfg, val_s)
     warmup = min(cfg.warmup_epochs, cfg.epochs) if cfg.model.trainable_blocks > 0 else cfg.epochs
@@ -319,7 +330,7 @@ def _train(data, val_data, out_dir: Path, cfg: TrainConfig, state: TrainState, p
     write_history(out_dir / "history.csv", history)
     plot_history(out_dir / "learning_curves.png", history, warmup + 1 if warmup < cfg.epochs else None)
     if complete:
-        checkpoint.clear(out_dir)
+        clear_resume_state(out_dir)
     else:
         log.warning("stopped after epoch %d of %d; continue with: batchmask train --resume %s",
                     len(history), cfg.epochs, out_dir)
@@ -383,7 +394,7 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, out_dir: Path, s
     from .losses import dice_at_half, dice_metric, get_loss, mask_only
     from .model import set_trainable
 
-    best_file = checkpoint.best_weights_path(out_dir)
+    best_file = best_weights_path(out_dir)
     best_file.parent.mkdir(parents=True, exist_ok=True)
     weighted = cfg.small_face_weight > 1.0
     loss = get_loss(cfg.loss, per_image=cfg.dice_per_image, weighted=weighted)
@@ -400,7 +411,7 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, out_dir: Path, s
         net.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=metrics)
         first = max(ph.start, state.epoch)
         if first > ph.start:  # continue this phase: its optimizer (schedule position, moments)
-            checkpoint.restore_optimizer(out_dir, net, net.optimizer)
+            restore_optimizer(out_dir, net, net.optimizer)
         train_seq.set_epoch(first)
         best, _ = state.best(MONITOR)
         callbacks: list = [
@@ -453,8 +464,8 @@ def _epoch_state(out_dir: Path, state: TrainState, phase: str, schedule, elapsed
             row["learning_rate"] = float(keras.ops.convert_to_numpy(schedule(opt.iterations - 1)))
             state.history.append(row)
             state.epoch, state.phase, state.elapsed_s = epoch + 1, phase, elapsed()
-            checkpoint.save_state(out_dir, self.model, opt, state)
-            checkpoint.hold_at_test_gate(epoch + 1)
+            save_state(out_dir, self.model, opt, state)
+            hold_at_test_gate(epoch + 1)
 
     return EpochState()
 

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from batchmask.config import LabelOptions
-from batchmask.data import DataError, data_format, load_datasets
+from batchmask.data import DataError
 from batchmask.labels import load_coco, load_yolo
+from batchmask.sources import data_format, load_datasets
 
 
 def _image(path: Path, w: int, h: int, exif_rotate: bool = False) -> Path:
