@@ -5,6 +5,7 @@ Layout (README.md, "Files written", describes every file and column)::
     masks/<relative path, extension .png>   8-bit single-channel PNG, 255 = face, 0 = not
     overlays/<relative path, extension .jpg> previews (only with --overlays)
     coverage.csv                            one row per input image, sorted by image
+    results.parquet                         the same rows, typed, plus mask_rle and boxes (batch/table.py)
     run.json                                the latest run: model, versions, counts, throughput
     _parts/<run id>-<shard>.csv             per-shard rows not yet merged into coverage.csv
 
@@ -29,8 +30,10 @@ import numpy as np
 from PIL import Image
 
 from ..data import DataError, pil_rgb_image, pil_to_rgb
-from ..image import resize_pil, upsample_probs
+from ..image import resize_pil
+from .regions import MIN_FACE_NET_PIXELS, MIN_FACE_PIXELS, TABLE_FIELDS, measure  # noqa: F401 (re-exported)
 from .storage import Storage
+from .table import RESULTS, build_results, read_results, write_results
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,6 @@ PARTS = "_parts/"
 UNREADABLE = ".unreadable"
 MASKS = "masks/"
 OVERLAYS = "overlays/"
-#: A connected face region counts in ``faces`` when its area is at least this many network
-#: output pixels, i.e. ``MIN_FACE_NET_PIXELS * width * height / image_size**2`` original pixels
-#: (and at least ``MIN_FACE_PIXELS``).
-MIN_FACE_NET_PIXELS = 4
-MIN_FACE_PIXELS = 16
 #: Error rows that older versions wrote for disk-full/permission/connection failures while
 #: writing a mask: not a property of the image, so they are always processed again.
 LEGACY_STORAGE_ERROR = "cannot write outputs"
@@ -172,24 +170,9 @@ def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft:
 
 
 def mask_stats(prob_small: np.ndarray, width: int, height: int, threshold: float, image_size: int):
-    """Full-size 0/255 mask and its statistics from a network probability map."""
-    from scipy import ndimage
-
-    prob = upsample_probs(prob_small, width, height)
-    face = prob >= threshold
-    face_pixels = int(np.count_nonzero(face))
-    faces = 0
-    mean_conf = None
-    if face_pixels:
-        mean_conf = float(prob[face].mean())
-        rows, cols = np.flatnonzero(face.any(axis=1)), np.flatnonzero(face.any(axis=0))
-        crop = face[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # label only the face bounding box
-        labels, n = ndimage.label(crop, structure=np.ones((3, 3), bool))
-        if n:
-            sizes = np.bincount(labels[crop], minlength=n + 1)[1:]
-            min_area = max(MIN_FACE_PIXELS, MIN_FACE_NET_PIXELS * width * height / image_size**2)
-            faces = int(np.count_nonzero(sizes >= min_area))
-    return face.view(np.uint8) * np.uint8(255), face_pixels, faces, mean_conf
+    """Full-size 0/255 mask and its statistics from a network probability map (see :func:`.regions.measure`)."""
+    m = measure(prob_small, width, height, threshold, image_size)
+    return m.mask, m.face_pixels, m.faces, m.mean_conf
 
 
 def encode_png(mask_u8: np.ndarray) -> bytes:
@@ -344,9 +327,11 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
             continue
         readable.append(p)
         for r in rows:
+            for k in TABLE_FIELDS:  # marks the row as fresh for results.parquet (older part files lack them)
+                r.setdefault(k, "")
             old = records.get(r["image"])
             if old:  # a column of the user's (not ours) stays with the image when its row is replaced
-                r.update({k: v for k, v in old.items() if k not in COLUMNS and k not in r})
+                r.update({k: v for k, v in old.items() if k not in COLUMNS and k not in TABLE_FIELDS and k not in r})
             records[r["image"]] = r
     return records, readable
 
@@ -361,14 +346,18 @@ def _free_name(out: Storage, name: str) -> str:
 
 
 def merge_parts(out: Storage) -> dict[str, dict]:
-    """Fold part files into ``coverage.csv`` (one atomic write), then delete them.
+    """Fold part files into ``results.parquet`` and ``coverage.csv`` (one atomic write each), then delete them.
 
     Read-modify-write: callers hold the output lock (:mod:`batchmask.batch.lock`), so two merges
     never run at once on one output.
     """
     records, parts = load_records(out)
-    if parts or not out.exists(COVERAGE):
-        out.write_bytes(COVERAGE, rows_to_csv(records[k] for k in sorted(records)))
+    if parts or not out.exists(COVERAGE) or not out.exists(RESULTS):
+        # the table first: if the merge stops before the part files are deleted, the next one redoes both
+        fresh = (k for k, r in records.items() if TABLE_FIELDS[0] in r)
+        write_results(out, build_results(records, fresh, read_results(out)))
+        out.write_bytes(COVERAGE, rows_to_csv({k: v for k, v in records[k].items() if k not in TABLE_FIELDS}
+                                              for k in sorted(records)))
         for p in parts:
             out.delete(p)
     return records

@@ -28,12 +28,12 @@ from .outputs import (
     encode_overlay,
     encode_png,
     error_row,
-    mask_stats,
     ok_row,
     overlay_rel,
     part_name,
     rows_to_csv,
 )
+from .regions import measure
 from .storage import StorageSpec, check_rel
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
@@ -196,7 +196,8 @@ class MaskWorker:
         d = Decoded(rel, mask)
         try:
             check_rel(rel)
-            check_rel(mask)
+            if mask:  # "": --no-masks
+                check_rel(mask)
             self.hooks.image(rel)
             data = self.inp.read_bytes(rel)
             if self.opts.overlays:
@@ -215,8 +216,10 @@ class MaskWorker:
 
     def _finish(self, d: Decoded, prob: np.ndarray) -> dict:
         try:
-            m, face_pixels, faces, conf = mask_stats(prob, d.width, d.height, self.threshold, self.model.image_size)
-            self.out.write_bytes(d.mask, encode_png(m))
+            r = measure(prob, d.width, d.height, self.threshold, self.model.image_size)
+            m, face_pixels, faces, conf, table = r.mask, r.face_pixels, r.faces, r.mean_conf, r.table_fields()
+            if d.mask:  # "": --no-masks
+                self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
                 self.out.write_bytes(overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
                 d.data = None
@@ -224,7 +227,7 @@ class MaskWorker:
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
         # Anything else (disk full, permission denied, storage unreachable) is the run's problem, not
         # the image's: it fails the shard, and then the run, and the image is done next time.
-        return ok_row(d.rel, d.mask, d.width, d.height, face_pixels, faces, conf)
+        return {**ok_row(d.rel, d.mask, d.width, d.height, face_pixels, faces, conf), **table}
 
     # ------------------------------------------------------------------ per shard
     def process(self, shard: int, items: list[tuple[str, str]]) -> dict:

@@ -1,0 +1,162 @@
+"""``results.parquet``: the same images as coverage.csv, typed, with each mask as COCO RLE and its
+face regions as boxes; checked against pycocotools' decoder and the PNG masks of real runs.
+
+Runs are in process (a handful of small images) with the tiny untrained model, whose probabilities
+all lie within 1e-4 of 0.5: threshold 0.5 gives irregular masks with several regions, 0.4 all face.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as cocomask
+
+from batchmask.batch.regions import measure, rle_counts
+from batchmask.batch.runner import run
+from batchmask.batch.table import SCHEMA
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "wider" / "images"
+
+
+def images(root: Path, names: list[str], size: tuple[int, int] = (40, 30)) -> Path:
+    rng = np.random.default_rng(len(names))
+    for name in names:
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(p)
+    return root
+
+
+def coverage(out: Path) -> dict[str, dict]:
+    with open(out / "coverage.csv", newline="") as f:
+        return {r["image"]: r for r in csv.DictReader(f)}
+
+
+def table(out: Path) -> dict[str, dict]:
+    t = pq.read_table(out / "results.parquet")
+    assert t.schema.equals(SCHEMA), t.schema
+    got = t.to_pylist()
+    assert [r["image"] for r in got] == sorted({r["image"] for r in got}), "sorted, one row per image"
+    return {r["image"]: r for r in got}
+
+
+def decode(row: dict) -> np.ndarray:
+    return cocomask.decode({"size": [row["height"], row["width"]], "counts": row["mask_rle"]})
+
+
+def test_measure_gives_one_box_per_counted_region_and_an_rle_pycocotools_decodes():
+    prob = np.zeros((64, 64), np.float32)
+    prob[10:20, 10:20] = 0.9  # a face
+    prob[40:50, 30:45] = 0.7  # another
+    prob[60, 60] = 0.8  # one network pixel: below the minimum area, not counted, still in the mask
+    r = measure(prob, 64, 64, 0.5, 64)  # same size: no resampling, exact boxes
+    assert r.faces == 2 and len(r.boxes) == 2
+    assert [b[:4] for b in r.boxes] == [(10, 10, 10, 10), (30, 40, 15, 10)]
+    assert [b[4] for b in r.boxes] == pytest.approx([0.9, 0.7])
+    back = cocomask.decode({"size": [64, 64], "counts": r.rle()})
+    assert np.array_equal(back, r.mask > 0) and back[60, 60] == 1
+    # column-major as COCO, on a non-square mask whose transpose would differ
+    m = np.zeros((3, 5), np.uint8)
+    m[0, 1:4] = 1
+    m[2, 4] = 1
+    assert np.array_equal(cocomask.decode({"size": [3, 5], "counts": rle_counts(m)}), m)
+    assert cocomask.area({"size": [3, 5], "counts": rle_counts(m).encode()}) == 4
+    empty = measure(np.zeros((64, 64), np.float32), 30, 20, 0.5, 64)
+    assert (empty.faces, empty.boxes, empty.table_fields()["boxes"]) == (0, [], "[]")
+    assert not cocomask.decode({"size": [20, 30], "counts": empty.rle()}).any()
+
+
+def test_results_parquet_matches_coverage_csv_and_the_png_masks(tmp_path, tiny_model_dir):
+    inp = images(tmp_path / "in", ["a.png", "sub/b.jpg"])
+    shutil.copy(next(iter(sorted(DEMO.glob("*/*.jpg")))), inp / "wider.jpg")
+    (inp / "bad.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, quiet=True)
+    assert (s.ok, s.failed) == (3, 1)
+    csv_rows, rows = coverage(out), table(out)
+    assert sorted(rows) == sorted(csv_rows) == ["a.png", "bad.jpg", "sub/b.jpg", "wider.jpg"]
+    assert "mask_rle" not in next(iter(csv_rows.values())), "coverage.csv keeps its columns"
+    assert sum(rows[k]["faces"] for k in rows if rows[k]["status"] == "ok") >= 3, "threshold 0.5 gives regions"
+    for k, r in rows.items():
+        c = csv_rows[k]
+        assert (r["mask"], r["status"], r["error"]) == (c["mask"], c["status"], c["error"])
+        if r["status"] == "error":
+            assert r["mask_rle"] is None and r["boxes"] is None and r["faces"] is None
+            continue
+        assert (str(r["width"]), str(r["height"]), str(r["face_pixels"]), str(r["faces"])) == (
+            c["width"], c["height"], c["face_pixels"], c["faces"])
+        assert f"{r['coverage']:.6f}" == c["coverage"]
+        png = np.asarray(Image.open(out / r["mask"])) > 0
+        assert np.array_equal(decode(r), png), k
+        assert len(r["boxes"]) == r["faces"]
+        for b in r["boxes"]:  # a box encloses face pixels only from inside the image, touching all four sides
+            assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= r["width"] and b["y"] + b["h"] <= r["height"]
+            box = png[b["y"] : b["y"] + b["h"], b["x"] : b["x"] + b["w"]]
+            assert box[0].any() and box[-1].any() and box[:, 0].any() and box[:, -1].any()
+            assert 0.5 <= b["score"] <= 1.0
+
+
+def test_rerun_keeps_earlier_rows_rle_and_an_old_output_gains_the_table_without_redoing(tmp_path, tiny_model_dir):
+    inp, out = images(tmp_path / "in", ["a.png", "b.png"]), tmp_path / "out"
+    run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, quiet=True)
+    first = table(out)
+    images(inp, ["c.png"], size=(20, 10))
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, quiet=True)
+    assert (s.ok, s.skipped) == (1, 2)
+    second = table(out)
+    assert sorted(second) == ["a.png", "b.png", "c.png"]
+    assert {k: second[k] for k in first} == first, "rows not redone keep their RLE and boxes"
+    assert np.array_equal(decode(second["c.png"]), np.asarray(Image.open(out / "masks/c.png")) > 0)
+    # An output of a version without the table: the next run writes it and redoes nothing; RLE and
+    # boxes of rows recorded before are unknown (null), their CSV columns are there.
+    (out / "results.parquet").unlink()
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, quiet=True)
+    assert (s.ok, s.skipped) == (0, 3)
+    third = table(out)
+    assert sorted(third) == ["a.png", "b.png", "c.png"]
+    assert all(r["mask_rle"] is None and r["boxes"] is None for r in third.values())
+    assert [third[k]["face_pixels"] for k in third] == [second[k]["face_pixels"] for k in second]
+
+
+def test_damaged_results_parquet_is_kept_aside_and_rebuilt(tmp_path, tiny_model_dir):
+    inp, out = images(tmp_path / "in", ["a.png"]), tmp_path / "out"
+    run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    (out / "results.parquet").write_bytes(b"PAR1 not really")
+    images(inp, ["b.png", "a.png"])  # one new image: the merge rewrites the table
+    s = run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    assert (s.ok, s.skipped) == (1, 1)
+    assert (out / "results.parquet.unreadable").read_bytes() == b"PAR1 not really"
+    rows = table(out)
+    assert sorted(rows) == ["a.png", "b.png"] and rows["a.png"]["mask_rle"] is None
+    assert rows["b.png"]["mask_rle"] is not None
+
+
+def test_a_users_column_in_coverage_csv_survives_and_stays_out_of_the_table(tmp_path, tiny_model_dir):
+    inp, out = images(tmp_path / "in", ["a.png"]), tmp_path / "out"
+    run(str(inp), str(out), str(tiny_model_dir), quiet=True)
+    text = (out / "coverage.csv").read_text().splitlines()
+    (out / "coverage.csv").write_text("\n".join([text[0] + ",note", text[1] + ",checked"]) + "\n")
+    s = run(str(inp), str(out), str(tiny_model_dir), overwrite=True, quiet=True)
+    assert s.ok == 1
+    assert coverage(out)["a.png"]["note"] == "checked"
+    assert list(coverage(out)["a.png"])[-1] == "note"
+    assert pa.parquet.read_schema(out / "results.parquet").names == SCHEMA.names
+
+
+def test_the_readme_snippet_reads_results_parquet_and_decodes_a_mask(tmp_path, tiny_model_dir, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index('df = pd.read_parquet("out/results.parquet")')
+    code = readme[readme.rindex("```python", 0, start) + len("```python"): readme.index("```", start)]
+    run(str(images(tmp_path / "in", ["a.png", "b.png"])), str(tmp_path / "out"), str(tiny_model_dir),
+        threshold=0.5, quiet=True)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # its own assert checks the decoded mask
+    assert scope["m"].shape == (30, 40) and len(scope["row"].boxes) == scope["row"].faces
