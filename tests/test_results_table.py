@@ -160,3 +160,53 @@ def test_the_readme_snippet_reads_results_parquet_and_decodes_a_mask(tmp_path, t
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # its own assert checks the decoded mask
     assert scope["m"].shape == (30, 40) and len(scope["row"].boxes) == scope["row"].faces
+
+
+def test_no_masks_writes_the_table_and_csv_without_pngs_and_resumes(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from batchmask.cli import main
+
+    inp, out = images(tmp_path / "in", ["a.png", "sub/b.png"]), tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q",
+                                    "--threshold", "0.5", "--no-masks"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "masks").exists()
+    rows = table(out)
+    assert [(r["mask"], r["status"]) for r in rows.values()] == [("", "ok")] * 2
+    assert all(c["mask"] == "" for c in coverage(out).values())
+    for r in rows.values():
+        assert decode(r).sum() == r["face_pixels"] and len(r["boxes"]) == r["faces"]
+    # done = a row: nothing is redone, a new image is the only work
+    images(inp, ["c.png"], size=(20, 10))
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, no_masks=True, quiet=True)
+    assert (s.ok, s.skipped) == (1, 2) and not (out / "masks").exists()
+    assert {k: r for k, r in table(out).items() if k != "c.png"} == rows
+    # asking for masks later: the rows without one are done again, with their masks
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, quiet=True)
+    assert (s.ok, s.skipped) == (3, 0)
+    for r in table(out).values():
+        assert np.array_equal(decode(r), np.asarray(Image.open(out / r["mask"])) > 0)
+    # and a --no-masks run over an output with masks has nothing to do
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, no_masks=True, quiet=True)
+    assert (s.ok, s.skipped) == (0, 3)
+
+
+def test_no_masks_in_a_job_file_reaches_the_run():
+    from batchmask.jobs.spec import parse_job
+
+    job = parse_job({"name": "n", "schedule": "0 2 * * *", "input": "in", "output": "out", "no_masks": True})
+    assert job.run.no_masks is True and job.run.recorded()["no_masks"] is True
+
+
+@pytest.mark.slow
+def test_ray_workers_write_the_table_from_their_part_files(tmp_path, tiny_model_dir):
+    """The actors' part files (not the in-process path) carry mask_rle and boxes to the table."""
+    inp = images(tmp_path / "in", [f"d{k}/i{j}.png" for k in range(2) for j in range(3)])
+    out = tmp_path / "out"
+    s = run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, workers=2, shard_size=2, in_process_max=0,
+            no_masks=True, quiet=True)
+    assert (s.ok, s.run_json["plan"]["mode"]) == (6, "ray")
+    rows = table(out)
+    assert len(rows) == 6 and not (out / "masks").exists()
+    assert all(decode(r).sum() == r["face_pixels"] and len(r["boxes"]) == r["faces"] for r in rows.values())

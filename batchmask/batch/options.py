@@ -76,6 +76,8 @@ class RunOptions:
     gpus_per_worker: float = _opt(0.0, recorded=True, job=(float, int))
     #: Runs with at most this many images skip Ray.
     in_process_max: int = _opt(40, recorded=True)
+    #: No PNG masks: results.parquet (mask_rle) and coverage.csv only.
+    no_masks: bool = _opt(False, recorded=True, job=(bool,))
     # Not in run.json's options (where the model and storage are recorded otherwise, or not at all).
     #: Model directory (None: the packaged model).
     model: str | None = _opt(None, job=(str,))

@@ -363,12 +363,17 @@ def merge_parts(out: Storage) -> dict[str, dict]:
     return records
 
 
-def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False) -> set[str]:
-    """Images that need no work: ``ok`` rows whose mask exists, and ``error`` rows unless retried."""
-    masks = set(out.iter_files(MASKS)) if any(r["status"] == "ok" for r in records.values()) else set()
+def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False, masks: bool = True) -> set[str]:
+    """Images that need no work: ``ok`` rows whose mask exists, and ``error`` rows unless retried.
+
+    ``masks=False`` (``--no-masks``): every ``ok`` row is done, and ``masks/`` is not listed. With
+    masks, an ``ok`` row without one (written with ``--no-masks``) is done again, to get its mask.
+    """
+    wanted = masks and any(r["status"] == "ok" for r in records.values())
+    written = set(out.iter_files(MASKS)) if wanted else set()
     done = set()
     for k, r in records.items():
-        if r["status"] == "ok" and r["mask"] in masks or (
+        if r["status"] == "ok" and (not masks or r["mask"] in written) or (
             r["status"] == "error" and not retry_errors and not r.get("error", "").startswith(LEGACY_STORAGE_ERROR)
         ):
             done.add(k)

@@ -205,7 +205,7 @@ class _BatchRun:
         try:
             self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
             records = merge_parts(self.out)  # leftovers of an interrupted run first
-            self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors)
+            self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors, masks=not opts.no_masks)
             self.names = MaskNames(recorded_masks(records))  # an image keeps its mask path; no new image takes one
             del records
         except BaseException:
@@ -250,7 +250,7 @@ class _BatchRun:
                 else:
                     c.skipped += 1
                 continue
-            mask = self.names.assign(rel)
+            mask = "" if self.opts.no_masks else self.names.assign(rel)  # "": the worker writes no PNG
             if rel in self.done:
                 c.skipped += 1
                 continue

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 @click.option("--threshold", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Face probability threshold (default: the model's, from model.json).")
 @click.option("--overlays", is_flag=True, help="Also write overlays/<path>.jpg previews.")
+@click.option("--no-masks", is_flag=True,
+              help="Write no PNG masks: coverage.csv and results.parquet (masks as COCO RLE) only.")
 @click.option("--overwrite", is_flag=True, help="Process every image again, even those already done.")
 @click.option("--retry-errors", is_flag=True, help="Process images recorded as errors again.")
 @click.option("--address", default=None, metavar="ADDR",
