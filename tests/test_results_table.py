@@ -210,3 +210,97 @@ def test_ray_workers_write_the_table_from_their_part_files(tmp_path, tiny_model_
     rows = table(out)
     assert len(rows) == 6 and not (out / "masks").exists()
     assert all(decode(r).sum() == r["face_pixels"] and len(r["boxes"]) == r["faces"] for r in rows.values())
+
+
+def counted_regions(png: np.ndarray, image_size: int = 64) -> list[np.ndarray]:
+    """The face regions of a PNG mask that ``faces`` counts, found here independently of batchmask."""
+    from scipy import ndimage
+
+    h, w = png.shape
+    labels, n = ndimage.label(png, structure=np.ones((3, 3), bool))
+    min_area = max(16, 4 * w * h / image_size**2)
+    return [labels == k for k in range(1, n + 1) if np.count_nonzero(labels == k) >= min_area]
+
+
+def test_export_coco_loads_in_pycocotools_and_its_masks_are_the_png_masks(tmp_path, tiny_model_dir):
+    import json
+
+    from click.testing import CliRunner
+    from pycocotools.coco import COCO
+
+    from batchmask.cli import main
+
+    inp = images(tmp_path / "in", ["a.png", "sub/b.jpg"], size=(80, 60))
+    shutil.copy(next(iter(sorted(DEMO.glob("*/*.jpg")))), inp / "wider.jpg")
+    (inp / "bad.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    run(str(inp), str(out), str(tiny_model_dir), threshold=0.5, quiet=True)
+    rows = table(out)
+    res = CliRunner().invoke(main, ["export-coco", str(out), "-o", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    coco = COCO(str(tmp_path / "c.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["face"]
+    imgs = {i["file_name"]: i for i in coco.loadImgs(coco.getImgIds())}
+    assert sorted(imgs) == ["a.png", "sub/b.jpg", "wider.jpg"]  # ok rows only
+    n_ann = 0
+    for name, im in imgs.items():
+        r = rows[name]
+        assert (im["width"], im["height"]) == (r["width"], r["height"])
+        png = np.asarray(Image.open(out / r["mask"])) > 0
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[im["id"]]))
+        assert len(anns) == r["faces"]
+        want = counted_regions(png)
+        got = [coco.annToMask(a).astype(bool) for a in anns]
+        # each annotation is one counted region of the PNG (regions under the minimum area have none)
+        assert sorted(m.tobytes() for m in got) == sorted(m.tobytes() for m in want), name
+        for a, m in zip(anns, got, strict=True):
+            ys, xs = np.nonzero(m)
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert a["area"] == m.sum() and 0.5 <= a["score"] <= 1 and a["category_id"] == 1
+        n_ann += len(anns)
+    assert n_ann >= 3
+    assert f"3 images, {n_ann} face annotations" in res.output
+    # all face (threshold 0.4): one region per image, its annotation is exactly the PNG mask
+    out2 = tmp_path / "out2"
+    run(str(inp), str(out2), str(tiny_model_dir), threshold=0.4, quiet=True)
+    assert CliRunner().invoke(main, ["export-coco", str(out2)]).exit_code == 0  # default: OUT_DIR/coco.json
+    coco = COCO(str(out2 / "coco.json"))
+    for im in coco.loadImgs(coco.getImgIds()):
+        (a,) = coco.loadAnns(coco.getAnnIds(imgIds=[im["id"]]))
+        png = np.asarray(Image.open(out2 / table(out2)[im["file_name"]]["mask"])) > 0
+        assert png.all() and np.array_equal(coco.annToMask(a).astype(bool), png)
+        assert a["bbox"] == [0, 0, im["width"], im["height"]]
+    assert json.loads((out2 / "coco.json").read_text())["info"]["description"] == "batchmask face masks"
+
+
+def test_export_coco_leaves_out_rows_without_rle_and_refuses_a_folder_without_a_table(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from batchmask.cli import main
+
+    inp, out = images(tmp_path / "in", ["a.png", "b.png"]), tmp_path / "out"
+    run(str(inp), str(out), str(tiny_model_dir), threshold=0.4, quiet=True)
+    (out / "results.parquet").unlink()  # as an older version left it
+    run(str(inp), str(out), str(tiny_model_dir), threshold=0.4, quiet=True)  # table rebuilt, RLE unknown
+    images(inp, ["c.png"])
+    run(str(inp), str(out), str(tiny_model_dir), threshold=0.4, quiet=True)
+    res = CliRunner().invoke(main, ["export-coco", str(out), "-o", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    assert "1 images, 1 face annotations, 2 left out" in res.output
+    res = CliRunner().invoke(main, ["export-coco", str(inp)])
+    assert res.exit_code == 1 and "no results.parquet" in res.output and not (inp / "coco.json").exists()
+
+
+def test_the_readme_coco_snippet_reads_an_export(tmp_path, tiny_model_dir, monkeypatch):
+    from batchmask.batch.coco import export_coco
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index('coco = COCO("out/coco.json")')
+    code = readme[readme.rindex("```python", 0, start) + len("```python"): readme.index("```", start)]
+    run(str(images(tmp_path / "in", ["a.png"])), str(tmp_path / "out"), str(tiny_model_dir), threshold=0.4,
+        quiet=True)
+    assert export_coco(str(tmp_path / "out"))[1].annotations == 1
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["region"].shape == (30, 40) and scope["region"].all()
