@@ -304,3 +304,34 @@ def test_the_readme_coco_snippet_reads_an_export(tmp_path, tiny_model_dir, monke
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["region"].shape == (30, 40) and scope["region"].all()
+
+
+@pytest.mark.slow
+def test_table_and_coco_export_on_s3(s3_server, tiny_model_dir, tmp_path):
+    """results.parquet and coco.json are written through the same storage layer on S3 (SeaweedFS)."""
+    import json
+
+    from pycocotools.coco import COCO
+
+    from batchmask.batch.coco import export_coco
+
+    bucket = s3_server.new_bucket("table")
+    fs = s3_server.fs()
+    local = images(tmp_path / "in", ["a.png", "sub/b.png"])
+    for p in sorted(local.rglob("*.png")):
+        fs.pipe_file(f"{bucket}/in/{p.relative_to(local).as_posix()}", p.read_bytes())
+    creds = {"key": s3_server.key, "secret": s3_server.secret}
+    out = f"s3://{bucket}/out/"
+    s = run(f"s3://{bucket}/in/", out, str(tiny_model_dir), threshold=0.4, no_masks=True, quiet=True,
+            endpoint_url=s3_server.endpoint_url, storage_options=creds)
+    assert (s.ok, s.failed) == (2, 0)
+    assert not fs.find(f"{bucket}/out/masks/")
+    (tmp_path / "r.parquet").write_bytes(fs.cat_file(f"{bucket}/out/results.parquet"))
+    rows = {r["image"]: r for r in pq.read_table(tmp_path / "r.parquet").to_pylist()}
+    assert sorted(rows) == ["a.png", "sub/b.png"] and all(decode(r).all() for r in rows.values())
+    where, summary = export_coco(out, endpoint_url=s3_server.endpoint_url, storage_options=creds)
+    assert where == f"s3://{bucket}/out/coco.json" and (summary.images, summary.annotations) == (2, 2)
+    (tmp_path / "c.json").write_bytes(fs.cat_file(f"{bucket}/out/coco.json"))
+    coco = COCO(str(tmp_path / "c.json"))
+    assert all(coco.annToMask(a).all() for a in coco.loadAnns(coco.getAnnIds()))
+    assert s3_server.secret not in json.dumps(json.loads((tmp_path / "c.json").read_text()))
