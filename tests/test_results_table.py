@@ -335,3 +335,23 @@ def test_table_and_coco_export_on_s3(s3_server, tiny_model_dir, tmp_path):
     coco = COCO(str(tmp_path / "c.json"))
     assert all(coco.annToMask(a).all() for a in coco.loadAnns(coco.getAnnIds()))
     assert s3_server.secret not in json.dumps(json.loads((tmp_path / "c.json").read_text()))
+
+
+def test_a_row_replaced_by_a_part_file_never_keeps_the_old_rle(tmp_path):
+    """A part file without the table columns (written by an older worker) replaces the image's row:
+    its mask_rle/boxes become unknown (null), never the previous row's, which belong to another mask."""
+    from batchmask.batch.outputs import merge_parts, ok_row, part_name, rows_to_csv
+    from batchmask.batch.storage import StorageSpec
+
+    out = StorageSpec(str(tmp_path)).resolved().open()
+    r = measure(np.full((8, 8), 0.9, np.float32), 4, 4, 0.5, 8)
+    rows = [{**ok_row(n, f"masks/{n}.png", 4, 4, 16, 1, 0.9), **r.table_fields()} for n in ("a.jpg", "b.jpg")]
+    out.write_bytes(part_name("r1", 0), rows_to_csv(rows))
+    merge_parts(out)
+    assert [t["mask_rle"] for t in table(tmp_path).values()] == [r.rle()] * 2
+    out.write_bytes(part_name("r2", 0), rows_to_csv([ok_row("a.jpg", "masks/a.jpg.png", 4, 4, 0, 0, None)]))
+    merge_parts(out)
+    got = table(tmp_path)
+    assert (got["a.jpg"]["mask_rle"], got["a.jpg"]["boxes"], got["a.jpg"]["face_pixels"]) == (None, None, 0)
+    assert got["b.jpg"]["mask_rle"] == r.rle() and got["b.jpg"]["boxes"][0]["w"] == 4
+    assert not list((tmp_path / "_parts").iterdir())
