@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 @click.option("-i", "--input", "input_", required=True, metavar="PATH|s3://BUCKET/PREFIX",
               help="Folder or bucket prefix; all images below it (recursively) are processed.")
 @click.option("-o", "--output", required=True, metavar="PATH|s3://BUCKET/PREFIX",
-              help="Where masks/, coverage.csv and run.json go. Rerunning with the same output resumes.")
+              help="Where masks/, coverage.csv, results.parquet and run.json go. Rerunning with the same output resumes.")
 @click.option("-m", "--model", default=None, metavar="DIR", help="Model directory (default: the packaged model).")
 @click.option("-w", "--workers", default=RunOptions.workers, show_default=True, type=click.IntRange(min=1),
               help="Ray actors, each with its own copy of the model.")
