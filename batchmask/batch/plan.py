@@ -65,6 +65,28 @@ def runtime_used(info: dict) -> None:
     rt["version"] = versions[0] if len(versions) == 1 else (versions or None)
 
 
+#: A worker's memory, measured (docs/design.md): the process with its model loaded (MB), plus
+#: what each image of a prediction batch adds at a 512 px input (MB; it grows with the input's
+#: area). The default model, batch 8, 1024 px photos: ONNX Runtime 224 + 8 x 170 (peak 1588 MB),
+#: Keras 710 + 8 x 100 (peak 1515 MB).
+WORKER_BASE_MB = {"onnx": 250, "keras": 750}
+WORKER_PER_IMAGE_MB = {"onnx": 170, "keras": 100}
+
+
+def worker_memory_mb(runtime: str, batch_size: int, image_size: int) -> int:
+    """About how much memory one worker needs at its peak (MB)."""
+    return round(WORKER_BASE_MB[runtime] + batch_size * WORKER_PER_IMAGE_MB[runtime] * (image_size / 512) ** 2)
+
+
+def cap_workers(requested: int, node_memory: list[float], per_worker_mb: int) -> int:
+    """At most as many workers as the nodes' memory (bytes each; Ray's ``memory`` resource) holds,
+    and at least one; nodes that report no memory put no cap."""
+    if not any(node_memory):
+        return requested
+    fits = sum(int(m // (per_worker_mb * 2**20)) for m in node_memory)
+    return max(1, min(requested, fits))
+
+
 def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: int) -> int:
     """Images per shard for ``n`` images to do: every worker gets ``inflight`` shards if it can,
     no shard smaller than a batch unless that would leave a worker without work, none over ``cap``."""
@@ -138,15 +160,18 @@ def _in_process(first: list, shards: Iterator[list], counts: RunCounts, info: di
     info.setdefault("throughput", {})["startup_s"] = round(worker.startup_s, 2)
     windows: list[tuple[float, float, int]] = []
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run (in process)")
+    finished = False
     try:
         for sid, items in enumerate(chain([first], shards)):
             r = _process_with_retries(worker, sid, items, counts)
             counts.add_result(r)
             windows.append((r["start"], r["end"], r["n"]))
             bar.update(r["n"])
+        finished = True
     finally:
         bar.close()
-        worker.pool.shutdown(wait=True)
+        # Interrupted (SIGTERM, Ctrl-C) or failed: queued reads are cancelled, not waited for.
+        worker.pool.shutdown(wait=finished, cancel_futures=not finished)
         s = worker.stats()
         info["actors"] = [{"actor": "driver", "pids": [s["pid"]], "images": s["images"], "busy_s": s["busy_s"],
                            "peak_rss_mb": s["peak_rss_mb"], "startup_s": round(worker.startup_s, 2),
