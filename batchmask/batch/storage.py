@@ -303,7 +303,7 @@ class Storage:
         """botocore/aiohttp errors (not OSErrors: endpoint unreachable, timeouts) as StorageError."""
         try:
             yield
-        except (OSError, UnsafePathError):
+        except (OSError, UnsafePathError, EntryError):  # ours: the caller knows what they mean
             raise
         except Exception as exc:
             raise StorageError(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})") from exc
