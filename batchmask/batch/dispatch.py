@@ -6,8 +6,8 @@
   dispatcher and the in-process path.
 * :class:`Dispatcher` - one dispatch: its state as attributes, one method per event (actor
   ready, actor failed to answer, shard done, shard failed, shard timed out). It talks to the
-  workers through a pool (:class:`RayPool` for Ray actors; the tests use fakes), so its
-  behaviour is tested without Ray.
+  workers through a pool (:class:`~batchmask.batch.raypool.RayPool` for Ray actors; the tests
+  use fakes), so its behaviour is tested without Ray.
 
 The policy is described in :mod:`batchmask.batch.policy`. A dead actor is restarted by Ray (``ACTOR_MAX_RESTARTS`` in :mod:`batchmask.batch.runner`); the dispatcher
 waits for it with ``ready()`` and then gives it work again.
@@ -15,7 +15,6 @@ waits for it with ``ready()`` and then gives it work again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -43,8 +42,6 @@ POLL_S = 5.0
 #: stopping (Ctrl-C, SIGTERM, a failure) waits less: its actors may be busy with a shard.
 STATS_WAIT_S = 10.0
 STATS_WAIT_STOPPING_S = 2.0
-#: Phrases of Ray's death messages that put the blame on the machine (lower case).
-LOST_PHRASES = ("node has died", "node died", "running out of memory", "memory pressure", "preempted")
 #: Keys of an actor's ready() answer recorded in run.json's ``actors``.
 DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
 
@@ -131,71 +128,6 @@ class WorkerPool(Protocol):
     def is_lost(self, exc: BaseException) -> bool: ...
     def probe(self, rel: str) -> Any: ...
     def stats(self, actors: list[int], timeout: float) -> dict[int, dict]: ...
-
-
-class RayPool:
-    """:class:`WorkerPool` over Ray actors (:class:`~batchmask.batch.worker.MaskWorker`)."""
-
-    def __init__(self, actors: list, probe: Callable[[str], Any] | None = None):
-        """``probe(rel)``: starts a probe of that image (:mod:`batchmask.batch.probe`), returns its ref."""
-        import ray
-        from ray.exceptions import RayError
-
-        self.ray, self.actors, self.size, self.errors = ray, actors, len(actors), (RayError,)
-        self._probe = probe
-
-    def ready(self, i: int) -> Any:
-        return self.actors[i].ready.remote()
-
-    def process(self, i: int, sid: int, items: list) -> Any:
-        return self.actors[i].process.remote(sid, items)
-
-    def wait(self, refs: list, timeout: float) -> list:
-        return self.ray.wait(refs, num_returns=1, timeout=timeout)[0]
-
-    def get(self, ref: Any) -> Any:
-        return self.ray.get(ref)
-
-    def restart(self, i: int) -> None:
-        self.ray.kill(self.actors[i], no_restart=False)  # Ray restarts it
-
-    def is_dead(self, exc: BaseException) -> bool:
-        from ray.exceptions import RayActorError
-
-        return isinstance(exc, RayActorError)
-
-    def is_restarting(self, exc: BaseException) -> bool:
-        from ray.exceptions import ActorUnavailableError
-
-        return isinstance(exc, ActorUnavailableError)
-
-    def is_lost(self, exc: BaseException) -> bool:
-        """Ray says the machine failed: the node died or was preempted, or Ray's memory monitor
-        killed the worker. (A kernel OOM kill, a SIGKILL and a crash all look alike to Ray.)"""
-        from ray.exceptions import LocalRayletDiedError, NodeDiedError, OutOfMemoryError
-
-        if isinstance(exc, (NodeDiedError, OutOfMemoryError, LocalRayletDiedError)):
-            return True
-        if getattr(exc, "preempted", False):
-            return True
-        text = str(exc).lower()
-        return any(p in text for p in LOST_PHRASES)
-
-    def probe(self, rel: str) -> Any:
-        return self._probe(rel)
-
-    def stats(self, actors: list[int], timeout: float) -> dict[int, dict]:
-        """Each actor's stats() answer, asked of all at once; those that do not answer within
-        ``timeout`` (busy with a shard, or dead) are left out."""
-        from ray.exceptions import RayError
-
-        refs = {self.actors[i].stats.remote(): i for i in actors}
-        done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        out = {}
-        for ref in done:
-            with contextlib.suppress(RayError):
-                out[refs[ref]] = self.ray.get(ref)
-        return out
 
 
 class _NoBar:

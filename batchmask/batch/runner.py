@@ -28,7 +28,7 @@ from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import META_FILE, read_meta, resolve_model_dir
 from ..runtime import ONNX_FILE
 from ..version import __version__
-from .dispatch import Dispatcher, RayPool, RunCounts, raise_interrupt
+from .dispatch import Dispatcher, RunCounts, raise_interrupt
 from .lock import OutputLock
 from .modelcheck import check_model
 from .options import RunError, RunOptions
@@ -55,6 +55,7 @@ from .plan import (
 from .policy import INFLIGHT_PER_ACTOR
 from .probe import probe_image
 from .quiet import ray_output_hidden
+from .raypool import RayPool
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .testhooks import TEST_HOOKS
 from .worker import MaskWorker, WorkerOptions
