@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from batchmask.batch.plan import cap_workers, worker_memory_mb
+from batchmask.batch.plan import cap_workers, cgroup_memory_free, worker_memory_mb
 from batchmask.batch.probe import probe_image, verdict_of
 from batchmask.batch.storage import StorageSpec
 
@@ -73,13 +73,47 @@ def test_the_probe_sees_a_crash_and_a_kill_for_what_they_are(tmp_path, demo_wide
 
 def test_workers_are_capped_by_the_memory_of_each_node():
     per = worker_memory_mb("onnx", 8, 512)
-    assert per == 250 + 8 * 170  # the default model's measured figure (docs/design.md)
+    assert per == 250 + 8 * 175  # the default model's measured figure (docs/design.md)
     assert worker_memory_mb("onnx", 8, 64) < 300  # a small input needs little beyond the process
     gib = 2**30
     assert cap_workers(64, [7 * gib], per) == 4  # the issue's 7 GB cgroup: 4, not 64
     assert cap_workers(64, [3 * gib, 3 * gib], per) == 2  # per node: 1.5 workers fit nowhere twice
     assert cap_workers(2, [100 * gib], per) == 2 and cap_workers(5, [0.5 * gib], per) == 1
     assert cap_workers(64, [0.0], per) == 64  # no memory figure from Ray: no cap
+
+
+def test_cgroup_memory_free_reads_v1_and_v2_limits_and_their_parents(tmp_path):
+    proc = tmp_path / "cgroup"
+    v1 = tmp_path / "memory" / "outer" / "inner"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text("100")
+    (v1.parent / "memory.limit_in_bytes").write_text("5000")  # the parent's limit applies
+    (v1.parent / "memory.usage_in_bytes").write_text("1000")
+    proc.write_text("4:memory:/outer/inner\n1:cpu:/\n")
+    assert cgroup_memory_free(str(proc), str(tmp_path)) == 4000
+    v2 = tmp_path / "job"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "memory.current").write_text("7")
+    proc.write_text("0::/job\n")
+    assert cgroup_memory_free(str(proc), str(tmp_path)) is None
+
+
+def test_a_run_confined_to_a_memory_cgroup_sees_its_limit():
+    """In a real cgroup of 1 GB: what Ray cannot see below the mount's root (docs/design.md)."""
+    cg = _memory_cgroup(1 << 30)
+    if cg is None:
+        pytest.skip("no writable memory cgroup here (needs root and cgroup v1 or v2's memory controller)")
+    d, _ = cg
+    try:
+        p = subprocess.run([sys.executable, "-c", "from batchmask.batch.plan import cgroup_memory_free as f; "
+                            "print(f())"], capture_output=True, text=True, timeout=120,
+                           preexec_fn=lambda: (d / "cgroup.procs").write_text(str(os.getpid())))
+    finally:
+        d.rmdir()
+    assert p.returncode == 0, p.stderr
+    assert 0 < float(p.stdout) < 1 << 30
 
 
 # ----------------------------------------------------------------------------- with Ray (slow)
@@ -166,6 +200,7 @@ def test_workers_beyond_the_clusters_memory_are_not_started(tmp_path, demo_wider
     per = worker_memory_mb("onnx", 8, 64)
     assert s.run_json["ray"]["workers"] == 600 // per == len(s.run_json["actors"])
     assert s.run_json["ray"]["memory_per_worker_mb"] == per
+    assert s.run_json["plan"]["shard_size"] == 3  # planned for 8 workers (1), cut for the 2 that started
     lines = [r.getMessage() for r in caplog.records if "capped" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"--workers 8 capped to {600 // per}: each worker needs about")
 

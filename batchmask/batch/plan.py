@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from itertools import chain, islice
+from pathlib import Path
 from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
@@ -67,10 +68,11 @@ def runtime_used(info: dict) -> None:
 
 #: A worker's memory, measured (docs/design.md): the process with its model loaded (MB), plus
 #: what each image of a prediction batch adds at a 512 px input (MB; it grows with the input's
-#: area). The default model, batch 8, 1024 px photos: ONNX Runtime 224 + 8 x 170 (peak 1588 MB),
-#: Keras 710 + 8 x 100 (peak 1515 MB).
+#: area). The default model, batch 8, 1024 px photos: ONNX Runtime 224 MB loaded, peak 1588 MB
+#: alone and 1650 MB with 3 others in a 7 GB cgroup (so 250 + 8 x 175); Keras 710 + 8 x 100
+#: (peak 1515 MB).
 WORKER_BASE_MB = {"onnx": 250, "keras": 750}
-WORKER_PER_IMAGE_MB = {"onnx": 170, "keras": 100}
+WORKER_PER_IMAGE_MB = {"onnx": 175, "keras": 100}
 
 
 def worker_memory_mb(runtime: str, batch_size: int, image_size: int) -> int:
@@ -87,6 +89,37 @@ def cap_workers(requested: int, node_memory: list[float], per_worker_mb: int) ->
     return max(1, min(requested, fits))
 
 
+def cgroup_memory_free(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """Bytes this process's memory cgroups (its own and their parents, v1 or v2) still allow, or
+    None without a limit. Ray reads only the limit at the cgroup mount's root, so a run confined
+    to a cgroup below it (``systemd-run -p MemoryMax=``, a nested container) would see the host's."""
+    free: list[float] = []
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base, limit_f, usage_f = Path(root), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            base, limit_f, usage_f = Path(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        d = base / path.lstrip("/")
+        while True:
+            try:
+                limit = (d / limit_f).read_text().strip()
+                if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                    free.append(max(0.0, int(limit) - int((d / usage_f).read_text())))
+            except (OSError, ValueError):
+                pass
+            if d == base:
+                break
+            d = d.parent
+    return min(free) if free else None
+
+
 def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: int) -> int:
     """Images per shard for ``n`` images to do: every worker gets ``inflight`` shards if it can,
     no shard smaller than a batch unless that would leave a worker without work, none over ``cap``."""
@@ -95,8 +128,25 @@ def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: in
     return max(1, min(cap, max(even, floor)))
 
 
+class Shards:
+    """The run's shards, cut from the listing as they are handed out: ``size`` may change on the way
+    (fewer workers than planned started: fewer, larger shards)."""
+
+    def __init__(self, items: Iterator[tuple[str, str]], size: int):
+        self._items, self.size = items, size
+
+    def __iter__(self) -> Shards:
+        return self
+
+    def __next__(self) -> list:
+        shard = list(islice(self._items, self.size))
+        if not shard:
+            raise StopIteration
+        return shard
+
+
 def plan_shards(items: Iterator[tuple[str, str]], counts: RunCounts, workers: int, batch_size: int,
-                shard_size: int, inflight: int) -> tuple[Iterator[list], int | None, int]:
+                shard_size: int, inflight: int) -> tuple[Shards, int | None, int]:
     """(shards, number of images to do if the listing ended early, shard size).
 
     ``counts.listed_all`` says whether ``items`` has ended (the listing sets it).
@@ -108,7 +158,7 @@ def plan_shards(items: Iterator[tuple[str, str]], counts: RunCounts, workers: in
     n = len(head) if counts.listed_all else None
     size = shard_size if n is None else shard_size_for(n, workers, batch_size, shard_size, inflight)
     rest = chain(head, items)
-    return iter(lambda: list(islice(rest, size)), []), n, size
+    return Shards(rest, size), n, size
 
 
 def ray_address(address: str | None) -> str | None:

@@ -43,13 +43,16 @@ from .outputs import (
     rows_to_csv,
 )
 from .plan import (
+    Shards,
     cap_workers,
+    cgroup_memory_free,
     execute_in_process,
     in_process_reason,
     plan_shards,
     prepare_model_files,
     ray_address,
     runtime_used,
+    shard_size_for,
     worker_memory_mb,
 )
 from .policy import INFLIGHT_PER_ACTOR
@@ -372,7 +375,7 @@ def _bounded(fn, what: str) -> None:
         raise errors[0]
 
 
-def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], wopts: WorkerOptions) -> None:
+def _execute(batch: _BatchRun, shards: Shards, files: dict[str, bytes], wopts: WorkerOptions) -> None:
     """Start (or join) Ray, start the actors, dispatch ``batch.first`` and ``shards``; always stop what was started."""
     import ray
     from tqdm import tqdm
@@ -387,6 +390,7 @@ def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], 
     try:
         # The model's ref stays alive here until the dispatch ends: restarted actors fetch it again.
         actors, model_ref, probe = _start_actors(batch, files, wopts, owns_ray)
+        _reshard(batch, shards, len(actors))
         bar = tqdm(total=None, unit="img", disable=opts.quiet, dynamic_ncols=True, desc="batchmask run")
         Dispatcher(RayPool(actors, probe), batch.first, shards, batch.counts, batch.info,
                    shard_timeout=opts.shard_timeout, t0=t0, bar=bar).run()
@@ -399,6 +403,14 @@ def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], 
             signal.signal(signal.SIGTERM, old_term)
         if owns_ray:
             ray.shutdown()
+
+
+def _reshard(batch: _BatchRun, shards: Shards, workers: int) -> None:
+    """Shards sized for the workers that really started, when the memory cap started fewer."""
+    n, opts = batch.info["plan"]["images_to_do"], batch.opts
+    if n and workers < opts.workers:
+        shards.size = shard_size_for(n, workers, opts.batch_size, opts.shard_size, INFLIGHT_PER_ACTOR)
+        batch.info["plan"]["shard_size"] = shards.size
 
 
 def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOptions,
@@ -420,6 +432,9 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
     if wopts.gpus > cluster_gpus:
         raise RunError(f"--gpus-per-worker {wopts.gpus:g}, but the Ray cluster has {cluster_gpus:g} GPUs")
     node_memory = [float(n["Resources"].get("memory", 0)) for n in nodes]
+    confined = cgroup_memory_free() if owns_ray else None  # a Ray of our own runs in our cgroup
+    if confined is not None and len(node_memory) == 1:
+        node_memory = [min(node_memory[0], confined) if node_memory[0] else confined]
     workers, per_mb = _capped_workers(opts.workers, files, wopts, node_memory)
     per, threads = _plan_cpus(workers, node_cpus)
     if per < 1:
@@ -463,7 +478,7 @@ def _capped_workers(requested: int, files: dict[str, bytes], wopts: WorkerOption
     per_mb = worker_memory_mb(runtime, wopts.batch_size, _image_size(files))
     workers = cap_workers(requested, node_memory, per_mb)
     if workers < requested:
-        log.warning("--workers %d capped to %d: each worker needs about %d MB (%s, batch %d) and the Ray cluster "
-                    "has %.1f GB of memory for workers", requested, workers, per_mb, runtime, wopts.batch_size,
+        log.warning("--workers %d capped to %d: each worker needs about %d MB (%s, batch %d) and there is %.1f GB "
+                    "of memory for workers", requested, workers, per_mb, runtime, wopts.batch_size,
                     sum(node_memory) / 2**30)
     return workers, per_mb
