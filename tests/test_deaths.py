@@ -169,7 +169,7 @@ def test_a_worker_killed_from_outside_every_time_leaves_the_image_for_the_next_r
     killer = _Killer(tmp_path / "pids")
     monkeypatch.setenv("BATCHMASK_TEST_KILL_ON", f"victim:{killer.dir}")
     try:
-        with pytest.raises(RunError, match=r"1 images left for the next run \(c-victim.jpg\)"):
+        with pytest.raises(RunError, match=r"1 image left for the next run \(c-victim.jpg\)"):
             run(str(inp), str(out), str(tiny_model_dir), workers=1, batch_size=3, shard_size=3, quiet=True,
                 in_process_max=0)
     finally:
@@ -273,7 +273,7 @@ def test_the_kernel_oom_killer_never_writes_an_error_row(tmp_path, demo_wider, t
     assert p.returncode == 1, p.stderr[-3000:]
     assert kills >= 3, (kills, p.stderr[-3000:])  # the shard, its retry, the image alone (and the probe)
     last = [x for x in p.stderr.splitlines() if x.strip()][-1]
-    assert last.startswith("Error: 1 images left for the next run (c-victim.jpg)"), p.stderr[-3000:]
+    assert last.startswith("Error: 1 image left for the next run (c-victim.jpg)"), p.stderr[-3000:]
     rows = _rows(out)
     assert "c-victim.jpg" not in rows and all(r["status"] == "ok" for r in rows.values()) and len(rows) == 5
     p2 = subprocess.run([BATCHMASK, "run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q"],

@@ -252,7 +252,7 @@ def test_a_death_the_probe_does_not_pin_on_the_image_leaves_it_for_the_next_run(
     pool = FakePool(2, clock, behave=lambda items, n: "die" if any(rel == victim for rel, _ in items) else "ok",
                     probe=lambda rel: verdict)
     d, counts, info = dispatch(pool, shards_of(12, 4), clock)
-    with pytest.raises(RunError, match=r"1 images left for the next run \(img005.jpg\).*not by the image"):
+    with pytest.raises(RunError, match=r"1 image left for the next run \(img005.jpg\).*not by the image"):
         d.run()
     assert (counts.ok, counts.failed, counts.left, counts.rows) == (11, 0, 1, [])
     assert pool.probed == [victim] and "failed_shards" not in info

@@ -93,7 +93,8 @@ def steady_rate(windows: list[tuple[float, float, int]], t_ready: float | None) 
 def left_message(left: list[str]) -> str:
     """The run's last line when images were left for the next run."""
     some = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
-    return (f"{len(left)} images left for the next run ({some}): their worker was killed each time, not by "
+    n = f"{len(left)} image{'s' if len(left) != 1 else ''}"
+    return (f"{n} left for the next run ({some}): their worker was killed each time, not by "
             "the image (out of memory, a signal from outside, a lost node); everything else is done, rerun to "
             "finish them")
 
