@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,15 @@ def test_read_bytes_refuses_special_and_oversized_files_before_reading(tmp_path)
         f.truncate(10_000)
     st = Storage(StorageSpec(str(tmp_path)))
     assert st.read_bytes("ok.jpg", 10_000) == (tmp_path / "ok.jpg").read_bytes()
+    # A writer waiting for a reader: had read_bytes opened the FIFO, the writer's open() would return.
+    writer = threading.Thread(target=lambda: os.close(os.open(tmp_path / "pipe.jpg", os.O_WRONLY)), daemon=True)
+    writer.start()
     with pytest.raises(EntryError, match="not a regular file \\(a FIFO\\)"):
-        st.read_bytes("pipe.jpg", 10_000)  # returns at once: a FIFO is never waited on
+        st.read_bytes("pipe.jpg", 10_000)  # returns at once: a FIFO is never opened, never waited on
+    writer.join(0.5)
+    assert writer.is_alive()  # still waiting: nobody opened the FIFO
+    os.close(os.open(tmp_path / "pipe.jpg", os.O_RDONLY | os.O_NONBLOCK))  # let it go
+    writer.join(5)
     with pytest.raises(EntryError, match="a character device"):
         st.read_bytes("zero.jpg", 10_000)
     with pytest.raises(EntryError, match="10000 bytes, over the limit of 9999 \\(--max-bytes\\)"):

@@ -317,14 +317,16 @@ class Storage:
                     _check_size(rel, int(self.fs.info(self.full(rel)).get("size") or 0), max_bytes)
                 data = self.fs.cat_file(self.full(rel))
         else:
-            # O_NONBLOCK: opening a FIFO with no writer returns at once instead of blocking this
-            # thread (and a run's shutdown) forever; fstat then says what the entry really is.
-            fd = os.open(self.full(rel), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            path = self.full(rel)
+            if max_bytes is not None:  # a FIFO or a device is never opened (opening one has effects)
+                _check_regular(rel, os.stat(path).st_mode)
+            # O_NONBLOCK: should it have become a FIFO since, opening it returns at once instead of
+            # blocking this thread (and a run's shutdown) forever; fstat checks the file opened.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             with open(fd, "rb") as f:
                 st = os.fstat(fd)
-                if max_bytes is not None and not stat.S_ISREG(st.st_mode):
-                    raise EntryError(f"{rel}: not a regular file ({_file_kind(st.st_mode)}); not read")
                 if max_bytes is not None:
+                    _check_regular(rel, st.st_mode)
                     _check_size(rel, st.st_size, max_bytes)
                 data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         if max_bytes is not None and len(data) > max_bytes:  # it grew since its size was read
@@ -411,6 +413,11 @@ class Storage:
 def _check_size(rel: str, size: int, max_bytes: int) -> None:
     if size > max_bytes:
         raise EntryError(f"{rel}: {size} bytes, over the limit of {max_bytes} (--max-bytes); not read")
+
+
+def _check_regular(rel: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise EntryError(f"{rel}: not a regular file ({_file_kind(mode)}); not read")
 
 
 def _file_kind(mode: int) -> str:
