@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -118,6 +119,28 @@ def cgroup_memory_free(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys
                 break
             d = d.parent
     return min(free) if free else None
+
+
+def model_image_size(files: dict[str, bytes]) -> int:
+    """The model's input size, from the ``model.json`` among its files."""
+    return int(json.loads(files[META_FILE])["model"]["image_size"])
+
+
+def capped_workers(requested: int, files: dict[str, bytes], batch_size: int, node_memory: list[float],
+                   own_ray: bool) -> tuple[int, int]:
+    """(workers, MB per worker): ``requested``, or fewer when the nodes' memory (bytes each) cannot
+    hold them, with one warning. ``own_ray``: the run started this (one-node) Ray, inside its cgroup."""
+    confined = cgroup_memory_free() if own_ray else None
+    if confined is not None and len(node_memory) == 1:
+        node_memory = [min(node_memory[0], confined) if node_memory[0] else confined]
+    runtime = "onnx" if ONNX_FILE in files else "keras"
+    per_mb = worker_memory_mb(runtime, batch_size, model_image_size(files))
+    workers = cap_workers(requested, node_memory, per_mb)
+    if workers < requested:
+        log.warning("--workers %d capped to %d: each worker needs about %d MB (%s, batch %d) and there is %.1f GB "
+                    "of memory for workers", requested, workers, per_mb, runtime, batch_size,
+                    sum(node_memory) / 2**30)
+    return workers, per_mb
 
 
 def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: int) -> int:

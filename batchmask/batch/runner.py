@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 from ..data import IMAGE_EXTENSIONS
 from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
-from ..inference import META_FILE, read_meta, resolve_model_dir
-from ..runtime import ONNX_FILE
+from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RunCounts, raise_interrupt
 from .lock import OutputLock
@@ -44,16 +43,15 @@ from .outputs import (
 )
 from .plan import (
     Shards,
-    cap_workers,
-    cgroup_memory_free,
+    capped_workers,
     execute_in_process,
     in_process_reason,
+    model_image_size,
     plan_shards,
     prepare_model_files,
     ray_address,
     runtime_used,
     shard_size_for,
-    worker_memory_mb,
 )
 from .policy import INFLIGHT_PER_ACTOR
 from .probe import probe_image
@@ -432,10 +430,7 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
     if wopts.gpus > cluster_gpus:
         raise RunError(f"--gpus-per-worker {wopts.gpus:g}, but the Ray cluster has {cluster_gpus:g} GPUs")
     node_memory = [float(n["Resources"].get("memory", 0)) for n in nodes]
-    confined = cgroup_memory_free() if owns_ray else None  # a Ray of our own runs in our cgroup
-    if confined is not None and len(node_memory) == 1:
-        node_memory = [min(node_memory[0], confined) if node_memory[0] else confined]
-    workers, per_mb = _capped_workers(opts.workers, files, wopts, node_memory)
+    workers, per_mb = capped_workers(opts.workers, files, wopts.batch_size, node_memory, owns_ray)
     per, threads = _plan_cpus(workers, node_cpus)
     if per < 1:
         log.warning("%d workers > %g CPUs in the cluster: each actor gets %.2f CPU (fractional) and 1 thread",
@@ -463,22 +458,5 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
     # Probes are short and run beside the actors, which hold every CPU: no CPU of their own.
     remote_probe = ray.remote(probe_image).options(num_cpus=0, max_retries=0, runtime_env={"env_vars": env})
     settings = {"max_bytes": wopts.max_bytes, "max_pixels": wopts.max_pixels, "draft": wopts.draft,
-                "image_size": _image_size(files)}
+                "image_size": model_image_size(files)}
     return actors, blob, lambda rel: remote_probe.remote(batch.in_spec, rel, settings)
-
-
-def _image_size(files: dict[str, bytes]) -> int:
-    return int(json.loads(files[META_FILE])["model"]["image_size"])
-
-
-def _capped_workers(requested: int, files: dict[str, bytes], wopts: WorkerOptions,
-                    node_memory: list[float]) -> tuple[int, int]:
-    """(workers, MB per worker): ``requested``, or fewer when the cluster's memory cannot hold them."""
-    runtime = "onnx" if ONNX_FILE in files else "keras"
-    per_mb = worker_memory_mb(runtime, wopts.batch_size, _image_size(files))
-    workers = cap_workers(requested, node_memory, per_mb)
-    if workers < requested:
-        log.warning("--workers %d capped to %d: each worker needs about %d MB (%s, batch %d) and there is %.1f GB "
-                    "of memory for workers", requested, workers, per_mb, runtime, wopts.batch_size,
-                    sum(node_memory) / 2**30)
-    return workers, per_mb
