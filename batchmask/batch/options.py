@@ -64,6 +64,8 @@ class RunOptions:
     retry_errors: bool = _opt(False, recorded=True)
     #: Images with more pixels are error rows.
     max_pixels: int = _opt(50_000_000, recorded=True)
+    #: Files (objects) larger than this are error rows, never read.
+    max_bytes: int = _opt(256 * 1024 * 1024, recorded=True, job=(int,))
     #: Local paths are the same on every node.
     shared_fs: bool = _opt(False, recorded=True)
     #: JPEG draft-mode decoding.
@@ -115,7 +117,7 @@ class RunOptions:
             if name in values and values[name] is not None and not ok(values[name]):
                 out.append((name, why))
 
-        for name in ("workers", "batch_size", "shard_size", "max_pixels"):
+        for name in ("workers", "batch_size", "shard_size", "max_pixels", "max_bytes"):
             check(name, lambda v: v >= 1, "must be at least 1")
         check("threshold", lambda v: 0.0 < float(v) < 1.0, "must be between 0 and 1 (exclusive)")
         check("shard_timeout", lambda v: v > 0, "must be more than 0 seconds")

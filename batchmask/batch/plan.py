@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from itertools import chain, islice
+from pathlib import Path
 from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
@@ -67,6 +69,82 @@ def runtime_used(info: dict) -> None:
     rt["version"] = versions[0] if len(versions) == 1 else (versions or None)
 
 
+#: A worker's memory, measured (docs/design.md): the process with its model loaded (MB), plus
+#: what each image of a prediction batch adds at a 512 px input (MB; it grows with the input's
+#: area). The default model, batch 8, 1024 px photos: ONNX Runtime 224 MB loaded, peak 1588 MB
+#: alone and 1650 MB with 3 others in a 7 GB cgroup (so 250 + 8 x 175); Keras 710 + 8 x 100
+#: (peak 1515 MB).
+WORKER_BASE_MB = {"onnx": 250, "keras": 750}
+WORKER_PER_IMAGE_MB = {"onnx": 175, "keras": 100}
+
+
+def worker_memory_mb(runtime: str, batch_size: int, image_size: int) -> int:
+    """About how much memory one worker needs at its peak (MB)."""
+    return round(WORKER_BASE_MB[runtime] + batch_size * WORKER_PER_IMAGE_MB[runtime] * (image_size / 512) ** 2)
+
+
+def cap_workers(requested: int, node_memory: list[float], per_worker_mb: int) -> int:
+    """At most as many workers as the nodes' memory (bytes each; Ray's ``memory`` resource) holds,
+    and at least one; nodes that report no memory put no cap."""
+    if not any(node_memory):
+        return requested
+    fits = sum(int(m // (per_worker_mb * 2**20)) for m in node_memory)
+    return max(1, min(requested, fits))
+
+
+def cgroup_memory_free(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """Bytes this process's memory cgroups (its own and their parents, v1 or v2) still allow, or
+    None without a limit. Ray reads only the limit at the cgroup mount's root, so a run confined
+    to a cgroup below it (``systemd-run -p MemoryMax=``, a nested container) would see the host's."""
+    free: list[float] = []
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base, limit_f, usage_f = Path(root), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            base, limit_f, usage_f = Path(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        d = base / path.lstrip("/")
+        while True:
+            try:
+                limit = (d / limit_f).read_text().strip()
+                if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                    free.append(max(0.0, int(limit) - int((d / usage_f).read_text())))
+            except (OSError, ValueError):
+                pass
+            if d == base:
+                break
+            d = d.parent
+    return min(free) if free else None
+
+
+def model_image_size(files: dict[str, bytes]) -> int:
+    """The model's input size, from the ``model.json`` among its files."""
+    return int(json.loads(files[META_FILE])["model"]["image_size"])
+
+
+def capped_workers(requested: int, files: dict[str, bytes], batch_size: int, node_memory: list[float],
+                   own_ray: bool) -> tuple[int, int]:
+    """(workers, MB per worker): ``requested``, or fewer when the nodes' memory (bytes each) cannot
+    hold them, with one warning. ``own_ray``: the run started this (one-node) Ray, inside its cgroup."""
+    confined = cgroup_memory_free() if own_ray else None
+    if confined is not None and len(node_memory) == 1:
+        node_memory = [min(node_memory[0], confined) if node_memory[0] else confined]
+    runtime = "onnx" if ONNX_FILE in files else "keras"
+    per_mb = worker_memory_mb(runtime, batch_size, model_image_size(files))
+    workers = cap_workers(requested, node_memory, per_mb)
+    if workers < requested:
+        log.warning("--workers %d capped to %d: each worker needs about %d MB (%s, batch %d) and there is %.1f GB "
+                    "of memory for workers", requested, workers, per_mb, runtime, batch_size,
+                    sum(node_memory) / 2**30)
+    return workers, per_mb
+
+
 def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: int) -> int:
     """Images per shard for ``n`` images to do: every worker gets ``inflight`` shards if it can,
     no shard smaller than a batch unless that would leave a worker without work, none over ``cap``."""
@@ -75,8 +153,25 @@ def shard_size_for(n: int, workers: int, batch_size: int, cap: int, inflight: in
     return max(1, min(cap, max(even, floor)))
 
 
+class Shards:
+    """The run's shards, cut from the listing as they are handed out: ``size`` may change on the way
+    (fewer workers than planned started: fewer, larger shards)."""
+
+    def __init__(self, items: Iterator[tuple[str, str]], size: int):
+        self._items, self.size = items, size
+
+    def __iter__(self) -> Shards:
+        return self
+
+    def __next__(self) -> list:
+        shard = list(islice(self._items, self.size))
+        if not shard:
+            raise StopIteration
+        return shard
+
+
 def plan_shards(items: Iterator[tuple[str, str]], counts: RunCounts, workers: int, batch_size: int,
-                shard_size: int, inflight: int) -> tuple[Iterator[list], int | None, int]:
+                shard_size: int, inflight: int) -> tuple[Shards, int | None, int]:
     """(shards, number of images to do if the listing ended early, shard size).
 
     ``counts.listed_all`` says whether ``items`` has ended (the listing sets it).
@@ -88,7 +183,7 @@ def plan_shards(items: Iterator[tuple[str, str]], counts: RunCounts, workers: in
     n = len(head) if counts.listed_all else None
     size = shard_size if n is None else shard_size_for(n, workers, batch_size, shard_size, inflight)
     rest = chain(head, items)
-    return iter(lambda: list(islice(rest, size)), []), n, size
+    return Shards(rest, size), n, size
 
 
 def ray_address(address: str | None) -> str | None:
@@ -140,15 +235,18 @@ def _in_process(first: list, shards: Iterator[list], counts: RunCounts, info: di
     info.setdefault("throughput", {})["startup_s"] = round(worker.startup_s, 2)
     windows: list[tuple[float, float, int]] = []
     bar = tqdm(total=None, unit="img", disable=quiet, dynamic_ncols=True, desc="batchmask run (in process)")
+    finished = False
     try:
         for sid, items in enumerate(chain([first], shards)):
             r = _process_with_retries(worker, sid, items, counts)
             counts.add_result(r)
             windows.append((r["start"], r["end"], r["n"]))
             bar.update(r["n"])
+        finished = True
     finally:
         bar.close()
-        worker.pool.shutdown(wait=True)
+        # Interrupted (SIGTERM, Ctrl-C) or failed: queued reads are cancelled, not waited for.
+        worker.pool.shutdown(wait=finished, cancel_futures=not finished)
         s = worker.stats()
         info["actors"] = [{"actor": "driver", "pids": [s["pid"]], "images": s["images"], "busy_s": s["busy_s"],
                            "peak_rss_mb": s["peak_rss_mb"], "startup_s": round(worker.startup_s, 2),

@@ -8,6 +8,7 @@ next batch is predicted, and finally writes the shard's rows as one part file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -34,8 +35,13 @@ from .outputs import (
     part_name,
     rows_to_csv,
 )
-from .storage import StorageSpec, check_rel
+from .storage import EntryError, StorageSpec, UnsafePathError, check_rel
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
+
+#: What makes an image its own error row: the decoder's errors (as DataError), a name that cannot
+#: be read or written, a special or oversized file. Not ValueError at large: a bug in our code
+#: must fail the shard, not mark a whole folder as errors.
+IMAGE_ERRORS = (DataError, UnsafePathError, EntryError)
 
 
 @dataclass
@@ -47,6 +53,7 @@ class WorkerOptions:
     threshold: float | None = RunOptions.threshold
     overlays: bool = RunOptions.overlays
     max_pixels: int = RunOptions.max_pixels
+    max_bytes: int = RunOptions.max_bytes
     threads: int = 1
     io_threads: int = 2
     draft: bool = RunOptions.draft
@@ -59,7 +66,8 @@ class WorkerOptions:
     @classmethod
     def of(cls, options: RunOptions, run_id: str) -> WorkerOptions:
         return cls(batch_size=options.batch_size, threshold=options.threshold, overlays=options.overlays,
-                   max_pixels=options.max_pixels, run_id=run_id, draft=options.draft, runtime=options.runtime,
+                   max_pixels=options.max_pixels, max_bytes=options.max_bytes, run_id=run_id, draft=options.draft,
+                   runtime=options.runtime,
                    gpus=options.gpus_per_worker)
 
 
@@ -197,20 +205,28 @@ class MaskWorker:
         try:
             check_rel(rel)
             check_rel(mask)
+            self.out.check_name(mask)
+            if self.opts.overlays:
+                self.out.check_name(overlay_rel(rel))
             self.hooks.image(rel)
-            data = self.inp.read_bytes(rel)
+            data = self.inp.read_bytes(rel, self.opts.max_bytes)
             if self.opts.overlays:
                 d.data = data
             d.x, d.width, d.height = decode_for_model(
                 data, self.model.image_size, self.opts.max_pixels, rel, self.opts.draft
             )
-        except (DataError, ValueError) as exc:
+        except IMAGE_ERRORS as exc:
             d.error = str(exc)
             d.width, d.height = getattr(exc, "size", None) or (0, 0)  # the header's, when it was read
-        except (FileNotFoundError, IsADirectoryError) as exc:  # this image only (e.g. deleted since listed)
-            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"
-        # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors) fails the
-        # shard, and then the run, instead of recording every image as a permanent error row.
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:  # this entry only
+            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"  # e.g. deleted since listed
+        except OSError as exc:
+            if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO):  # this name, or a socket
+                raise
+            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc.strerror or exc})"
+        # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors, and bugs: a
+        # ValueError from our own code) fails the shard, and then the run, instead of recording
+        # every image as a permanent error row.
         return d
 
     def _finish(self, d: Decoded, prob: np.ndarray) -> dict:
@@ -220,8 +236,12 @@ class MaskWorker:
             if self.opts.overlays:
                 self.out.write_bytes(overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
                 d.data = None
-        except (MemoryError, ValueError, DataError) as exc:  # the image's own problem (too big for memory)
+        except (MemoryError, DataError) as exc:  # the image's own problem (too big for memory)
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            return error_row(d.rel, f"cannot write its mask ({exc.strerror}: {d.mask})", d.width, d.height)
         # Anything else (disk full, permission denied, storage unreachable) is the run's problem, not
         # the image's: it fails the shard, and then the run, and the image is done next time.
         return ok_row(d.rel, d.mask, d.width, d.height, face_pixels, faces, conf)

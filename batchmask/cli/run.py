@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
               help="Local paths are visible at the same path on every node of a multi-node cluster.")
 @click.option("--max-pixels", default=RunOptions.max_pixels, show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels are error rows (decompression-bomb guard).")
+@click.option("--max-bytes", default=RunOptions.max_bytes, show_default=True, type=click.IntRange(min=1),
+              help="Files (objects) larger than this are error rows, never read (checked before reading).")
 @click.option("--shard-size", default=RunOptions.shard_size, show_default=True, type=click.IntRange(min=1),
               help="Images per unit of work handed to an actor.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=RunOptions.runtime, show_default=True,
