@@ -184,7 +184,7 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
     :mod:`batchmask.runtime`). A model that cannot be exported to ONNX loads with Keras.
     ``threads``: ONNX Runtime intra-op threads (0: its default, all cores).
     """
-    from .runtime import cached_onnx, make_session, wants_onnx
+    from .runtime import cached_onnx_session, wants_onnx
 
     model_dir = resolve_model_dir(path)
     meta = read_meta(model_dir)
@@ -193,9 +193,9 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
             f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
         )
     if wants_onnx(runtime):
-        found = cached_onnx(model_dir)
+        found = cached_onnx_session(model_dir, threads)
         if found is not None:
-            m = FaceMaskModel(None, meta, model_dir, make_session(str(found[0]), threads))
+            m = FaceMaskModel(None, meta, model_dir, found[0])
             m.runtime_info = found[1]
             return m
     import keras  # deferred: importing Keras starts the backend

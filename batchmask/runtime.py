@@ -103,18 +103,20 @@ def cache_dir() -> Path:
 def cached_onnx(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """The ONNX file for ``model_dir/model.keras`` and its export record, exporting it if needed.
 
-    Returns None (after one warning) when the model cannot be exported or the export does not
-    match Keras; the caller then uses Keras.
+    A cache entry is used only when the ``.onnx`` file's own SHA-256 is the one its record
+    wrote at export time (a truncated file, or another model's file copied over it, is exported
+    again, with one warning naming the file). Returns None (after one warning) when the model
+    cannot be exported or the export does not match Keras; the caller then uses Keras.
     """
     keras_file = Path(model_dir) / MODEL_FILE
     sha = file_sha256(keras_file)
     d = cache_dir() / "onnx"
     path, record_path = d / f"{sha}.onnx", d / f"{sha}.json"
     if path.is_file() and record_path.is_file():
-        try:
+        problem = _cache_entry_problem(path, record_path)
+        if problem is None:
             return path, {**json.loads(record_path.read_text()), "cached": True}
-        except ValueError:
-            pass  # a damaged record: export again
+        log.warning("the cached ONNX file %s %s; exporting %s again", path, problem, keras_file)
     try:
         record = export_onnx(keras_file, path)
     except Exception as exc:  # noqa: BLE001 - any failure means "use Keras", said once
@@ -126,6 +128,25 @@ def cached_onnx(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | N
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, record_path)
     return path, {**record, "cached": False}
+
+
+def _cache_entry_problem(path: Path, record_path: Path) -> str | None:
+    """Why a cache entry cannot be used (damaged record, no hash, hash mismatch), or None."""
+    try:
+        want = json.loads(record_path.read_text()).get("onnx_sha256")
+    except (ValueError, AttributeError):
+        return f"has a damaged record ({record_path.name})"
+    if not want:  # written by an older batchmask: no hash to check the file against
+        return "has no recorded hash"
+    if file_sha256(path) != want:
+        return "does not match its recorded hash (damaged, or another model's file)"
+    return None
+
+
+def drop_cached_onnx(path: Path) -> None:
+    """Remove a cache entry (its ``.onnx`` and record) that failed to load, so the next use exports again."""
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
 
 
 def export_onnx(keras_file: Path, dest: Path) -> dict[str, Any]:
@@ -147,10 +168,12 @@ def export_onnx(keras_file: Path, dest: Path) -> dict[str, Any]:
         diff = float(np.max(np.abs(got - ref)))
         if not diff <= PARITY_TOL:
             raise ValueError(f"the ONNX export differs from Keras by up to {diff:.2g} (> {PARITY_TOL:g})")
+        onnx_sha = file_sha256(tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     record = {"export_s": round(time.time() - t0, 2), "parity_max_abs_diff": diff, "parity_inputs": len(x),
+              "onnx_sha256": onnx_sha,
               "keras_version": keras.__version__, "keras_backend": keras.backend.backend(),
               "onnxruntime": onnxruntime_version()}
     log.info("exported %s to ONNX in %.1f s (max |p_onnx - p_keras| = %.2g); cached as %s",
@@ -165,6 +188,29 @@ def parity_inputs(size: int, channels: int = 3) -> np.ndarray:
     x = rng.uniform(0, 255, (PARITY_INPUTS, size, size, channels)).astype(np.float32)
     x[-1] = 128.0
     return x
+
+
+def cached_onnx_session(model_dir: str | os.PathLike, threads: int, gpu: bool = False):
+    """(session, export record) for the model's cached ONNX file, or None: use Keras.
+
+    A cache file that ONNX Runtime cannot load is dropped and exported once more (one warning
+    naming the file); if that fails too, the caller uses Keras (one more warning).
+    """
+    for attempt in (1, 2):
+        found = cached_onnx(model_dir)
+        if found is None:
+            return None
+        path, record = found
+        try:
+            return make_session(str(path), threads, gpu), record
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+            why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
+            drop_cached_onnx(path)
+            if attempt == 2:
+                log.warning("cannot load the ONNX file %s (%s); using Keras", path, why)
+                return None
+            log.warning("cannot load the cached ONNX file %s (%s); exporting again", path, why)
+    return None
 
 
 # ---------------------------------------------------------------------------- sessions
