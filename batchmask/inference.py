@@ -104,6 +104,8 @@ class FaceMaskModel:
         self.config = ModelConfig.from_dict(meta.get("model", {}))
         #: "onnx" or "keras": what predicts, for run.json and evaluation results.
         self.runtime = "onnx" if session is not None else "keras"
+        #: "fp32", or "int8" for the model's quantized ONNX file (batchmask.quantize).
+        self.precision = "fp32"
         self.runtime_info: dict[str, Any] = {}
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
@@ -177,12 +179,15 @@ class FaceMaskModel:
         return FaceMaskModel(net, meta, None)
 
 
-def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", threads: int = 0) -> FaceMaskModel:
+def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", threads: int = 0,
+               precision: str = "fp32") -> FaceMaskModel:
     """Load a model directory (default: the model shipped with the package).
 
     ``runtime``: "keras", "onnx" or "auto" (ONNX Runtime when installed; see
     :mod:`batchmask.runtime`). A model that cannot be exported to ONNX loads with Keras.
     ``threads``: ONNX Runtime intra-op threads (0: its default, all cores).
+    ``precision``: "fp32", or "int8" for the directory's checked ``model.int8.onnx`` (ONNX
+    Runtime only; see :mod:`batchmask.quantize`).
     """
     from .runtime import cached_onnx_session, wants_onnx
 
@@ -192,6 +197,14 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
         raise ModelNotFoundError(
             f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
         )
+    if precision_of(runtime, precision) == "int8":
+        from .quantize import META_KEY, int8_path
+        from .runtime import make_session
+
+        m = FaceMaskModel(None, meta, model_dir, make_session(str(int8_path(model_dir, meta)), threads))
+        m.precision = "int8"
+        m.runtime_info = {k: v for k, v in meta[META_KEY].items() if k in ("sha256", "calibration", "validation")}
+        return m
     if wants_onnx(runtime):
         found = cached_onnx_session(model_dir, threads)
         if found is not None:
@@ -202,6 +215,20 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
 
     net = keras.saving.load_model(model_dir / MODEL_FILE, compile=False)
     return FaceMaskModel(net, meta, model_dir)
+
+
+def precision_of(runtime: str, precision: str) -> str:
+    """Check a runtime/precision pair: int8 runs with ONNX Runtime only (never silently as fp32)."""
+    from .quantize import check_precision
+    from .runtime import RuntimeUnavailableError, check_runtime, onnxruntime_installed
+
+    check_runtime(runtime)
+    if check_precision(precision) == "int8":
+        if runtime == "keras":
+            raise ValueError("--precision int8 runs with ONNX Runtime; it cannot be combined with --runtime keras")
+        if not onnxruntime_installed():
+            raise RuntimeUnavailableError("--precision int8 needs the onnxruntime package (pip install onnxruntime)")
+    return precision
 
 
 def predict(images: Sequence[np.ndarray], model: FaceMaskModel | str | os.PathLike | None = None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exits import EXIT_FAILED
+from ..quantize import PRECISIONS
 from ..runtime import RUNTIMES  # what predicts (numpy is the heaviest thing this imports)
 
 
@@ -72,6 +73,8 @@ class RunOptions:
     shard_timeout: float = _opt(float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300")), recorded=True)
     #: What predicts: "auto" (ONNX Runtime when installed), "keras" or "onnx".
     runtime: str = _opt("auto", recorded=True, job=(str,))
+    #: "fp32", or "int8" (the model's int8 ONNX file; ONNX Runtime only).
+    precision: str = _opt("fp32", recorded=True, job=(str,))
     #: GPUs Ray gives each actor.
     gpus_per_worker: float = _opt(0.0, recorded=True, job=(float, int))
     #: Runs with at most this many images skip Ray.
@@ -122,6 +125,7 @@ class RunOptions:
         check("gpus_per_worker", lambda v: v >= 0, "must be 0 or more")
         check("in_process_max", lambda v: v >= 0, "must be 0 or more")
         check("runtime", lambda v: v in RUNTIMES, "must be auto, keras or onnx")
+        check("precision", lambda v: v in PRECISIONS, "must be fp32 or int8")
         return out
 
     def recorded(self) -> dict[str, Any]:

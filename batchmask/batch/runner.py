@@ -42,6 +42,7 @@ from .outputs import (
     rows_to_csv,
 )
 from .plan import (
+    check_int8_file,
     execute_in_process,
     in_process_reason,
     plan_shards,
@@ -170,7 +171,8 @@ def run(input: str, output: str, options: RunOptions | str | os.PathLike | None 
 
     try:
         check_runtime(opts.runtime)
-    except (ValueError, RuntimeUnavailableError) as exc:
+        check_int8_file(opts.model, opts.runtime, opts.precision)  # before anything is written
+    except (ValueError, RuntimeUnavailableError) as exc:  # QuantizationError is a ValueError
         raise RunError(str(exc)) from exc
     return _BatchRun(input, output, opts).execute()
 
@@ -272,7 +274,7 @@ class _BatchRun:
         self.first = next(shards, None)
         if self.first is None:
             return
-        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime)
+        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, opts.precision)
         wopts = WorkerOptions.of(opts, self.run_id)
         why_ray = in_process_reason(n_todo, opts.in_process_max, opts.gpus_per_worker, opts.address)
         info["plan"] = {"images_to_do": n_todo, "shard_size": planned_shard,

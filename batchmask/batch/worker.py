@@ -55,12 +55,14 @@ class WorkerOptions:
     runtime: str = "keras"
     #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
     gpus: float = 0.0
+    #: "fp32", or "int8": "model.onnx" among the model files is then the int8 file (never Keras).
+    precision: str = RunOptions.precision
 
     @classmethod
     def of(cls, options: RunOptions, run_id: str) -> WorkerOptions:
         return cls(batch_size=options.batch_size, threshold=options.threshold, overlays=options.overlays,
                    max_pixels=options.max_pixels, run_id=run_id, draft=options.draft, runtime=options.runtime,
-                   gpus=options.gpus_per_worker)
+                   gpus=options.gpus_per_worker, precision=options.precision)
 
 
 def _set_threads(n: int, tf_too: bool = True) -> None:
@@ -91,9 +93,12 @@ def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     )
 
     gpu = opts.gpus > 0
-    if ONNX_FILE in model_files and wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available()):
+    int8 = opts.precision == "int8"  # int8 runs on ONNX Runtime, on the CPU if CUDA is missing
+    if ONNX_FILE in model_files and (int8 or wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available())):
         meta = json.loads(model_files[META_FILE])
-        return FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        m = FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        m.precision = opts.precision
+        return m
     if gpu:
         set_keras_gpu_memory_growth()
     _set_threads(opts.threads)
@@ -178,7 +183,7 @@ class MaskWorker:
             import ray
 
             gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-        d = {"runtime": self.model.runtime, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
+        d = {"runtime": self.model.runtime, "precision": self.model.precision, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
         if self.model.session is not None:
             from ..runtime import onnxruntime_version
