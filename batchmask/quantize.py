@@ -51,6 +51,8 @@ class QuantSettings:
     #: Dice gain, so off by default; docs/benchmarks.md).
     float_ends: bool = False
     per_channel: bool = True
+    #: Quantize only the convolutions (Add, Concat, Resize ... stay float, with no Q/DQ pair around them).
+    conv_only: bool = False
     seed: int = 0
 
 
@@ -150,6 +152,7 @@ def quantize_file(fp32_path: str | os.PathLike, dest: str | os.PathLike, inputs:
         name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
         tmp = Path(d, "int8.onnx")
         quantize_static(str(pre), str(tmp), Reader(name), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv"] if settings.conv_only else None,
                         per_channel=settings.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=methods[settings.method])
