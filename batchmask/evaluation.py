@@ -291,7 +291,7 @@ def score(predict_fn: Predictor, samples: Sequence[Sample], thresholds: Sequence
 def model_inputs(model, samples: Sequence[Sample], draft: bool = True) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Network inputs (n, S, S, 3) of ``samples`` and their (width, height), decoded exactly as
     ``batchmask run`` decodes a file (JPEG draft mode included); in-memory pixels are resized."""
-    from .batch.outputs import decode_for_model
+    from .inference.pixels import decode_for_model
 
     xs, sizes = [], []
     for s in samples:
@@ -311,7 +311,7 @@ def score_models(models: Sequence, samples: Sequence[Sample], thresholds: Sequen
     """Score loaded models (:class:`~batchmask.inference.FaceMaskModel`, same input size) on the same
     decoded inputs, one decode per image: their Scores, and per image the fraction of
     network-resolution pixels where every model's mask agrees with the first's (at its threshold)."""
-    from .image import upsample_probs
+    from .inference.pixels import upsample_probs
 
     values = _threshold_values(thresholds)
     edges = np.asarray(values, np.float32)
@@ -434,8 +434,8 @@ def evaluate(
     model's ``model.json`` and the returned metrics are scored at it (optimistic on these
     images). ``out_dir`` gets metrics.json, per_image.csv and predictions.png; ``report_dir`` an
     HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
-    ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.runtime`);
-    ``precision``: "fp32" or "int8" (the model's int8 ONNX file; :mod:`batchmask.quantize`).
+    ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.inference.backends`);
+    ``precision``: "fp32" or "int8" (the model's int8 ONNX file; :mod:`batchmask.inference.int8`).
     Files are decoded exactly as ``batchmask run`` decodes them (JPEG draft mode included).
     """
     from .inference import FaceMaskModel, default_model_dir, load_model

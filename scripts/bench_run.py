@@ -147,7 +147,7 @@ def small_run(files: list[Path], model_dir: Path, n: int, extra: list[str]) -> f
 
 def compare_runtimes(root: Path, model_dir: Path, files: list[Path], args) -> dict:
     """(a) and (b) for each runtime, interleaved so that other load hits them alike."""
-    from batchmask.runtime import cached_onnx
+    from batchmask.inference.backends import cached_onnx
 
     if "onnx" in args.runtime:
         cached_onnx(model_dir)  # export once, outside the timings (as a cron run finds it cached)

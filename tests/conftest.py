@@ -205,7 +205,7 @@ def bright_int8_model(tmp_path_factory, bright_model_dir) -> Path:
     from PIL import Image
 
     from batchmask.convert import write_wider_annotations
-    from batchmask.quantize import INT8_FILE, export_model
+    from batchmask.inference.quantize import INT8_FILE, export_model
 
     d = tmp_path_factory.mktemp("bright_int8")
     model = Path(shutil.copytree(bright_model_dir, d / "m"))

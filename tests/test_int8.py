@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from batchmask.batch.runner import RunError, run
 from batchmask.cli import main
 from batchmask.inference import load_model, read_meta
-from batchmask.quantize import INT8_FILE, QuantizationError, calibration_names
-from batchmask.runtime import file_sha256
+from batchmask.inference.backends import file_sha256
+from batchmask.inference.quantize import INT8_FILE, QuantizationError, calibration_names
 
 
 def test_export_onnx_is_the_checked_network(tmp_path, tiny_model_dir, tiny_model):

@@ -79,7 +79,7 @@ def test_run_masks_equal_predict_on_exif_rotated_image(tmp_path, bright_int8_mod
 
 
 def test_int8_masks_agree_with_fp32_on_the_brightness_model(bright_int8_model):
-    from batchmask.quantize import compare_precisions
+    from batchmask.inference.quantize import compare_precisions
 
     samples = [Sample(f"s{i}", np.zeros((0, 4), np.float32), image=asymmetric_image(80, 64, seed=i)) for i in range(6)]
     fp32 = load_model(bright_int8_model, runtime="onnx")

@@ -56,10 +56,10 @@ def test_failed_export_falls_back_to_keras_with_one_line(tmp_path, tiny_model_di
         raise ValueError("this model cannot be converted")
 
     monkeypatch.setattr(rt, "export_onnx", fail)
-    with caplog.at_level(logging.WARNING, logger="batchmask.runtime"):
+    with caplog.at_level(logging.WARNING, logger="batchmask.inference.backends"):
         m = load_model(model, runtime="auto")
     assert m.runtime == "keras" and m.keras_model is not None
-    lines = [r for r in caplog.records if r.name == "batchmask.runtime"]
+    lines = [r for r in caplog.records if r.name == "batchmask.inference.backends"]
     assert len(lines) == 1 and "using Keras" in lines[0].getMessage() and "cannot be converted" in lines[0].getMessage()
 
 
@@ -111,11 +111,11 @@ def test_damaged_cache_entry_is_exported_again_naming_the_file(tmp_path, tiny_mo
         _other_models_onnx(path, path)
     else:  # an entry written before records had the hash
         record.write_text(json.dumps({k: v for k, v in rec.items() if k not in ("onnx_sha256", "cached")}))
-    with caplog.at_level(logging.WARNING, logger="batchmask.runtime"):
+    with caplog.at_level(logging.WARNING, logger="batchmask.inference.backends"):
         m = load_model(model, runtime="onnx")
     assert m.runtime == "onnx" and m.runtime_info["cached"] is False  # exported again
     assert path.read_bytes() == good or rt.file_sha256(path) == json.loads(record.read_text())["onnx_sha256"]
-    warned = [r.getMessage() for r in caplog.records if r.name == "batchmask.runtime"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "batchmask.inference.backends"]
     assert len(warned) == 1 and str(path) in warned[0] and "exporting" in warned[0], warned
     x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(m.predict_batch(x), tiny_model.predict_batch(x), atol=1e-3)
@@ -128,10 +128,10 @@ def test_cache_file_onnxruntime_cannot_load_is_exported_again(tmp_path, tiny_mod
     _, record = _entry(model)
     path.write_bytes(b"not an onnx file")
     record.write_text(json.dumps({**rec, "onnx_sha256": rt.file_sha256(path)}))
-    with caplog.at_level(logging.WARNING, logger="batchmask.runtime"):
+    with caplog.at_level(logging.WARNING, logger="batchmask.inference.backends"):
         m = load_model(model, runtime="onnx")
     assert m.runtime == "onnx" and m.runtime_info["cached"] is False
-    warned = [r.getMessage() for r in caplog.records if r.name == "batchmask.runtime"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "batchmask.inference.backends"]
     assert len(warned) == 1 and str(path) in warned[0] and "cannot load" in warned[0], warned
 
 

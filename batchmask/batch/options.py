@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exits import EXIT_FAILED
-from ..quantize import PRECISIONS
-from ..runtime import RUNTIMES  # what predicts (numpy is the heaviest thing this imports)
+from ..inference.backends import RUNTIMES  # what predicts (numpy is the heaviest thing this imports)
+from ..inference.int8 import PRECISIONS
 
 
 class RunError(RuntimeError):

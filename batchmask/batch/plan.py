@@ -1,7 +1,7 @@
 """Planning a ``batchmask run``: the model files to ship, shard sizes, and Ray or this process.
 
 * Model files: ``model.keras`` and ``model.json``, plus the cached ``model.onnx`` when the
-  runtime may be ONNX Runtime (:mod:`batchmask.runtime`); actors get the bytes, never a path.
+  runtime may be ONNX Runtime (:mod:`batchmask.inference.backends`); actors get the bytes, never a path.
 * Shards: sized from the number of images to do and of workers (when the listing is short
   enough to know it up front), so a small run is spread over every worker.
 * Small runs (at most ``in_process_max`` images to do) are processed in the driver process by
@@ -22,7 +22,7 @@ from itertools import chain, islice
 from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
-from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from ..inference.backends import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
 from .dispatch import RunCounts, raise_interrupt, steady_rate
 from .options import RunError
 from .policy import Action, ErrorKind, decide
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def check_int8_file(model: str | None, runtime: str, precision: str) -> None:
     """With ``precision`` "int8": the runtime allows it and the model has its checked int8 file."""
     from ..inference import precision_of, read_meta, resolve_model_dir
-    from ..quantize import int8_path
+    from ..inference.int8 import int8_path
 
     if precision_of(runtime, precision) == "int8":
         model_dir = resolve_model_dir(model)
@@ -56,7 +56,7 @@ def prepare_model_files(model_dir, runtime: str, precision: str = "fp32") -> tup
     info: dict[str, Any] = {"requested": runtime, "precision": precision}
     if precision == "int8":
         from ..inference import read_meta
-        from ..quantize import META_KEY, int8_path
+        from ..inference.int8 import META_KEY, int8_path
 
         meta = read_meta(model_dir)
         files[ONNX_FILE] = int8_path(model_dir, meta).read_bytes()

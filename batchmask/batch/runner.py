@@ -167,7 +167,7 @@ def run(input: str, output: str, options: RunOptions | str | os.PathLike | None 
     ``in_process_max`` images to do are processed in this process, without Ray (0: always Ray).
     """
     opts = _as_options(options, kwargs)
-    from ..runtime import RuntimeUnavailableError, check_runtime
+    from ..inference.backends import RuntimeUnavailableError, check_runtime
 
     try:
         check_runtime(opts.runtime)

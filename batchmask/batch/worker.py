@@ -21,19 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError
+from ..inference.pixels import decode_for_model, encode_overlay, encode_png, mask_stats
 from .options import RunOptions
-from .outputs import (
-    Decoded,
-    decode_for_model,
-    encode_overlay,
-    encode_png,
-    error_row,
-    mask_stats,
-    ok_row,
-    overlay_rel,
-    part_name,
-    rows_to_csv,
-)
+from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
 from .storage import StorageSpec, check_rel
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
@@ -51,7 +41,7 @@ class WorkerOptions:
     io_threads: int = 2
     draft: bool = RunOptions.draft
     run_id: str = ""
-    #: "auto", "keras" or "onnx" (see batchmask.runtime); onnx needs "model.onnx" among the model files.
+    #: "auto", "keras" or "onnx" (see batchmask.inference.backends); onnx needs "model.onnx" among the model files.
     runtime: str = "keras"
     #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
     gpus: float = 0.0
@@ -84,7 +74,7 @@ def _set_threads(n: int, tf_too: bool = True) -> None:
 def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
     from ..inference import META_FILE, FaceMaskModel, load_model
-    from ..runtime import (
+    from ..inference.backends import (
         ONNX_FILE,
         cuda_provider_available,
         make_session,
@@ -186,7 +176,7 @@ class MaskWorker:
         d = {"runtime": self.model.runtime, "precision": self.model.precision, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
         if self.model.session is not None:
-            from ..runtime import onnxruntime_version
+            from ..inference.backends import onnxruntime_version
 
             d["runtime_version"] = onnxruntime_version()
             d["providers"] = list(self.model.session.get_providers())

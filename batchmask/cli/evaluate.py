@@ -39,7 +39,7 @@ def evaluate_cmd(model_dir, data, out_dir, subset, tune_threshold, report_dir, b
     from ..data import DataError
     from ..evaluation import EvaluationError, evaluate, format_table
     from ..inference import ModelNotFoundError
-    from ..runtime import RuntimeUnavailableError
+    from ..inference.backends import RuntimeUnavailableError
 
     with user_errors(DataError, ModelNotFoundError, EvaluationError, BaselineUnavailableError, OSError,
                      RuntimeUnavailableError, ValueError):  # ValueError: int8 with --runtime keras, no int8 file

@@ -32,7 +32,7 @@ def export_cmd(model_dir, fmt, data, calibration_images, method, float_ends, out
     """
     from ..data import DataError
     from ..inference import ModelNotFoundError
-    from ..quantize import QuantSettings, export_model
+    from ..inference.quantize import QuantSettings, export_model
 
     settings = QuantSettings(images=calibration_images, method=method, float_ends=float_ends)
     with user_errors(DataError, ModelNotFoundError, OSError, ValueError):  # QuantizationError is a ValueError

@@ -3,7 +3,7 @@
 ``batchmask export MODEL --format onnx-int8`` and ``scripts/ship_int8.py`` use this. The int8
 file is ONNX Runtime's QDQ format (``quantize_static``): weights int8 per output channel,
 activations uint8 with ranges from calibration images decoded exactly as ``batchmask run``
-decodes them (:func:`batchmask.batch.outputs.decode_for_model`). Every convolution is
+decodes them (:func:`batchmask.inference.pixels.decode_for_model`). Every convolution is
 quantized: keeping the first one (raw pixels) and the output head in float
 (``float_ends``) made no Dice difference on the default model (docs/benchmarks.md).
 
@@ -26,17 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from .int8 import INT8_FILE, META_KEY, PRECISIONS, QuantizationError, check_precision, int8_path  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")
-INT8_FILE = "model.int8.onnx"
-#: model.json's key for the int8 file's record.
-META_KEY = "int8"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class QuantizationError(ValueError):
-    """An int8 file cannot be made or used as asked (no data, no file, wrong hash)."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +50,6 @@ class QuantSettings:
     seed: int = 0
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
 # ---------------------------------------------------------------------------- calibration images
 def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -70,7 +58,7 @@ def image_files(folder: Path) -> list[Path]:
 def calibration_names(sources: Sequence[str | os.PathLike], exclude: set[str]) -> list[tuple[str, Any]]:
     """(name, path or pixels) of every image in ``sources`` (annotated datasets, or plain image
     folders) whose name is not in ``exclude`` (the model's validation images)."""
-    from .data import DataError, load_datasets
+    from ..data import DataError, load_datasets
 
     out: list[tuple[str, Any]] = []
     for src in sources:
@@ -87,8 +75,7 @@ def calibration_names(sources: Sequence[str | os.PathLike], exclude: set[str]) -
 
 def calibration_inputs(items: list[tuple[str, Any]], size: int, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """``n`` images chosen with ``seed``, decoded as ``run`` decodes them: (n, S, S, 3) float32, names."""
-    from .batch.outputs import decode_for_model
-    from .image import resize_rgb
+    from .pixels import decode_for_model, resize_rgb
 
     if not items:
         raise QuantizationError("no calibration images (all excluded, or none found)")
@@ -160,7 +147,7 @@ def quantize_file(fp32_path: str | os.PathLike, dest: str | os.PathLike, inputs:
         staged = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.move(tmp, staged)  # then atomically into place: a reader never sees half a file
         os.replace(staged, dest)
-    from .runtime import file_sha256, onnxruntime_version
+    from .backends import file_sha256, onnxruntime_version
 
     return {"file": dest.name, "sha256": file_sha256(dest), "bytes": dest.stat().st_size,
             "calibration": {**asdict(settings), "images": len(inputs), "float_nodes": exclude,
@@ -169,25 +156,9 @@ def quantize_file(fp32_path: str | os.PathLike, dest: str | os.PathLike, inputs:
 
 
 # ---------------------------------------------------------------------------- the model directory's file
-def int8_path(model_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """The model's checked int8 file; :class:`QuantizationError` saying how to make one if absent or altered."""
-    from .runtime import file_sha256
-
-    path = Path(model_dir) / INT8_FILE
-    rec = meta.get(META_KEY) or {}
-    if not path.is_file() or not rec.get("sha256"):
-        raise QuantizationError(
-            f"{model_dir}: no int8 file ({INT8_FILE} with its record in model.json); make one with "
-            f"`batchmask export {model_dir} --format onnx-int8 -o {path}`")
-    if file_sha256(path) != rec["sha256"]:
-        raise QuantizationError(f"{path}: does not match the SHA-256 in model.json (damaged or replaced); "
-                                f"make it again with `batchmask export {model_dir} --format onnx-int8 -o {path}`")
-    return path
-
-
 def write_record(model_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     """Store the int8 file's record in model.json (the file must be ``model_dir/model.int8.onnx``)."""
-    from .inference import read_meta, write_meta
+    from .model import read_meta, write_meta
 
     meta = read_meta(model_dir)
     meta[META_KEY] = record
@@ -199,7 +170,7 @@ def compare_precisions(fp32, int8, samples: Sequence, batch_size: int = 8) -> di
     """Score two loaded models (:class:`~batchmask.inference.FaceMaskModel`) on the same decoded
     inputs: mean per-image Dice of each (at fp32's threshold), their difference, per-image Dice
     lists (for a paired bootstrap), and how many network-resolution mask pixels agree."""
-    from .evaluation import score_models
+    from ..evaluation import score_models
 
     (a, b), agree = score_models([fp32, int8], samples, [fp32.threshold], batch_size, desc="fp32 and int8")
     ra, rb = a.rows(0), b.rows(0)
@@ -228,8 +199,8 @@ def export_model(model_dir: str | os.PathLike | None, fmt: str, dest: str | os.P
     images, then scored against fp32 on those validation images when ``data`` has them. Written to
     the model's own ``model.int8.onnx``, its record also goes into ``model.json``. Returns the record.
     """
-    from .inference import read_meta, resolve_model_dir
-    from .runtime import cached_onnx, file_sha256
+    from .backends import cached_onnx, file_sha256
+    from .model import read_meta, resolve_model_dir
 
     if fmt not in FORMATS:
         raise QuantizationError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -262,10 +233,10 @@ def export_model(model_dir: str | os.PathLike | None, fmt: str, dest: str | os.P
 
 def validate_int8(model_dir: Path, int8_file: Path, sources: Sequence[str], meta: dict[str, Any]) -> dict | None:
     """int8 against fp32 on the model's validation images found in ``sources`` (None if none are)."""
-    from .evaluation import EvaluationError, load_samples
-    from .inference import FaceMaskModel, load_model
-    from .results import paired_difference
-    from .runtime import make_session
+    from ..evaluation import EvaluationError, load_samples
+    from ..results import paired_difference
+    from .backends import make_session
+    from .model import FaceMaskModel, load_model
 
     fp32 = load_model(model_dir, runtime="onnx")
     try:

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig
-from .image import resize_rgb, upsample_probs
-from .runtime import MODEL_FILE  # the Keras network's file name (runtime exports it to ONNX)
+from ..config import ModelConfig
+from .backends import MODEL_FILE  # the Keras network's file name (exported to ONNX there)
+from .pixels import resize_rgb, upsample_probs
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 def default_model_dir() -> Path:
     """The model shipped inside the package (trained on WIDER FACE, see README)."""
-    return Path(__file__).parent / "default_model"
+    return Path(__file__).parent.parent / "default_model"
 
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
@@ -64,7 +64,7 @@ def base_meta(cfg: ModelConfig) -> dict[str, Any]:
     """The part of model.json every model has: format, versions and how to use it."""
     import keras
 
-    from .version import __version__
+    from ..version import __version__
 
     return {
         "format_version": FORMAT_VERSION,
@@ -110,7 +110,7 @@ class FaceMaskModel:
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         if self.session is not None:
-            from .runtime import run_session
+            from .backends import run_session
 
             return run_session(self.session, x)[..., 0]
         return np.asarray(self.keras_model.predict_on_batch(x), np.float32)[..., 0]
@@ -158,7 +158,7 @@ class FaceMaskModel:
         The network is fully convolutional, so it runs at any multiple of 32; how well it does
         away from the size it was trained for is for ``scripts/size_sweep.py`` to measure.
         """
-        from .model import build_unet
+        from ..model import build_unet
 
         cfg = dataclasses.replace(
             self.config,
@@ -189,7 +189,7 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
     ``precision``: "fp32", or "int8" for the directory's checked ``model.int8.onnx`` (ONNX
     Runtime only; see :mod:`batchmask.quantize`).
     """
-    from .runtime import cached_onnx_session, wants_onnx
+    from .backends import cached_onnx_session, wants_onnx
 
     model_dir = resolve_model_dir(path)
     meta = read_meta(model_dir)
@@ -198,8 +198,8 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
             f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
         )
     if precision_of(runtime, precision) == "int8":
-        from .quantize import META_KEY, int8_path
-        from .runtime import make_session
+        from .backends import make_session
+        from .int8 import META_KEY, int8_path
 
         m = FaceMaskModel(None, meta, model_dir, make_session(str(int8_path(model_dir, meta)), threads))
         m.precision = "int8"
@@ -219,8 +219,8 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
 
 def precision_of(runtime: str, precision: str) -> str:
     """Check a runtime/precision pair: int8 runs with ONNX Runtime only (never silently as fp32)."""
-    from .quantize import check_precision
-    from .runtime import RuntimeUnavailableError, check_runtime, onnxruntime_installed
+    from .backends import RuntimeUnavailableError, check_runtime, onnxruntime_installed
+    from .int8 import check_precision
 
     check_runtime(runtime)
     if check_precision(precision) == "int8":
