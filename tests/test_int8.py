@@ -69,6 +69,14 @@ def test_altered_int8_file_is_refused(tmp_path, bright_int8_model):
         load_model(model, runtime="auto", precision="int8")
 
 
+def test_int8_file_of_a_replaced_model_is_refused(tmp_path, bright_int8_model, tiny_model_dir):
+    """A new model.keras in the directory (a retrained default) makes the old int8 file unusable."""
+    model = shutil.copytree(bright_int8_model, tmp_path / "m")
+    shutil.copyfile(tiny_model_dir / "model.keras", model / "model.keras")
+    with pytest.raises(QuantizationError, match="made from another model.keras"):
+        load_model(model, runtime="auto", precision="int8")
+
+
 def test_run_and_evaluate_with_int8(tmp_path, bright_int8_model, demo_wider):
     from batchmask.evaluation import evaluate
 

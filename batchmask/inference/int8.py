@@ -36,6 +36,9 @@ def int8_path(model_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
         raise QuantizationError(
             f"{model_dir}: no int8 file ({INT8_FILE} with its record in model.json); make one with "
             f"`batchmask export {model_dir} --format onnx-int8 -o {path}`")
+    if rec.get("keras_sha256") != file_sha256(Path(model_dir) / "model.keras"):
+        raise QuantizationError(f"{path}: made from another model.keras than {model_dir}'s (the model was replaced); "
+                                f"make it again with `batchmask export {model_dir} --format onnx-int8 -o {path}`")
     if file_sha256(path) != rec["sha256"]:
         raise QuantizationError(f"{path}: does not match the SHA-256 in model.json (damaged or replaced); "
                                 f"make it again with `batchmask export {model_dir} --format onnx-int8 -o {path}`")

@@ -45,8 +45,6 @@ class QuantSettings:
     #: Dice gain, so off by default; docs/benchmarks.md).
     float_ends: bool = False
     per_channel: bool = True
-    #: Quantize only the convolutions (Add, Concat, Resize ... stay float, with no Q/DQ pair around them).
-    conv_only: bool = False
     seed: int = 0
 
 
@@ -139,7 +137,6 @@ def quantize_file(fp32_path: str | os.PathLike, dest: str | os.PathLike, inputs:
         name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
         tmp = Path(d, "int8.onnx")
         quantize_static(str(pre), str(tmp), Reader(name), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["Conv"] if settings.conv_only else None,
                         per_channel=settings.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=methods[settings.method])
@@ -224,6 +221,7 @@ def export_model(model_dir: str | os.PathLike | None, fmt: str, dest: str | os.P
     inputs, names = calibration_inputs(calibration_names(sources, val_names), size, settings.images, settings.seed)
     log.info("calibrating on %d images from %s", len(names), ", ".join(sources))
     record = quantize_file(fp32_path, dest, inputs, settings)
+    record["keras_sha256"] = export_record.get("keras_sha256")  # which model.keras it was made from
     record["calibration"]["sources"] = sources
     record["validation"] = validate_int8(model_dir, dest, sources, meta) if val_names else None
     if dest.resolve() == (model_dir / INT8_FILE).resolve():
