@@ -44,9 +44,9 @@ def main() -> int:
         print("no validation images found in the data: int8 stays opt-in (nothing measured)")
         return 1
     ok = -v["dice_diff"] <= args.max_loss
-    print(f"int8 vs fp32 on {v['images']} validation images: Dice {v['dice_int8']:.4f} vs {v['dice_fp32']:.4f}, "
-          f"difference {v['dice_diff']:+.4f} (95% paired bootstrap {v['dice_diff_ci95'][0]:+.4f}.."
-          f"{v['dice_diff_ci95'][1]:+.4f}); mask pixels agree {v['mask_agreement']:.2%}")
+    print(f"int8 vs fp32 on {v['images']} validation images: Dice {v['dice_int8']:.5f} vs {v['dice_fp32']:.5f}, "
+          f"difference {v['dice_diff']:+.5f} (95% paired bootstrap {v['dice_diff_ci95'][0]:+.5f}.."
+          f"{v['dice_diff_ci95'][1]:+.5f}); mask pixels agree {v['mask_agreement']:.2%}")
     print(f"{'within' if ok else 'NOT within'} {args.max_loss} of fp32: int8 "
           f"{'may become the default precision' if ok else 'stays opt-in (--precision int8)'}; "
           f"update README.md ('What int8 costs') and docs/benchmarks.md with these figures")

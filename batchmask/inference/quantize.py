@@ -172,8 +172,8 @@ def compare_precisions(fp32, int8, samples: Sequence, batch_size: int = 8) -> di
     (a, b), agree = score_models([fp32, int8], samples, [fp32.threshold], batch_size, desc="fp32 and int8")
     ra, rb = a.rows(0), b.rows(0)
     da, db = a.metrics(0)["dice"], b.metrics(0)["dice"]
-    return {"images": len(samples), "dice_fp32": round(da, 4), "dice_int8": round(db, 4),
-            "dice_diff": round(db - da, 4), "mask_agreement": round(float(np.mean(agree)), 5),
+    return {"images": len(samples), "dice_fp32": round(da, 5), "dice_int8": round(db, 5),
+            "dice_diff": round(db - da, 5), "mask_agreement": round(float(np.mean(agree)), 5),
             "per_image_fp32": [r["dice"] for r in ra], "per_image_int8": [r["dice"] for r in rb]}
 
 
@@ -245,5 +245,5 @@ def validate_int8(model_dir: Path, int8_file: Path, sources: Sequence[str], meta
     int8 = FaceMaskModel(None, meta, model_dir, make_session(str(int8_file), 0))
     c = compare_precisions(fp32, int8, samples)
     d = paired_difference(c.pop("per_image_fp32"), c.pop("per_image_int8"))
-    return {**c, "dice_diff_ci95": [round(d["low"], 4), round(d["high"], 4)], "better": d["better"],
+    return {**c, "dice_diff_ci95": [round(d["low"], 5), round(d["high"], 5)], "better": d["better"],
             "worse": d["worse"], "split": "the model's validation images (model.json data.split.val_names)"}
