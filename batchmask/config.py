@@ -111,6 +111,18 @@ class AugmentConfig:
 
 
 @dataclass
+class LabelOptions:
+    """How face boxes are picked out of multi-class label files (``train --category`` etc.)."""
+
+    #: COCO: the category whose boxes are faces (matched by name, case-insensitively).
+    category: str = "face"
+    #: YOLO: the class number whose boxes are faces.
+    class_id: int = 0
+    #: COCO: the folder that ``file_name`` is relative to (default: beside the JSON, or its images/).
+    images: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """Everything ``batchmask train`` does, recorded verbatim in ``model.json``."""
 
@@ -149,6 +161,22 @@ class TrainConfig:
     tune_threshold: bool = True
     #: Stop training (keeping the best epoch so far) after this many seconds; None = no limit.
     time_limit_s: float | None = None
+    #: The trained model this training starts from (``--init-from``); None = ImageNet encoder
+    #: weights (``backbone_weights``) and a fresh decoder.
+    init_from: str | None = None
+    labels: LabelOptions = field(default_factory=LabelOptions)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict` (unknown keys, from other versions, are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["model"] = ModelConfig.from_dict(d.get("model", {}))
+        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in (d.get("augment") or {}).items()
+               if k in {f.name for f in dataclasses.fields(AugmentConfig)}}
+        kwargs["augment"] = AugmentConfig(**aug)
+        kwargs["labels"] = LabelOptions(**(d.get("labels") or {}))
+        return cls(**kwargs)
 
     @property
     def train_size(self) -> int:

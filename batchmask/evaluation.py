@@ -426,6 +426,7 @@ def evaluate(
     grid_images: int = 8,
     runtime: str = "keras",
     precision: str = "fp32",
+    store_threshold: bool = True,
 ) -> EvalResult:
     """Score ``model`` (a directory, a loaded :class:`FaceMaskModel`, or None for the default
     model) on ``data`` (an ``images.npy``, a WIDER folder, or samples).
@@ -437,13 +438,15 @@ def evaluate(
     ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.inference.backends`);
     ``precision``: "fp32" or "int8" (the model's int8 ONNX file; :mod:`batchmask.inference.int8`).
     Files are decoded exactly as ``batchmask run`` decodes them (JPEG draft mode included).
+    ``store_threshold=False`` tunes the threshold without writing it anywhere (scoring a model
+    that must not change, such as a fine-tuning run's starting model).
     """
     from .inference import FaceMaskModel, default_model_dir, load_model
     from .report import Examples, write_outputs, write_report
 
     if baseline not in (None, "haar"):
         raise EvaluationError(f"unknown baseline {baseline!r} (choose: haar)")
-    if tune_threshold and _is_shipped_model(model):
+    if tune_threshold and store_threshold and _is_shipped_model(model):
         raise EvaluationError(
             f"--tune-threshold would modify the model shipped inside the package ({default_model_dir()}); "
             "copy it and pass --model DIR"
@@ -455,7 +458,7 @@ def evaluate(
         haar = HaarBaseline()  # fail early when OpenCV is missing
     fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime,
                                                                                     precision=precision)
-    if tune_threshold and fmm.path is None:
+    if tune_threshold and store_threshold and fmm.path is None:
         raise EvaluationError("tune_threshold needs a model loaded from a directory")
     samples, where = load_samples(data, subset, fmm, limit)
     previous = fmm.threshold
@@ -474,7 +477,8 @@ def evaluate(
     if tune_threshold:
         table = scores.threshold_table()
         best = _best_threshold(table, previous)
-        _store_threshold(fmm, best, previous, table, info)
+        if store_threshold:
+            _store_threshold(fmm, best, previous, table, info)
         info["threshold_source"] = "tuned on these images"
         info["previous_threshold"] = previous
     result = _result(scores, best if best is not None else previous, info, best)

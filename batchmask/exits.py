@@ -14,6 +14,7 @@ EXIT_FAILED = 1  # the command could not do its work (bad input data, missing mo
 EXIT_USAGE = 2  # bad command-line usage (click's own code)
 EXIT_IMAGES_FAILED = 3  # `run`: finished, but some images could not be processed
 EXIT_LOCKED = 4  # `run`/`jobs run`: another run holds the output's (or the job's) lock
+EXIT_LOCK_LOST = 5  # `run`/`jobs run`: the run lost the output's lock midway (paused or cut off past its TTL)
 
 
 def exit_code_of(exc: BaseException) -> int:

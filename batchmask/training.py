@@ -10,6 +10,7 @@ and early stopping (``patience``; 0 turns it off) ends phase two.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import shlex
@@ -24,9 +25,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from . import checkpoint
 from .augment import downscale_sample, make_pair, make_weighted_pair
-from .config import TrainConfig
-from .data import DataError, DataSource, Sample, fingerprint, is_samples, load_datasets, split_samples
+from .checkpoint import TrainState
+from .config import ModelConfig, TrainConfig
+from .data import (
+    DataError,
+    DataSource,
+    Sample,
+    as_sources,
+    fingerprint,
+    is_samples,
+    load_datasets,
+    split_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +59,8 @@ class TrainResult:
     best_epoch: int
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    #: model.json's ``training.init_from`` (the starting model and its validation figures), if any.
+    init_from: dict[str, Any] | None = None
 
 
 def _cache_images(samples: Sequence[Sample], max_side: int, desc: str, progress: bool):
@@ -64,11 +78,14 @@ def _time_limit_callback(deadline: float | None):
     class TimeLimit(keras.callbacks.Callback):
         """Log each epoch; stop at the end of the first epoch that finishes after ``deadline``."""
 
+        hit = False
+
         def on_epoch_end(self, epoch, logs=None):
             log.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items()))
             if deadline is not None and time.time() > deadline:
                 log.warning("time limit reached after epoch %d; keeping the best epoch so far", epoch + 1)
                 self.model.stop_training = True
+                self.hit = True
 
     return TimeLimit()
 
@@ -80,8 +97,7 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
     class AugmentedBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=workers, use_multiprocessing=False)
-            self.epoch = 0
-            self.order = np.random.default_rng(cfg.seed).permutation(len(images))
+            self.set_epoch(0)
 
         def __len__(self) -> int:
             # Full batches only (the order is reshuffled every epoch): one batch shape means
@@ -96,8 +112,14 @@ def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
                           rng, cfg.augment)
 
         def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self.order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(images))
+            self.set_epoch(self.epoch + 1)
+
+        def set_epoch(self, epoch: int) -> None:
+            """Where the next batches come from: epoch 0's order is seeded by the seed alone (as
+            before), every later one by (seed, epoch), so a resumed training draws the same."""
+            self.epoch = epoch
+            rng = np.random.default_rng(cfg.seed if epoch == 0 else [cfg.seed, epoch])
+            self.order = rng.permutation(len(images))
 
     return AugmentedBatches()
 
@@ -162,10 +184,10 @@ def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int |
     plt.close(fig)
 
 
-def _load(data, limit: int | None) -> tuple[list[Sample], list[dict]]:
+def _load(data, limit: int | None, labels=None) -> tuple[list[Sample], list[dict]]:
     if is_samples(data):
         return list(data), [{"path": "<samples>", "images": len(data), "fingerprint": fingerprint(data)}]
-    return load_datasets(data, limit=limit)
+    return load_datasets(data, limit=limit, labels=labels)
 
 
 def _path_field(sources: list[dict]) -> str | list[str]:
@@ -175,9 +197,9 @@ def _path_field(sources: list[dict]) -> str | list[str]:
 
 
 def _load_split(data, val_data, cfg: TrainConfig, limit: int | None):
-    samples, sources = _load(data, limit)
+    samples, sources = _load(data, limit, cfg.labels)
     if val_data is not None:
-        val, val_sources = _load(val_data, limit)
+        val, val_sources = _load(val_data, limit, cfg.labels)
         split = {"method": "separate", "val_data": _path_field(val_sources), "val_sources": val_sources}
         return samples, val, split, sources
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
@@ -201,6 +223,7 @@ def train(
 
     ``data`` is an ``images.npy`` file or a WIDER FACE folder, a list of those (trained on
     together), or a list of samples; ``val_data`` likewise (default: a split of ``data``).
+    ``config.init_from`` starts from a trained model's weights instead of ImageNet's.
     """
     cfg = config or TrainConfig()
     cfg.validate()
@@ -211,11 +234,50 @@ def train(
         raise OutputExistsError(f"{out_dir} already holds a model; pass --force to overwrite it")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("epochs and batch_size must be at least 1")
+    args = {"config": cfg.to_dict(), "data": _source_args(data), "val_data": _source_args(val_data),
+            "limit": limit, "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    checkpoint.clear(out_dir)  # a new training never continues an older one's state
+    return _train(data, val_data, out_dir, cfg, TrainState(0, "", [], args), progress)
+
+
+def resume(out: str | os.PathLike, *, time_limit_s: float | None = None, progress: bool = True,
+           data: DataSource | Sequence[DataSource] | list[Sample] | None = None,
+           val_data: DataSource | Sequence[DataSource] | list[Sample] | None = None) -> TrainResult:
+    """Continue the training saved in ``out`` (``batchmask train --resume OUT``) at its next epoch,
+    with the same data, configuration and schedule; ``time_limit_s`` bounds this sitting.
+
+    ``data``/``val_data`` are needed only for a training started from in-memory samples.
+    """
+    out_dir = Path(out)
+    state = checkpoint.load_state(out_dir)
+    cfg = dataclasses.replace(TrainConfig.from_dict(state.args["config"]), time_limit_s=time_limit_s)
+    data = data if data is not None else state.args["data"]
+    val_data = val_data if val_data is not None else state.args["val_data"]
+    if data is None:
+        raise checkpoint.ResumeError(f"{out_dir}: this training was started from in-memory samples; "
+                                     "pass them again (resume(out, data=...))")
+    log.info("resuming %s after epoch %d of %d", out_dir, state.epoch, cfg.epochs)
+    return _train(data, val_data, out_dir, cfg, state, progress)
+
+
+def _source_args(data) -> list[str] | None:
+    """Data sources as resume can find them again (absolute paths); None for in-memory samples."""
+    if data is None or is_samples(data):
+        return None
+    return [str(Path(p).resolve()) for p in as_sources(data)]
+
+
+def _train(data, val_data, out_dir: Path, cfg: TrainConfig, state: TrainState, progress: bool) -> TrainResult:
     t0 = time.time()
     deadline = t0 + cfg.time_limit_s if cfg.time_limit_s else None
-    train_s, val_s, split, sources = _load_split(data, val_data, cfg, limit)
+    train_s, val_s, split, sources = _load_split(data, val_data, cfg, state.args["limit"])
     if not train_s or not val_s:
         raise DataError(f"empty split: {len(train_s)} training and {len(val_s)} validation images")
+    fp = fingerprint(train_s + val_s)
+    if state.epoch and state.extra.get("fingerprint") != fp:
+        raise checkpoint.ResumeError(f"{out_dir}: the training data changed since the saved epoch "
+                                     f"(fingerprint {fp[:12]}, saved {str(state.extra.get('fingerprint'))[:12]})")
+    state.extra["fingerprint"] = fp
     log.info("training on %d images, validating on %d", len(train_s), len(val_s))
 
     import keras
@@ -233,13 +295,22 @@ def train(
     val_xy = _fixed_pairs(va_images, va_boxes, size, cfg.batch_size, cfg.small_face_weight)
 
     # Crops smaller than the inference size: train on crops, validate whole images at size.
-    net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights, any_size=crop != size)
+    fresh = cfg.init_from is None and not state.epoch
+    net = build_unet(cfg.model, backbone_weights=cfg.backbone_weights if fresh else None, any_size=crop != size)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if state.epoch:
+        checkpoint.restore_weights(out_dir, net)
+    elif cfg.init_from is not None:
+        state.extra["init_from"] = _init_from(net, cfg, val_s)
     warmup = min(cfg.warmup_epochs, cfg.epochs) if cfg.model.trainable_blocks > 0 else cfg.epochs
-    history = _fit(net, train_seq, val_xy, cfg, warmup, out_dir / ".best.weights.h5", deadline, progress)
+    complete = _fit(net, train_seq, val_xy, cfg, warmup, out_dir, state, deadline, progress)
+    history = state.history
     best = max(history, key=lambda r: r.get(MONITOR, -1.0))
     meta = base_meta(cfg.model)
-    meta.update(_training_meta(cfg, command, history, best, time.time() - t0, sources, split, train_s, val_s))
+    meta.update(_training_meta(cfg, state.args["command"], history, best, state.elapsed_s, sources, split,
+                               train_s, val_s))
+    if state.extra.get("init_from"):
+        meta["training"]["init_from"] = state.extra["init_from"]
     # Save a fresh, uncompiled copy: the optimizer state would double the file size.
     clean = build_unet(cfg.model, backbone_weights=None)
     clean.set_weights(net.get_weights())
@@ -247,69 +318,145 @@ def train(
     save_model(clean, out_dir, meta)
     write_history(out_dir / "history.csv", history)
     plot_history(out_dir / "learning_curves.png", history, warmup + 1 if warmup < cfg.epochs else None)
+    if complete:
+        checkpoint.clear(out_dir)
+    else:
+        log.warning("stopped after epoch %d of %d; continue with: batchmask train --resume %s",
+                    len(history), cfg.epochs, out_dir)
 
-    result = TrainResult(out_dir=out_dir, history=history, best_epoch=int(best["epoch"]))
+    result = TrainResult(out_dir=out_dir, history=history, best_epoch=int(best["epoch"]),
+                         init_from=state.extra.get("init_from"))
     result.metrics = _final_validation(FaceMaskModel(clean, meta, out_dir), val_s, cfg)
     result.wall_s = time.time() - t0
     log.info("trained in %.0f s; best epoch %d", result.wall_s, result.best_epoch)
     return result
 
 
-def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, ckpt: Path, deadline: float | None,
-         progress: bool) -> list[dict[str, Any]]:
-    """The training phases (decoder only for ``warmup`` epochs, then fine-tuning); ``net`` ends with
-    the weights of the best epoch. Returns one history row per epoch."""
+def _init_from(net, cfg: TrainConfig, val_s: list[Sample]) -> dict[str, Any]:
+    """Load the starting model's weights into ``net``; its record for model.json, with its
+    validation figures on this training's validation images (the gain is then visible)."""
+    import keras
+
+    from .evaluation import evaluate
+    from .finetune import check_architecture, resolve_start, start_record
+    from .inference import MODEL_FILE, FaceMaskModel, read_meta
+
+    start_dir = resolve_start(cfg.init_from)
+    start_meta = read_meta(start_dir)
+    start_cfg = ModelConfig.from_dict(start_meta.get("model", {}))
+    check_architecture(start_cfg, cfg.model, start_dir)
+    start_net = keras.saving.load_model(start_dir / MODEL_FILE, compile=False)
+    net.set_weights(start_net.get_weights())
+    record = start_record(start_dir)
+    log.info("starting from %s; scoring it on the validation images first", start_dir)
+    res = evaluate(FaceMaskModel(start_net, start_meta, None), val_s, tune_threshold=cfg.tune_threshold,
+                   batch_size=cfg.batch_size, store_threshold=False)
+    record["validation"] = res.metrics
+    log.info("starting model: validation Dice %.4f at threshold %.2f", res.metrics.get("dice", float("nan")),
+             res.metrics.get("threshold", float("nan")))
+    return record
+
+
+@dataclass
+class _Phase:
+    name: str
+    start: int
+    stop: int
+    learning_rate: float
+    finetune: bool
+
+
+def _phases(cfg: TrainConfig, warmup: int) -> list[_Phase]:
+    phases = [_Phase("decoder", 0, warmup, cfg.learning_rate, False)]
+    if warmup < cfg.epochs:
+        phases.append(_Phase("finetune", warmup, cfg.epochs, cfg.learning_rate * cfg.finetune_lr_scale, True))
+    return [p for p in phases if p.stop > p.start]
+
+
+def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, out_dir: Path, state: TrainState,
+         deadline: float | None, progress: bool) -> bool:
+    """Run the training phases from epoch ``state.epoch`` on (decoder only for ``warmup`` epochs,
+    then fine-tuning), saving the resume state after every epoch; ``net`` ends with the weights of
+    the best epoch and ``state.history`` with one row per epoch. True when no time limit cut it."""
     import keras
 
     from .losses import dice_at_half, dice_metric, get_loss, mask_only
     from .model import set_trainable
 
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(ckpt), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
-    )
+    best_file = checkpoint.best_weights_path(out_dir)
+    best_file.parent.mkdir(parents=True, exist_ok=True)
     weighted = cfg.small_face_weight > 1.0
     loss = get_loss(cfg.loss, per_image=cfg.dice_per_image, weighted=weighted)
     metrics = [mask_only(m) for m in (dice_metric, dice_at_half)] if weighted else [dice_metric, dice_at_half]
-    history: list[dict[str, Any]] = []
     steps = len(train_seq)
-    phases = [("decoder", 0, warmup, cfg.learning_rate, False)]
-    if warmup < cfg.epochs:
-        phases.append(("finetune", warmup, cfg.epochs, cfg.learning_rate * cfg.finetune_lr_scale, True))
-    for phase, start, stop, lr, finetune in phases:
-        set_trainable(net, cfg.model, finetune=finetune)
-        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, (stop - start) * steps), alpha=0.05)
-        net.compile(
-            optimizer=keras.optimizers.Adam(schedule),
-            loss=loss,
-            metrics=metrics,
-        )
-        callbacks: list = [checkpoint, _time_limit_callback(deadline)]
-        if finetune and cfg.patience > 0:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience, verbose=1)
-            )
-        log.info("phase %s: epochs %d..%d, learning rate %.2g", phase, start + 1, stop, lr)
-        h = net.fit(
-            train_seq,
-            validation_data=val_xy,
-            validation_batch_size=min(cfg.batch_size, len(val_xy[0])),
-            epochs=stop,
-            initial_epoch=start,
-            callbacks=callbacks,
-            verbose=1 if progress else 0,
-        )
-        for i, epoch in enumerate(h.epoch):
-            row = {"epoch": epoch + 1, "phase": phase}
-            row.update({k: float(v[i]) for k, v in h.history.items()})
-            history.append(row)
-        if deadline is not None and time.time() > deadline:
+    timer = _time_limit_callback(deadline)
+    sitting_start, elapsed_before = time.time(), state.elapsed_s
+    for ph in _phases(cfg, warmup):
+        if ph.stop <= state.epoch:
+            continue
+        set_trainable(net, cfg.model, finetune=ph.finetune)
+        schedule = keras.optimizers.schedules.CosineDecay(ph.learning_rate, decay_steps=max(1, (ph.stop - ph.start) * steps),
+                                                          alpha=0.05)
+        net.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=metrics)
+        first = max(ph.start, state.epoch)
+        if first > ph.start:  # continue this phase: its optimizer (schedule position, moments)
+            checkpoint.restore_optimizer(out_dir, net, net.optimizer)
+        train_seq.set_epoch(first)
+        best, _ = state.best(MONITOR)
+        callbacks: list = [
+            keras.callbacks.ModelCheckpoint(str(best_file), monitor=MONITOR, mode="max", save_best_only=True,
+                                            save_weights_only=True, initial_value_threshold=best),
+            _epoch_state(out_dir, state, ph.name, schedule, lambda: elapsed_before + time.time() - sitting_start),
+            timer,
+        ]
+        if ph.finetune and cfg.patience > 0:
+            callbacks.append(_early_stopping(state, cfg.patience))
+        log.info("phase %s: epochs %d..%d, learning rate %.2g", ph.name, first + 1, ph.stop, ph.learning_rate)
+        net.fit(train_seq, validation_data=val_xy, validation_batch_size=min(cfg.batch_size, len(val_xy[0])),
+                epochs=ph.stop, initial_epoch=first, callbacks=callbacks, verbose=1 if progress else 0)
+        if timer.hit:
             break
-    if ckpt.exists():
+    state.elapsed_s = elapsed_before + time.time() - sitting_start
+    if best_file.exists():
         with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
             warnings.simplefilter("ignore")
-            net.load_weights(str(ckpt))
-        ckpt.unlink()
-    return history
+            net.load_weights(str(best_file))
+    return not timer.hit or len(state.history) >= cfg.epochs
+
+
+def _early_stopping(state: TrainState, patience: int):
+    """Early stopping that starts from the history's count (a resumed training stops when the
+    uninterrupted one would)."""
+    import keras
+
+    best, wait = state.best(MONITOR, phase="finetune")
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if best is not None:
+                self.best, self.wait = best, wait
+
+    return ResumableEarlyStopping(monitor=MONITOR, mode="max", patience=patience, verbose=1)
+
+
+def _epoch_state(out_dir: Path, state: TrainState, phase: str, schedule, elapsed):
+    """A callback that adds each epoch's row (with its learning rate) to ``state.history`` and saves
+    the resume state."""
+    import keras
+
+    class EpochState(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            opt = self.model.optimizer
+            row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase}
+            row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+            row["learning_rate"] = float(keras.ops.convert_to_numpy(schedule(opt.iterations - 1)))
+            state.history.append(row)
+            state.epoch, state.phase, state.elapsed_s = epoch + 1, phase, elapsed()
+            checkpoint.save_state(out_dir, self.model, opt, state)
+            checkpoint.hold_at_test_gate(epoch + 1)
+
+    return EpochState()
 
 
 def _training_meta(cfg: TrainConfig, command: str | None, history: list[dict[str, Any]], best: dict[str, Any],

@@ -279,7 +279,7 @@ def test_systemd_and_k8s_formats(tmp_path):
     assert cj["kind"] == "CronJob" and cj["spec"]["concurrencyPolicy"] == "Forbid"
     assert cj["spec"]["schedule"] == "*/5 * * * *" and cj["spec"]["timeZone"] == "Europe/Paris"
     pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    assert pod["containers"][0]["command"][-1] == "/etc/batchmask/jobs/a.toml"
+    assert pod["containers"][0]["args"][-1] == "/etc/batchmask/jobs/a.toml"
     assert pod["containers"][0]["envFrom"][0]["secretRef"]["name"] == "s3-creds"
 
     # a schedule systemd cannot express is a clear error

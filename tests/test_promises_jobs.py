@@ -174,9 +174,10 @@ def test_k8s_cronjob_fields(tmp_path):
     pod = js["template"]["spec"]
     (c,) = pod["containers"]
     assert c["image"] == "reg/bm:1" and pod["restartPolicy"] == "Never"
-    assert c["command"] == ["batchmask", "jobs", "run", "--quiet", "/etc/batchmask/jobs/remote.toml"]
-    (mount,) = c["volumeMounts"]
-    (vol,) = pod["volumes"]
+    # args: the image's entrypoint stays (it passes SIGTERM on); --locked-ok: tests/test_k8s.py
+    assert c["args"] == ["batchmask", "jobs", "run", "--quiet", "--locked-ok", "/etc/batchmask/jobs/remote.toml"]
+    mount = c["volumeMounts"][0]
+    vol = pod["volumes"][0]
     assert mount == {"name": vol["name"], "mountPath": "/etc/batchmask/jobs", "readOnly": True}
     assert vol["configMap"] == {"name": "bm-jobs"}
     assert "activeDeadlineSeconds" not in docs["batchmask-local"]["spec"]["jobTemplate"]["spec"]  # no timeout

@@ -29,7 +29,7 @@ def small_model(**changes) -> ModelConfig:
 def test_train_writes_model_directory(trained_model, demo_wider):
     out = trained_model.out  # conftest: `batchmask train` on two sources, stratified, seed 7, 4 epochs (1 warm-up)
     assert {p.name for p in out.iterdir()} >= {"model.keras", "model.json", "history.csv", "learning_curves.png"}
-    assert not (out / ".best.weights.h5").exists()
+    assert not (out / ".best.weights.h5").exists() and not (out / ".resume").exists()
     meta = json.loads((out / "model.json").read_text())
     assert meta["model"]["image_size"] == 64 and meta["model"]["alpha"] == 0.25
     # --crop-size 32: trained on 32x32 crops (test_training_sequence_gives_crops...), saved, validated

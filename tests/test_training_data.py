@@ -103,3 +103,15 @@ def test_split_seed_keeps_the_validation_images_while_seed_changes(demo_wider):
     assert val_names(seed=8, split_seed=7) == val_names(seed=7)
     assert val_names(seed=8)[0] != val_names(seed=7)[0]  # the split does depend on its seed
     assert val_names(seed=8, split_seed=7)[1] == 7  # model.json records the split's seed
+
+
+def test_init_from_refuses_another_architecture_before_loading_anything(tmp_path, tiny_model_dir, demo_wider):
+    from click.testing import CliRunner
+
+    from batchmask.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--init-from", str(tiny_model_dir), "--data", str(demo_wider),
+                                    "--decoder", "unet", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0
+    assert "decoder_block='sepconv'" in res.output and "fine-tuning keeps the architecture" in res.output
+    assert not (tmp_path / "x").exists()

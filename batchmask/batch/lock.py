@@ -13,10 +13,21 @@ and is emptied, not deleted, on release (deleting a flock'ed file races with the
 
 S3 outputs: an object ``_lock.json`` with the holder and an expiry ``S3_LOCK_TTL_S`` ahead,
 renewed every third of that by a thread; an expired lock is taken over, so a crashed holder
-blocks others for at most the TTL. S3 has no compare-and-swap, so a taker writes its token,
-waits ``S3_LOCK_SETTLE_S`` and reads the object back: of two runs racing for a free lock only
-the one whose write landed last sees its own token and proceeds (reads are strongly
-consistent on AWS S3, SeaweedFS, MinIO). Hosts' clocks must agree to within a fraction of the TTL.
+blocks others for at most the TTL. Where the server honours conditional writes (AWS S3, MinIO,
+SeaweedFS >= 3.8x; probed once per acquire with a scratch object), the lock is created with
+``If-None-Match: *`` and renewed or taken over with ``If-Match: <the ETag last seen>``: of two
+writers only one can succeed, however slow the PUTs. Elsewhere (the probe finds the headers
+ignored, or ``BATCHMASK_S3_CONDITIONAL=0``) the settle protocol: a taker writes its token, waits
+``S3_LOCK_SETTLE_S`` and reads the object back; of two runs racing for a free lock only the one
+whose write landed last sees its own token (a PUT slower than the settle time can still give two
+holders there). Hosts' clocks must agree to within a fraction of the TTL.
+
+Losing the lock: a holder paused (SIGSTOP, a frozen VM) or cut off from S3 for longer than the
+TTL may find that another run took its output over. :meth:`OutputLock.check` says so
+(:class:`LockLost`, exit 5): the renewal thread marks the loss, and the run checks before
+handing out each shard and, synchronously (a renewal), before any merge or write of its own.
+A local lock is lost when ``_lock.json`` is no longer the file it locked (the output folder or
+the lock file was deleted or replaced).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import time
 import uuid
 from typing import Any
 
-from ..exits import EXIT_LOCKED
+from ..exits import EXIT_LOCK_LOST, EXIT_LOCKED
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -41,6 +52,8 @@ LOCK_FILE = "_lock.json"
 S3_LOCK_TTL_S = float(os.environ.get("BATCHMASK_S3_LOCK_TTL", "180"))
 S3_LOCK_SETTLE_S = 1.5
 POLL_S = 1.0
+#: "0": never use conditional writes (the settle protocol only), e.g. for a server whose probe lies.
+CONDITIONAL_ENV = "BATCHMASK_S3_CONDITIONAL"
 
 
 class OutputLocked(RuntimeError):
@@ -55,9 +68,41 @@ class OutputLocked(RuntimeError):
         super().__init__(f"{where} is in use{who} (lock {LOCK_FILE}); wait for that run, or pass --wait")
 
 
+class LockLost(RuntimeError):
+    """This run held the output's lock and lost it: it must not write or merge anything more."""
+
+    exit_code = EXIT_LOCK_LOST
+
+    def __init__(self, where: str, why: str):
+        self.where, self.why = where, why
+        super().__init__(f"lost the lock of {where} ({why}); this run stopped without merging or writing run.json "
+                         "(its finished masks are kept and merged by the next run)")
+
+
 def _holder(token: str) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": token}
+
+
+def _who(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return "its lock object is gone"
+    return f"taken over by pid {rec.get('pid', '?')} on {rec.get('host', '?')} since {rec.get('since', '?')}"
+
+
+def _s3_code(exc: BaseException) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of an s3fs error, from the botocore error it was translated from."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            return (str(resp.get("Error", {}).get("Code", "")),
+                    int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0))
+    return "", 0
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    code, status = _s3_code(exc)
+    return code == "PreconditionFailed" or status == 412
 
 
 class OutputLock:
@@ -70,7 +115,13 @@ class OutputLock:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._mu = threading.Lock()  # one renewal at a time (thread and check()): each needs the last ETag
+        self._etag: str | None = None
+        self._conditional: bool | None = None  # None: not probed yet
+        self._renewed = 0.0  # time.monotonic() of the last successful write of our record
+        self._seq = 0
         self.lost = False
+        self.lost_why = ""
 
     def _where(self) -> str:
         return self.out.spec.public()["url"] or self.out.root
@@ -85,7 +136,7 @@ class OutputLock:
             if not wait or (deadline is not None and time.monotonic() >= deadline):
                 raise OutputLocked(self._where(), holder)
             log.info("waiting for the lock of %s held by %s", self._where(), holder)
-            time.sleep(POLL_S)
+            time.sleep(POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic())))
 
     def _try_local(self) -> dict[str, Any] | None:
         path = os.path.join(self.out.root, LOCK_FILE)
@@ -105,45 +156,169 @@ class OutputLock:
         self._fd = fd
         return None
 
-    def _read_s3(self) -> dict[str, Any] | None:
+    # ------------------------------------------------------------------ S3 objects
+    def _key(self, rel: str = LOCK_FILE) -> tuple[str, str]:
+        bucket, _, key = self.out.full(rel).partition("/")
+        return bucket, key
+
+    def _get_s3(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(record, ETag) of the lock object in one GET; (None, None) when there is none. A record
+        that is not a JSON object counts as free (garbage), with its ETag (to be replaced)."""
+        from fsspec.asyn import sync
+
+        bucket, key = self._key()
+        fs = self.out.fs
+
+        async def get() -> tuple[bytes, str]:
+            r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with r["Body"] as body:
+                return await body.read(), r.get("ETag")
+
+        with self.out._remote_errors("read", LOCK_FILE):
+            try:
+                data, etag = sync(fs.loop, get)
+            except FileNotFoundError:
+                return None, None
         try:
-            data = json.loads(self.out.read_bytes(LOCK_FILE))
-            return data if isinstance(data, dict) else None
-        except FileNotFoundError:
-            return None
-        except ValueError:  # garbage: treat as free
-            return None
+            rec = json.loads(data)
+        except ValueError:
+            return None, etag
+        return (rec if isinstance(rec, dict) else None), etag
+
+    def _read_s3(self) -> dict[str, Any] | None:
+        return self._get_s3()[0]
+
+    def _record(self) -> bytes:
+        self._seq += 1  # every write differs (its ETag too, which is the MD5 of the body on most servers)
+        return json.dumps(dict(self.info, expires=time.time() + S3_LOCK_TTL_S, seq=self._seq)).encode()
+
+    def _put(self, body: bytes, rel: str = LOCK_FILE, **cond: str) -> str | None:
+        bucket, key = self._key(rel)
+        with self.out._remote_errors("write", rel):
+            return self.out.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond).get("ETag")
 
     def _write_s3(self) -> None:
-        rec = dict(self.info, expires=time.time() + S3_LOCK_TTL_S)
-        self.out.write_bytes(LOCK_FILE, json.dumps(rec).encode())
+        """An unconditional write of our record (the settle protocol; tests)."""
+        self._etag = self._put(self._record())
+        self._renewed = time.monotonic()
+
+    def _probe(self) -> bool:
+        """Does the server honour If-None-Match and If-Match on PUT? Tried on a scratch object."""
+        if os.environ.get(CONDITIONAL_ENV, "1") == "0":
+            return False
+        rel = f"{LOCK_FILE}.probe-{self.token}"
+        try:
+            self._put(b"probe", rel, IfNoneMatch="*")
+            try:
+                self._put(b"probe", rel, IfNoneMatch="*")
+                return False  # the header was ignored
+            except OSError as exc:
+                if not _precondition_failed(exc) and not isinstance(exc, FileExistsError):
+                    return False
+            try:
+                self._put(b"probe", rel, IfMatch='"00000000000000000000000000000000"')
+                return False
+            except OSError as exc:
+                return _precondition_failed(exc)
+        except OSError as exc:  # e.g. 501 Not Implemented for the header
+            log.debug("conditional writes not usable on %s: %s", self._where(), exc)
+            return False
+        finally:
+            self.out.delete(rel)
 
     def _try_s3(self) -> dict[str, Any] | None:
-        cur = self._read_s3()
+        if self._conditional is None:
+            self._conditional = self._probe()
+            log.info("S3 lock of %s: %s", self._where(),
+                     "conditional writes" if self._conditional else f"settle protocol ({S3_LOCK_SETTLE_S:g} s)")
+        cur, etag = self._get_s3()
         if cur and cur.get("token") != self.token and float(cur.get("expires", 0)) > time.time():
             return cur
         if cur:
             log.warning("taking over the expired lock of %s (held by %s)", self._where(), cur)
+        holder = self._take_conditional(etag) if self._conditional else self._take_settle()
+        if holder is not None:
+            return holder
+        self._thread = threading.Thread(target=self._renew, name="batchmask-lock", daemon=True)
+        self._thread.start()
+        return None
+
+    def _take_conditional(self, etag: str | None) -> dict[str, Any] | None:
+        try:
+            self._etag = self._put(self._record(), **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
+        except OSError as exc:
+            code, status = _s3_code(exc)
+            if not (_precondition_failed(exc) or isinstance(exc, FileExistsError) or status == 409):
+                raise
+            return self._read_s3() or {"pid": "?"}  # another run wrote first
+        self._renewed = time.monotonic()
+        return None
+
+    def _take_settle(self) -> dict[str, Any] | None:
         self._write_s3()
         time.sleep(S3_LOCK_SETTLE_S)
         cur = self._read_s3()
         if not cur or cur.get("token") != self.token:
             return cur or {"pid": "?"}
-        self._thread = threading.Thread(target=self._renew, name="batchmask-lock", daemon=True)
-        self._thread.start()
         return None
+
+    # ------------------------------------------------------------------ holding
+    def _mark_lost(self, why: str) -> None:
+        if not self.lost:
+            self.lost, self.lost_why = True, why
+            log.info("lost the lock of %s: %s", self._where(), why)  # LockLost says it, once
+
+    def _renew_once(self) -> None:
+        """Write our record again (S3), if it is still ours; else mark the lock lost."""
+        with self._mu:
+            if self.lost:
+                return
+            if self._conditional:
+                try:
+                    self._etag = self._put(self._record(), IfMatch=self._etag or "*")
+                except OSError as exc:
+                    if not _precondition_failed(exc):
+                        raise
+                    self._mark_lost(_who(self._read_s3()))
+                    return
+            else:
+                cur = self._read_s3()
+                if not cur or cur.get("token") != self.token:
+                    self._mark_lost(_who(cur))
+                    return
+                self._write_s3()
+            self._renewed = time.monotonic()
 
     def _renew(self) -> None:
         while not self._stop.wait(S3_LOCK_TTL_S / 3):
             try:
-                cur = self._read_s3()
-                if cur and cur.get("token") != self.token:
-                    self.lost = True
-                    log.error("lost the lock of %s to %s", self._where(), cur)
-                    return
-                self._write_s3()
+                self._renew_once()
             except Exception as exc:  # noqa: BLE001 - storage hiccup: try again next period
                 log.warning("could not renew the lock of %s: %s", self._where(), exc)
+            if self.lost:
+                return
+
+    def _check_local(self) -> None:
+        try:
+            same = os.path.samestat(os.stat(os.path.join(self.out.root, LOCK_FILE)), os.fstat(self._fd))
+        except OSError:
+            same = False
+        if not same:
+            self._mark_lost(f"{LOCK_FILE} was deleted or replaced: the output folder was deleted or moved "
+                            "during the run")
+
+    def check(self, renew: bool = False) -> None:
+        """Raise :class:`LockLost` if this lock has been lost. ``renew``: on S3, renew now (a
+        synchronous, conditional where possible, proof that it is still ours) - before a merge or a
+        write of the run's own; without it only a lease older than two thirds of the TTL is renewed
+        here (the renewal thread may have been paused with the whole process)."""
+        if self._fd is not None:
+            self._check_local()
+        elif self._thread is not None and not self.lost and (
+                renew or time.monotonic() - self._renewed > S3_LOCK_TTL_S * 2 / 3):
+            self._renew_once()
+        if self.lost:
+            raise LockLost(self._where(), self.lost_why)
 
     # ------------------------------------------------------------------ release
     def release(self) -> None:
@@ -156,6 +331,8 @@ class OutputLock:
             self._stop.set()
             self._thread.join(timeout=5)
             self._thread = None
+            if self.lost:
+                return  # the object is another run's now
             with contextlib.suppress(Exception):
                 cur = self._read_s3()
                 if cur and cur.get("token") == self.token:

@@ -142,6 +142,15 @@ def ok_row(rel: str, mask: str, width: int, height: int, face_pixels: int, faces
     }
 
 
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def stable_text(text: str) -> str:
+    """``text`` without per-process object addresses (``<_io.BytesIO object at 0x7f...>`` -> ``<_io.BytesIO>``),
+    which PIL and others put in messages: an error row must read the same on every run."""
+    return _ADDRESS.sub(r"<\1>", text)
+
+
 def error_row(rel: str, error: str, width: int = 0, height: int = 0) -> dict:
     return {
         "image": rel,
@@ -153,7 +162,7 @@ def error_row(rel: str, error: str, width: int = 0, height: int = 0) -> dict:
         "mean_confidence": "",
         "mask": "",
         "status": "error",
-        "error": " ".join(str(error).split())[:500],
+        "error": " ".join(stable_text(str(error)).split())[:500],
     }
 
 
@@ -167,24 +176,49 @@ def rows_to_csv(rows) -> bytes:
     the line terminator, so a bare ``\r`` in an image name would be written unquoted and make the
     file unreadable; such rows (rare) are written with every field quoted, which any CSV reader
     reads back exactly. Other rows keep the minimal quoting.
+
+    Columns other than :data:`COLUMNS` (a user's ``note`` added to coverage.csv) are kept, after
+    ours, in the order first seen; rows without them leave them empty.
     """
+    rows = list(rows)
+    extra: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            if k not in COLUMNS and isinstance(k, str):
+                extra.setdefault(k)
+    fields = COLUMNS + list(extra)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w_all = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", restval="", extrasaction="ignore")
+    w_all = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", restval="", extrasaction="ignore",
+                           quoting=csv.QUOTE_ALL)
     w.writeheader()
     for r in rows:
         (w_all if any("\r" in str(v) for v in r.values()) else w).writerow(r)
     return buf.getvalue().encode("utf-8")
 
 
+class DamagedCsv(ValueError):
+    """A CSV file that cannot be parsed, or has no ``image`` and ``status`` columns."""
+
+
 def csv_to_rows(data: bytes, where: str) -> list[dict]:
+    """The rows of a coverage or part file (rows without an image or a known status are dropped);
+    :class:`DamagedCsv` (naming ``where``) for a file that is not such a CSV at all."""
     try:
         text = data.decode("utf-8")
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+        header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as exc:
-        log.warning("%s: unreadable, ignored (%s)", where, exc)
-        return []
-    return [r for r in rows if r.get("image") and r.get("status") in ("ok", "error")]
+        raise DamagedCsv(f"{where}: unreadable ({exc})") from None
+    if text.strip() and not {"image", "status"} <= set(header):
+        raise DamagedCsv(f"{where}: no 'image' and 'status' columns in its header")
+    out = []
+    for r in rows:
+        if r.get("image") and r.get("status") in ("ok", "error"):
+            r.pop(None, None)  # fields beyond the header (a stray comma): not a column
+            out.append(r)
+    return out
 
 
 def part_name(run_id: str, shard: int) -> str:
@@ -199,26 +233,47 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
     """Rows from ``coverage.csv`` plus unmerged part files (later part files win)."""
     records: dict[str, dict] = {}
     if out.exists(COVERAGE):
-        for r in csv_to_rows(out.read_bytes(COVERAGE), COVERAGE):
+        data = out.read_bytes(COVERAGE)
+        try:
+            rows = csv_to_rows(data, COVERAGE)
+        except DamagedCsv as exc:
+            # Kept beside, never overwritten: rows may be recoverable by hand. Deleted, so that the
+            # merge below writes a new one from the part files; the images are processed again.
+            keep = _free_name(out, COVERAGE + UNREADABLE)
+            log.warning("%s; kept as %s, rebuilt from this run on (its images are processed again)", exc, keep)
+            out.write_bytes(keep, data)
+            out.delete(COVERAGE)
+            rows = []
+        for r in rows:
             records[r["image"]] = r
     parts = list_parts(out)
     readable = []
     for p in parts:  # run ids sort chronologically
         data = out.read_bytes(p)
         try:
-            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
-        except (UnicodeDecodeError, csv.Error) as exc:
+            rows = csv_to_rows(data, p)
+        except DamagedCsv as exc:
             # Never deleted: its masks exist and its rows may be recoverable by hand.
-            log.warning("%s: unreadable (%s); kept as %s%s, its images will be processed again",
-                        p, exc, p, UNREADABLE)
+            log.warning("%s; kept as %s%s, its images will be processed again", exc, p, UNREADABLE)
             out.write_bytes(p + UNREADABLE, data)
             out.delete(p)
             continue
         readable.append(p)
         for r in rows:
-            if r.get("image") and r.get("status") in ("ok", "error"):
-                records[r["image"]] = r
+            old = records.get(r["image"])
+            if old:  # a column of the user's (not ours) stays with the image when its row is replaced
+                r.update({k: v for k, v in old.items() if k not in COLUMNS and k not in r})
+            records[r["image"]] = r
     return records, readable
+
+
+def _free_name(out: Storage, name: str) -> str:
+    """``name``, or ``name-1``, ``name-2``... the first that does not exist yet."""
+    k, cand = 0, name
+    while out.exists(cand):
+        k += 1
+        cand = f"{name}-{k}"
+    return cand
 
 
 def merge_parts(out: Storage) -> dict[str, dict]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
 from ..inference.backends import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from .cpus import available_cpus
 from .dispatch import RunCounts, raise_interrupt, steady_rate
 from .options import RunError
 from .policy import Action, ErrorKind, decide
@@ -70,6 +71,7 @@ def prepare_model_files(model_dir, runtime: str, precision: str = "fp32") -> tup
             path, record = found
             files[ONNX_FILE] = path.read_bytes()
             info["onnx"] = {"keras_sha256": record.get("keras_sha256"), "cached": record.get("cached", False),
+                            "file": str(path),
                             "parity_max_abs_diff": record.get("parity_max_abs_diff"),
                             "export_s": record.get("export_s"), "onnxruntime": onnxruntime_version()}
         else:
@@ -153,7 +155,7 @@ def _in_process(first: list, shards: Iterator[list], counts: RunCounts, info: di
                 out_spec: StorageSpec, files: dict[str, bytes], wopts: WorkerOptions, quiet: bool) -> None:
     from tqdm import tqdm
 
-    wopts.threads = os.cpu_count() or 1
+    wopts.threads = available_cpus()  # a pod's CPU limit, not the node's core count
     worker = MaskWorker(files, in_spec, out_spec, wopts)
     t_ready = time.time()
     info["in_process"] = {"startup_s": round(worker.startup_s, 2), **worker.device()}

@@ -28,8 +28,8 @@ from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RayPool, RunCounts, raise_interrupt
-from .lock import OutputLock
-from .modelcheck import check_model
+from .lock import LockLost, OutputLock
+from .modelcheck import check_model, check_same_model
 from .options import RunError, RunOptions
 from .outputs import (
     RUN_JSON,
@@ -40,6 +40,7 @@ from .outputs import (
     part_name,
     recorded_masks,
     rows_to_csv,
+    stable_text,
 )
 from .plan import (
     check_int8_file,
@@ -119,8 +120,11 @@ def _start_ray(address: str | None) -> bool:
         ray.init(address=addr, **kwargs)
     else:
         # "local": a Ray of our own, even when a `ray start` cluster runs on this machine (plain
-        # ray.init() would join that one, and refuse num_cpus with a ValueError).
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        # ray.init() would join that one, and refuse num_cpus with a ValueError). The CPUs this
+        # process may use (a pod's CPU limit), not the machine's count.
+        from .cpus import available_cpus
+
+        ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, **kwargs)
     return True
 
 
@@ -201,6 +205,7 @@ class _BatchRun:
             self.inp.exclude_dir(self.out.root)  # the output, also where a symlink inside the input leads to it
         self.lock = OutputLock(self.out).acquire(wait=opts.wait, wait_timeout=opts.wait_timeout)
         try:
+            self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
             records = merge_parts(self.out)  # leftovers of an interrupted run first
             self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors)
             self.names = MaskNames(recorded_masks(records))  # an image keeps its mask path; no new image takes one
@@ -209,12 +214,14 @@ class _BatchRun:
             self.lock.release()
             raise
         self.counts = RunCounts()
+        self.n_images = 0  # images listed before --glob
         self.first: list | None = None
         self.info = self._info(started)
 
     def _info(self, started: str) -> dict:
         info: dict = {"format_version": 1, "run_id": self.run_id, "input": self.in_spec.public(),
-                      "output": self.out_spec.public(), "model": {"path": str(self.model_dir)},
+                      "output": self.out_spec.public(),
+                      "model": {"path": str(self.model_dir), "sha256": self.model_sha256},
                       "options": self.opts.recorded(), "versions": _versions(), "start": started}
         try:
             meta = read_meta(self.model_dir)
@@ -230,7 +237,10 @@ class _BatchRun:
         for rel in self.inp.iter_files():
             if self.skip_prefix and rel.startswith(self.skip_prefix):
                 continue
-            if not matches(rel, RUN_EXTENSIONS, self.opts.glob):
+            if not matches(rel, RUN_EXTENSIONS, None):
+                continue
+            self.n_images += 1
+            if self.opts.glob is not None and not matches(rel, RUN_EXTENSIONS, self.opts.glob):
                 continue
             c.total += 1
             try:
@@ -258,7 +268,7 @@ class _BatchRun:
             raise
         except BaseException as exc:
             failed = True
-            self.info["error"] = f"{type(exc).__name__}: {redact_urls(str(exc)).strip()}"[:1000]
+            self.info["error"] = stable_text(f"{type(exc).__name__}: {redact_urls(str(exc)).strip()}")[:1000]
             raise
         finally:
             self._finish(interrupted, failed)
@@ -273,7 +283,10 @@ class _BatchRun:
                                                     opts.shard_size, INFLIGHT_PER_ACTOR)
         self.first = next(shards, None)
         if self.first is None:
+            self._warn_if_empty()
             return
+        self.lock.check()
+        shards = self._guarded(shards)
         files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, opts.precision)
         wopts = WorkerOptions.of(opts, self.run_id)
         why_ray = in_process_reason(n_todo, opts.in_process_max, opts.gpus_per_worker, opts.address)
@@ -288,11 +301,55 @@ class _BatchRun:
             with ray_output_hidden(not log.isEnabledFor(logging.INFO)):
                 _execute(self, shards, files, wopts)
 
+    def _warn_if_empty(self) -> None:
+        """Nothing to do: normal for an incremental run (all done), but a listing without images, or
+        a --glob that matched none of them, usually means a wrong path, prefix or pattern."""
+        where = self.in_spec.public()["url"]
+        if not self.counts.listed_all:
+            return
+        if self.n_images == 0:
+            log.warning("no images found under %s (extensions %s); is the path or prefix right?", where,
+                        " ".join(RUN_EXTENSIONS))
+        elif self.counts.total == 0:
+            log.warning("--glob %r matched none of the %d images under %s", self.opts.glob, self.n_images, where)
+        else:
+            log.info("nothing new: all %d images are done", self.counts.total)
+
+    def _guarded(self, shards: Iterator[list]) -> Iterator[list]:
+        """``shards``, each handed out only while the output's lock is still ours (LockLost otherwise)."""
+        for shard in shards:
+            self.lock.check()
+            yield shard
+
+    def _lock_lost(self, failing: bool) -> LockLost | None:
+        """Renew the lock now (proof that it is still ours before merging); the LockLost if it is not."""
+        try:
+            if failing:
+                _bounded(lambda: self.lock.check(renew=True), "checking the output lock")
+            else:
+                self.lock.check(renew=True)
+        except LockLost as exc:
+            return exc
+        except Exception as exc:
+            if not failing:
+                raise
+            log.warning("could not renew the output lock: %s", redact_urls(str(exc)))
+        return None
+
     def _finish(self, interrupted: bool, failed: bool) -> None:
-        """Driver rows, merge, run.json and the lock's release: also when the run failed (bounded then)."""
+        """Driver rows, merge, run.json and the lock's release: also when the run failed (bounded then).
+        A run that lost its lock does none of these: the output is another run's now."""
         failing, info, c = interrupted or failed, self.info, self.counts
         if "runtime" in info:
             runtime_used(info)
+        try:
+            lost = self._lock_lost(failing)
+        except BaseException:
+            _release(self.lock, True)
+            raise
+        if lost is not None:
+            _release(self.lock, True)
+            raise lost
         try:
             _save_rows(self.out, self.run_id, c.rows, self.first is not None or bool(c.rows), failing, info)
         except BaseException:

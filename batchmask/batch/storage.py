@@ -393,7 +393,12 @@ def _walk_sorted(path: str, base: str, ancestors: frozenset, exclude: frozenset 
 
 
 def matches(rel: str, extensions: tuple[str, ...], glob: str | None) -> bool:
-    """Image extension test (case-insensitive) plus optional fnmatch pattern on the relative path."""
-    if not rel.lower().endswith(extensions):
+    """Image extension test plus optional fnmatch pattern on the relative path or the file name,
+    both case-insensitive: ``*.jpg`` also takes ``IMG_0001.JPG`` (cameras and phones write both)."""
+    low = rel.lower()
+    if not low.endswith(extensions):
         return False
-    return glob is None or fnmatch.fnmatchcase(rel, glob) or fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], glob)
+    if glob is None:
+        return True
+    pat = glob.lower()
+    return fnmatch.fnmatchcase(low, pat) or fnmatch.fnmatchcase(low.rsplit("/", 1)[-1], pat)

@@ -26,7 +26,10 @@ def setup_logging(verbose: int = 0) -> None:
     logging.getLogger("batchmask").setLevel(level)
     # Quieter TensorFlow start-up unless asked for debug output.
     if verbose < 2:
+        from ..tfquiet import install
+
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        install()
 
 
 @contextlib.contextmanager

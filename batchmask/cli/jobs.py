@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import EXIT_FAILED, EXIT_OK, exit_code_of
+from .common import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, exit_code_of
 
 PATHS = click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 
@@ -122,6 +122,8 @@ def list_cmd(paths: tuple[str, ...], n_next: int, as_json: bool) -> None:
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--wait", is_flag=True, help="Wait for a running instance of the job instead of exiting with 4.")
 @click.option("--wait-timeout", type=float, default=None, help="With --wait: give up (exit 4) after SECONDS.")
+@click.option("--locked-ok", is_flag=True,
+              help="Exit 0, not 4, when another run holds the lock (for Kubernetes Jobs, which fail on any non-zero).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or info logs; one summary line.")
 @click.option(
     "--lock-dir",
@@ -135,6 +137,7 @@ def run_cmd(
     job_file: str,
     wait: bool,
     wait_timeout: float | None,
+    locked_ok: bool,
     quiet: bool,
     lock_dir: str | None,
     address: str | None,
@@ -143,7 +146,7 @@ def run_cmd(
     """One incremental run now: only images not yet in the job's output are processed.
 
     Exit codes: 0 ok, 1 failed or timed out, 3 more failed images than max_failures,
-    4 another run of this job holds the lock.
+    4 another run of this job (or of the output) holds the lock, 5 the run lost the output's lock.
     """
     from ..jobs.execute import JobLocked, run_job
 
@@ -154,10 +157,11 @@ def run_cmd(
     try:
         result = run_job(job, quiet=quiet, address=address, lock_dir=lock_dir, wait=wait, wait_timeout=wait_timeout)
     except JobLocked as exc:
-        click.echo(f"batchmask: {exc}; exit {exit_code_of(exc)}", err=True)
-        sys.exit(exit_code_of(exc))
+        code = EXIT_OK if locked_ok else exit_code_of(exc)
+        click.echo(f"batchmask: {exc}; exit {code}", err=True)
+        sys.exit(code)
     click.echo(result.line(), err=result.exit_code != EXIT_OK)
-    sys.exit(result.exit_code)
+    sys.exit(EXIT_OK if locked_ok and result.exit_code == EXIT_LOCKED else result.exit_code)
 
 
 @jobs_group.command("crontab")
@@ -176,9 +180,14 @@ def run_cmd(
 @click.option("--lock-dir", type=click.Path(file_okay=False), default=None, help="Passed to `jobs run --lock-dir`.")
 @click.option("--batchmask", "batchmask_path", default=None, help="Path of the batchmask script to call.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="systemd: write unit files here.")
-@click.option("--image", default="batchmask:latest", show_default=True, help="k8s: container image.")
+@click.option("--image", default="batchmask:latest", show_default=True,
+              help="k8s: container image (what scripts/build_image.sh tags).")
+@click.option("--gpu-image", default="batchmask:latest-gpu", show_default=True,
+              help="k8s: image for jobs with gpus_per_worker (scripts/build_image.sh --gpu).")
 @click.option("--configmap", default="batchmask-jobs", show_default=True, help="k8s: ConfigMap with the job files.")
 @click.option("--secret", default=None, help="k8s: Secret with AWS_* variables, passed as envFrom.")
+@click.option("--aws-secret", default="batchmask-aws", show_default=True,
+              help="k8s: Secret with AWS `config` and `credentials` files, mounted for jobs with a `profile`.")
 def crontab_cmd(
     paths: tuple[str, ...],
     fmt: str,
@@ -189,8 +198,10 @@ def crontab_cmd(
     batchmask_path: str | None,
     out_dir: str | None,
     image: str,
+    gpu_image: str,
     configmap: str,
     secret: str | None,
+    aws_secret: str,
 ) -> None:
     """Print how to run every enabled job on its schedule, guarded against overlap."""
     from ..jobs.execute import default_log_dir
@@ -201,7 +212,12 @@ def crontab_cmd(
         click.echo("Error: fix the job files above first", err=True)
         sys.exit(EXIT_FAILED)
     if fmt == "k8s":
-        click.echo(render_k8s(jobs, image=image, configmap=configmap, secret=secret), nl=False)
+        try:
+            text = render_k8s(jobs, image=image, gpu_image=gpu_image, configmap=configmap, secret=secret,
+                              aws_secret=aws_secret)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(text, nl=False)
         return
     try:
         exe = os.path.abspath(batchmask_path) if batchmask_path else find_batchmask()

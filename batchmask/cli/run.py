@@ -58,9 +58,9 @@ def run_cmd(input_: str, output: str, **options) -> None:
     """Predict face masks for every image under --input and write them to --output.
 
     Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed,
-    4 another run holds the output's lock.
+    4 another run holds the output's lock, 5 this run lost the output's lock midway.
     """
-    from ..batch.lock import OutputLocked
+    from ..batch.lock import LockLost, OutputLocked
     from ..batch.runner import RunError, run
     from ..batch.storage import redact_urls
     from ..inference import ModelNotFoundError
@@ -75,6 +75,9 @@ def run_cmd(input_: str, output: str, **options) -> None:
         sys.exit(EXIT_FAILED)
     except OutputLocked as exc:
         click.echo(f"batchmask: {exc}; exit {exit_code_of(exc)}", err=True)
+        sys.exit(exit_code_of(exc))
+    except LockLost as exc:
+        click.echo(f"Error: {redact_urls(str(exc))}", err=True)
         sys.exit(exit_code_of(exc))
     except (RunError, ModelNotFoundError, OSError) as exc:  # StorageError is an OSError
         click.echo(f"Error: {redact_urls(str(exc))}", err=True)

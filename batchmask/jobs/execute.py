@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCKED, EXIT_OK, exit_code_of
+from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_LOCK_LOST, EXIT_LOCKED, EXIT_OK, exit_code_of
 from .schedule import iso, utcnow
 from .spec import JobSpec
 
@@ -211,12 +211,17 @@ def run_job(
     wait_timeout: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> JobResult:
-    """One incremental run of ``job`` under its lock; raises :class:`JobLocked` if busy."""
+    """One incremental run of ``job`` under its lock; raises :class:`JobLocked` if busy.
+
+    ``wait_timeout`` is one deadline for both waits, the job's lock and then the output's.
+    """
+    t_wait = time.monotonic()
     with job_lock(job.name, lock_dir, wait=wait, wait_timeout=wait_timeout):
         start = utcnow()
         t0 = time.monotonic()
+        left = None if wait_timeout is None else max(0.0, wait_timeout - (t0 - t_wait))
         outcome = _run_child(job, quiet=quiet, address=address,
-                             wait={"wait": True, "wait_timeout": wait_timeout} if wait else None)
+                             wait={"wait": True, "wait_timeout": left} if wait else None)
         end = utcnow()
         record: dict[str, Any] = {
             "job": job.name,
@@ -246,7 +251,7 @@ def run_job(
             # Images finished before a timeout are kept, so 0 would be wrong: null instead.
             # Another run (cron plus a manual one, or a job sharing the output) holds the output's
             # lock: exit 4, like the job's own lock.
-            code = EXIT_LOCKED if outcome.get("status") == "locked" else EXIT_FAILED
+            code = {"locked": EXIT_LOCKED, "lock_lost": EXIT_LOCK_LOST}.get(outcome.get("status"), EXIT_FAILED)
             record.update(
                 status=outcome.get("status", "failed"),
                 exit_code=code,
@@ -258,6 +263,8 @@ def run_job(
                 images_per_s=None,
                 error=outcome.get("error", "the run failed"),
             )
+            if "run_pid" in outcome:  # the stopped run's process (group): for whoever looks into it
+                record["run_pid"] = outcome["run_pid"]
         from ..version import __version__
 
         record["batchmask_version"] = __version__
@@ -284,7 +291,11 @@ def _run_child(job: JobSpec, *, quiet: bool, address: str | None, wait: dict | N
     with tempfile.TemporaryDirectory(prefix="batchmask-job-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps({"kwargs": kwargs, "result": str(res)}))
-        proc = subprocess.Popen([sys.executable, "-m", "batchmask.jobs.execute", str(req)], start_new_session=True)
+        # --quiet: one summary line from the parent; what the child writes (its warnings, Ray's and
+        # TensorFlow's lines, a traceback) goes to the parent's debug log instead of the terminal.
+        errf = open(Path(tmp) / "stderr.txt", "w+b") if quiet else None  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([sys.executable, "-m", "batchmask.jobs.execute", str(req)], start_new_session=True,
+                                stdout=errf, stderr=errf)
         stop: list[int] = []
 
         def _on_signal(signum, _frame):  # forward SIGTERM/SIGINT: stop the run, still record it
@@ -304,15 +315,23 @@ def _run_child(job: JobSpec, *, quiet: bool, address: str | None, wait: dict | N
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=0.2)
             if status:
-                log.warning("job %s: %s, stopping the run (pid %d)", job.name, status, proc.pid)
+                log.log(logging.INFO if quiet else logging.WARNING, "job %s: %s, stopping the run (pid %d)",
+                        job.name, status, proc.pid)
                 _kill_group(proc, KILL_GRACE_S)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if errf is not None:
+                errf.seek(0)
+                text = errf.read().decode("utf-8", "replace").strip()
+                errf.close()
+                if text:
+                    log.debug("job %s: the run process wrote:\n%s", job.name, text[-4000:])
         if status == "timeout":
-            return {"status": "timeout", "error": f"stopped after the job's timeout of {job.timeout:g} s"}
+            return {"status": "timeout", "error": f"stopped after the job's timeout of {job.timeout:g} s",
+                    "run_pid": proc.pid}
         if status == "interrupted":
-            return {"status": "interrupted", "error": f"stopped by signal {stop[0]}"}
+            return {"status": "interrupted", "error": f"stopped by signal {stop[0]}", "run_pid": proc.pid}
         try:
             result = json.loads(res.read_text())
         except (OSError, ValueError):
@@ -331,7 +350,9 @@ def _child_main(argv: list[str]) -> int:
         level=logging.WARNING if kwargs.get("quiet") else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ..tfquiet import install
+
+    install()
     try:
         from ..batch.runner import run
 
@@ -340,14 +361,20 @@ def _child_main(argv: list[str]) -> int:
         data = {k: v for k, v in raw.items() if k != "run_json"}
         result_path.write_text(json.dumps({"summary": data}, default=str))
         return 0
+    except KeyboardInterrupt as exc:  # SIGTERM from the parent (timeout, its own signal): no traceback
+        result_path.write_text(json.dumps({"status": "interrupted", "error": f"interrupted ({exc or 'Ctrl-C'})"}))
+        return 1
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which records it
-        from ..batch.lock import OutputLocked
+        from ..batch.lock import LockLost, OutputLocked
         from ..batch.runner import RunError
         from ..batch.storage import StorageError, redact_urls
         from ..inference import ModelNotFoundError
 
         if isinstance(exc, OutputLocked):
             result_path.write_text(json.dumps({"status": "locked", "error": str(exc)}))
+            return exit_code_of(exc)
+        if isinstance(exc, LockLost):
+            result_path.write_text(json.dumps({"status": "lock_lost", "error": redact_urls(str(exc))}))
             return exit_code_of(exc)
         if not isinstance(exc, (RunError, StorageError, ModelNotFoundError)):
             log.exception("the run failed")  # unexpected: keep the traceback in the log

@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .schedule import iso, to_on_calendar, utcnow
+from .schedule import iso, spring_forward_runs, to_on_calendar, utcnow
 from .spec import JobSpec, is_url, line_unsafe
+
+#: Years ahead for which timers carry explicit dates of runs moved by a DST change.
+SPRING_FORWARD_YEARS = 10
 
 K8S_JOBS_MOUNT = "/etc/batchmask/jobs"
 #: Kubernetes limits CronJob names to 52 characters (it appends a suffix per Job it creates)
@@ -144,6 +147,7 @@ def render_systemd(
             "",
             "[Timer]",
             f"OnCalendar={calendar}",
+            *_spring_forward_lines(job),
             f"Unit={unit}.service",
             "",
             "[Install]",
@@ -152,6 +156,18 @@ def render_systemd(
         units[f"{unit}.service"] = "\n".join(service) + "\n"
         units[f"{unit}.timer"] = "\n".join(timer) + "\n"
     return units
+
+
+def _spring_forward_lines(job: JobSpec) -> list[str]:
+    """Explicit dates for runs that a DST change moves (systemd would skip them; cron and
+    ``jobs list`` run them at the next valid time), for the next SPRING_FORWARD_YEARS years."""
+    runs = spring_forward_runs(job.schedule, job.timezone, SPRING_FORWARD_YEARS)
+    if not runs:
+        return []
+    last = runs[-1].year
+    return [f"# {job.timezone} skips an hour in spring: those runs at the next valid time, as cron does "
+            f"(until {last}: render the units again before then)",
+            *(f"OnCalendar={r:%Y-%m-%d %H:%M}:00 UTC" for r in runs)]
 
 
 def _systemd_quote(arg: str) -> str:
@@ -173,63 +189,127 @@ def k8s_name(job: JobSpec) -> str:
     return name
 
 
+#: Memory a run needs besides its workers (the driver, Ray's head processes), and per worker:
+#: requested (what a worker holds after its first shards) and the limit (its peak on large images).
+#: docs/benchmarks.md measures ~0.8-1.5 GB per worker.
+K8S_BASE_MEMORY_MI = 1024
+K8S_WORKER_MEMORY_MI = (1024, 1536)
+#: Where a ``profile`` job's AWS config and credentials files are mounted from the Secret
+K8S_AWS_MOUNT = "/etc/batchmask/aws"
+#: Ray's object store lives in /dev/shm; a container's default is 64 MB, too small for it.
+K8S_SHM_SIZE = "1Gi"
+
+
+def k8s_resources(job: JobSpec) -> dict:
+    """Requests and limits for a run of ``job``: a CPU per worker (so Ray and the in-process thread
+    count, which read the container's CPU limit, plan ``workers`` of them) and memory per worker
+    plus the driver's; ``nvidia.com/gpu`` (whole cards) for ``workers * gpus_per_worker`` GPUs."""
+    import math
+
+    workers = max(1, int(job.workers))
+    mem_req, mem_lim = (K8S_BASE_MEMORY_MI + workers * m for m in K8S_WORKER_MEMORY_MI)
+    res = {"requests": {"cpu": str(workers), "memory": f"{mem_req}Mi"},
+           "limits": {"cpu": str(workers), "memory": f"{mem_lim}Mi"}}
+    if job.gpus_per_worker:
+        res["limits"]["nvidia.com/gpu"] = math.ceil(workers * job.gpus_per_worker - 1e-9)
+    return res
+
+
+def k8s_configmap_keys(jobs: Sequence[JobSpec]) -> dict[str, JobSpec]:
+    """``{ConfigMap key: job}``: each job file by its file name, as ``kubectl create configmap
+    --from-file`` names them. Two files with one name (in different folders) would be one key:
+    one of the jobs would never run, so that is an error naming both."""
+    keys: dict[str, JobSpec] = {}
+    for job in jobs:
+        key = Path(job.source).name if job.source else f"{job.name}.toml"
+        if key in keys:
+            raise ValueError(f"{keys[key].source or keys[key].name} and {job.source or job.name} have the same file "
+                             f"name {key!r}: one ConfigMap key for two jobs; rename one of them")
+        keys[key] = job
+    return keys
+
+
 def render_k8s(
-    jobs: Sequence[JobSpec], *, image: str, configmap: str = "batchmask-jobs", secret: str | None = None
+    jobs: Sequence[JobSpec],
+    *,
+    image: str,
+    gpu_image: str | None = None,
+    configmap: str = "batchmask-jobs",
+    secret: str | None = None,
+    aws_secret: str = "batchmask-aws",
 ) -> str:
     """Kubernetes CronJobs (``concurrencyPolicy: Forbid``), one YAML document per enabled job.
 
-    The job files are expected in a ConfigMap mounted at ``/etc/batchmask/jobs``.
+    The job files are expected in a ConfigMap mounted at ``/etc/batchmask/jobs``; jobs with
+    ``gpus_per_worker`` use ``gpu_image`` (default ``image``). The container keeps the image's
+    entrypoint (``args``, not ``command``), which passes Kubernetes' SIGTERM on to batchmask.
     """
     import yaml
 
-    docs = []
-    for job in jobs:
-        if not job.enabled:
-            continue
-        name = Path(job.source).name if job.source else f"{job.name}.toml"
-        container: dict = {
-            "name": "batchmask",
-            "image": image,
-            "command": ["batchmask", "jobs", "run", "--quiet", f"{K8S_JOBS_MOUNT}/{name}"],
-            "volumeMounts": [{"name": "jobs", "mountPath": K8S_JOBS_MOUNT, "readOnly": True}],
-        }
-        if secret:
-            container["envFrom"] = [{"secretRef": {"name": secret}}]
-        job_spec: dict = {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"labels": {"app.kubernetes.io/name": "batchmask", "batchmask/job": job.name}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [container],
-                    "volumes": [{"name": "jobs", "configMap": {"name": configmap}}],
-                },
-            },
-        }
-        if job.timeout:
-            job_spec["activeDeadlineSeconds"] = int(job.timeout) + 60
-        docs.append(
-            {
-                "apiVersion": "batch/v1",
-                "kind": "CronJob",
-                "metadata": {"name": k8s_name(job), "labels": {"batchmask/job": job.name}},
-                "spec": {
-                    "schedule": job.schedule,
-                    "timeZone": job.timezone,
-                    "concurrencyPolicy": "Forbid",
-                    "startingDeadlineSeconds": 300,
-                    "successfulJobsHistoryLimit": 3,
-                    "failedJobsHistoryLimit": 3,
-                    "jobTemplate": {"spec": job_spec},
-                },
-            }
-        )
+    keys = k8s_configmap_keys(jobs)
+    docs = [_k8s_cronjob(job, key, image=(gpu_image or image) if job.gpus_per_worker else image,
+                         configmap=configmap, secret=secret, aws_secret=aws_secret)
+            for key, job in keys.items() if job.enabled]
     local = [j.name for j in jobs if j.enabled and not (is_url(j.input) and is_url(j.output))]
+    profiles = sorted({j.profile for j in jobs if j.enabled and j.profile})
     head = [
         "# batchmask CronJobs - generated by `batchmask jobs crontab --format k8s`",
         f"# kubectl create configmap {configmap} --from-file=jobs/   (the job files, mounted at {K8S_JOBS_MOUNT})",
     ]
+    if profiles:
+        head.append(f"# profile {', '.join(profiles)}: kubectl create secret generic {aws_secret} "
+                    f"--from-file=config=$HOME/.aws/config --from-file=credentials=$HOME/.aws/credentials")
     if local:
         head.append(f"# WARNING: local input/output paths in {', '.join(local)}: mount them into the pod or use s3://")
     body = "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
     return "\n".join(head) + "\n" + body
+
+
+def _k8s_cronjob(job: JobSpec, key: str, *, image: str, configmap: str, secret: str | None, aws_secret: str) -> dict:
+    # --locked-ok: a run that finds the previous one still holding the output exits 0, not 4,
+    # which would mark the Job failed (systemd units say SuccessExitStatus=4 instead)
+    container: dict = {
+        "name": "batchmask",
+        "image": image,
+        "args": ["batchmask", "jobs", "run", "--quiet", "--locked-ok", f"{K8S_JOBS_MOUNT}/{key}"],
+        "resources": k8s_resources(job),
+        "volumeMounts": [{"name": "jobs", "mountPath": K8S_JOBS_MOUNT, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    volumes: list[dict] = [{"name": "jobs", "configMap": {"name": configmap}},
+                           {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": K8S_SHM_SIZE}}]
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    if job.profile:  # the named profile is read from AWS' config files, as on a workstation
+        container["env"] = [{"name": "AWS_CONFIG_FILE", "value": f"{K8S_AWS_MOUNT}/config"},
+                            {"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{K8S_AWS_MOUNT}/credentials"}]
+        container["volumeMounts"].append({"name": "aws", "mountPath": K8S_AWS_MOUNT, "readOnly": True})
+        volumes.append({"name": "aws", "secret": {"secretName": aws_secret}})
+    job_spec: dict = {
+        "backoffLimit": 0,
+        "template": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "batchmask", "batchmask/job": job.name}},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": {"runAsNonRoot": True},
+                "containers": [container],
+                "volumes": volumes,
+            },
+        },
+    }
+    if job.timeout:
+        job_spec["activeDeadlineSeconds"] = int(job.timeout) + 60
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": k8s_name(job), "labels": {"batchmask/job": job.name}},
+        "spec": {
+            "schedule": job.schedule,
+            "timeZone": job.timezone,
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": 300,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"spec": job_spec},
+        },
+    }

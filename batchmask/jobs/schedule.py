@@ -168,6 +168,37 @@ def to_on_calendar(expr: str, tz: str = "UTC") -> str:
     return f"{dow}*-{field(3)}-{field(2)} {field(1)}:{field(0)}:00 {tz}"
 
 
+def spring_forward_runs(expr: str, tz: str = "UTC", years: int = 10,
+                        now: dt.datetime | None = None) -> list[dt.datetime]:
+    """Runs (UTC) in the next ``years`` that fall on a local time skipped by a DST change.
+
+    :func:`next_runs` (croniter: what ``jobs list`` shows, and what cron does) moves a time that
+    does not exist, e.g. 02:30 Europe/Paris on the last Sunday of March, to the next valid time
+    (03:00); systemd's ``OnCalendar=*-*-* 02:30:00 Europe/Paris`` skips that day instead
+    (``systemd-analyze calendar`` shows it). These are the moved runs, to give systemd as dates.
+    """
+    zone = validate_timezone(tz)
+    start = (now or utcnow()).astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    end = start + dt.timedelta(days=366 * years)
+    out: list[dt.datetime] = []
+    day, prev = start, start.astimezone(zone).utcoffset()
+    while day < end:  # a day at a time, then the hour where the offset grew (a gap in local time)
+        nxt = day + dt.timedelta(days=1)
+        off = nxt.astimezone(zone).utcoffset()
+        if off is not None and prev is not None and off > prev:
+            t = day
+            while (t + dt.timedelta(hours=1)).astimezone(zone).utcoffset() == prev:
+                t += dt.timedelta(hours=1)
+            gap = t + dt.timedelta(hours=1)  # first instant with the new offset
+            it = croniter(expr, (gap - dt.timedelta(minutes=1)).astimezone(zone))
+            run = it.get_next(dt.datetime)
+            local = run.replace(tzinfo=None)
+            if run - gap < off - prev + dt.timedelta(minutes=1) and not croniter.match(expr, local):
+                out.append(run.astimezone(dt.UTC))
+        day, prev = nxt, off
+    return out
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
