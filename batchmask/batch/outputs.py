@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import posixpath
+import re
 from dataclasses import dataclass
 
 import numpy as np

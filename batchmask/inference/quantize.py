@@ -191,7 +191,7 @@ def export_model(model_dir: str | os.PathLike | None, fmt: str, dest: str | os.P
                  data: Sequence[str | os.PathLike] = (), settings: QuantSettings = QuantSettings()) -> dict[str, Any]:
     """Write the model's ONNX file (``fmt="onnx"``) or its int8 file (``"onnx-int8"``) to ``dest``.
 
-    fp32: the cached, parity-checked export (:mod:`batchmask.runtime`), copied. int8: calibrated
+    fp32: the cached, parity-checked export (:mod:`batchmask.inference.backends`), copied. int8: calibrated
     on ``data`` (default: the training sources recorded in model.json) minus the model's validation
     images, then scored against fp32 on those validation images when ``data`` has them. Written to
     the model's own ``model.int8.onnx``, its record also goes into ``model.json``. Returns the record.
