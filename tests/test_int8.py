@@ -91,17 +91,45 @@ def test_run_and_evaluate_with_int8(tmp_path, bright_int8_model, demo_wider):
     assert res.info["precision"] == "int8" and res.info["runtime"] == "onnx"
 
 
+def _with_recorded_loss(src, dest, dice_diff: float):
+    model = shutil.copytree(src, dest)
+    meta = read_meta(model)
+    meta["int8"]["validation"]["dice_diff"] = dice_diff
+    (model / "model.json").write_text(json.dumps(meta))
+    return model
+
+
+def test_auto_precision_follows_the_recorded_int8_loss(tmp_path, bright_int8_model, tiny_model_dir, demo_wider, caplog):
+    """auto: int8 when the file's recorded validation loss is within 0.003 and ONNX Runtime runs on the
+    CPU; fp32 otherwise (a bigger loss, Keras, no file; a damaged file with one warning)."""
+    near = _with_recorded_loss(bright_int8_model, tmp_path / "near", -0.0029)
+    far = _with_recorded_loss(bright_int8_model, tmp_path / "far", -0.0031)
+    assert load_model(near, runtime="auto", precision="auto").precision == "int8"
+    assert load_model(far, runtime="auto", precision="auto").precision == "fp32"
+    assert load_model(near, runtime="keras", precision="auto").runtime == "keras"
+    assert load_model(tiny_model_dir, runtime="auto", precision="auto").precision == "fp32"  # no int8 file
+    s = run(str(demo_wider / "images"), str(tmp_path / "out"), str(near), quiet=True)  # the run's default
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert s.ok == 10 and info["options"]["precision"] == "auto" and info["runtime"]["precision"] == "int8"
+    assert info["actors"][0]["precision"] == "int8"
+    with open(near / INT8_FILE, "ab") as f:
+        f.write(b"\0")
+    with caplog.at_level("WARNING", logger="batchmask.inference.int8"):
+        assert load_model(near, runtime="auto", precision="auto").precision == "fp32"
+    assert any("does not match the SHA-256" in r.getMessage() for r in caplog.records)
+
+
 def test_job_files_take_precision(tmp_path):
     from batchmask.jobs.spec import JobError, parse_job
 
     base = {"name": "n", "schedule": "0 2 * * *", "input": str(tmp_path / "i"), "output": str(tmp_path / "o")}
     assert parse_job({**base, "precision": "int8"}).runner_kwargs()["precision"] == "int8"
-    assert parse_job(base).runner_kwargs()["precision"] == "fp32"
+    assert parse_job(base).runner_kwargs()["precision"] == "auto"
     with pytest.raises(JobError, match="precision"):
         parse_job({**base, "precision": "fp16"})
 
 
 def test_cli_has_precision_and_export():
     for cmd in ("run", "evaluate"):
-        assert "--precision [fp32|int8]" in CliRunner().invoke(main, [cmd, "--help"]).output
+        assert "--precision [auto|fp32|int8]" in CliRunner().invoke(main, [cmd, "--help"]).output
     assert "--format [onnx|onnx-int8]" in CliRunner().invoke(main, ["export", "--help"]).output

@@ -22,7 +22,13 @@ from itertools import chain, islice
 from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
-from ..inference.backends import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from ..inference.backends import (
+    ONNX_FILE,
+    cached_onnx,
+    onnxruntime_installed,
+    onnxruntime_version,
+    wants_onnx,
+)
 from .cpus import available_cpus
 from .dispatch import RunCounts, raise_interrupt, steady_rate
 from .options import RunError
@@ -42,6 +48,18 @@ def check_int8_file(model: str | None, runtime: str, precision: str) -> None:
     if precision_of(runtime, precision) == "int8":
         model_dir = resolve_model_dir(model)
         int8_path(model_dir, read_meta(model_dir))
+
+
+def run_precision(model_dir, runtime: str, precision: str, gpus_per_worker: float) -> str:
+    """The precision actors use: "auto" resolved for this model (int8 on CPU workers only: ONNX
+    Runtime's int8 kernels are CPU kernels)."""
+    from ..inference import read_meta
+    from ..inference.int8 import auto_precision
+
+    if precision != "auto":
+        return precision
+    cpu_onnx = gpus_per_worker == 0 and wants_onnx(runtime)
+    return auto_precision(model_dir, read_meta(model_dir), cpu_onnx)
 
 
 def prepare_model_files(model_dir, runtime: str, precision: str = "fp32") -> tuple[dict[str, bytes], dict[str, Any]]:

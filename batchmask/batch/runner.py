@@ -49,6 +49,7 @@ from .plan import (
     plan_shards,
     prepare_model_files,
     ray_address,
+    run_precision,
     runtime_used,
 )
 from .policy import INFLIGHT_PER_ACTOR
@@ -287,8 +288,9 @@ class _BatchRun:
             return
         self.lock.check()
         shards = self._guarded(shards)
-        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, opts.precision)
-        wopts = WorkerOptions.of(opts, self.run_id)
+        precision = run_precision(self.model_dir, opts.runtime, opts.precision, opts.gpus_per_worker)
+        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, precision)
+        wopts = dataclasses.replace(WorkerOptions.of(opts, self.run_id), precision=precision)
         why_ray = in_process_reason(n_todo, opts.in_process_max, opts.gpus_per_worker, opts.address)
         info["plan"] = {"images_to_do": n_todo, "shard_size": planned_shard,
                         "mode": "ray" if why_ray else "in-process", "why_ray": why_ray}

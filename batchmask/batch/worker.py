@@ -46,7 +46,8 @@ class WorkerOptions:
     #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
     gpus: float = 0.0
     #: "fp32", or "int8": "model.onnx" among the model files is then the int8 file (never Keras).
-    precision: str = RunOptions.precision
+    #: Set by the driver ("auto" resolved).
+    precision: str = "fp32"
 
     @classmethod
     def of(cls, options: RunOptions, run_id: str) -> WorkerOptions:

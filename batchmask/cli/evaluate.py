@@ -26,8 +26,8 @@ from .common import user_errors
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N images.")
 @click.option("--runtime", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True,
               help="What predicts: ONNX Runtime (auto: when installed; same masks, faster on CPU) or Keras.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="int8: the model's int8 ONNX file (see `batchmask export`). Needs ONNX Runtime.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
+              help="int8: the model's int8 ONNX file (see `batchmask export`); auto: as `batchmask run`.")
 def evaluate_cmd(model_dir, data, out_dir, subset, tune_threshold, report_dir, baseline, batch_size, limit,
                  runtime, precision) -> None:
     """Score a model: mean per-image Dice and IoU, global soft Dice, pixel precision/recall.

@@ -6,14 +6,20 @@ How the file is made (calibration, quantization, the check against fp32) is
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("auto", "fp32", "int8")
+#: ``auto`` picks int8 only when its recorded validation Dice is at most this much below fp32's.
+MAX_INT8_LOSS = 0.003
 INT8_FILE = "model.int8.onnx"
 #: model.json's key for the int8 file's record.
 META_KEY = "int8"
+
+
+log = logging.getLogger(__name__)
 
 
 class QuantizationError(ValueError):
@@ -43,3 +49,19 @@ def int8_path(model_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
         raise QuantizationError(f"{path}: does not match the SHA-256 in model.json (damaged or replaced); "
                                 f"make it again with `batchmask export {model_dir} --format onnx-int8 -o {path}`")
     return path
+
+
+def auto_precision(model_dir: str | os.PathLike, meta: dict[str, Any], onnx_on_cpu: bool) -> str:
+    """What ``precision="auto"`` means for this model: "int8" when ONNX Runtime runs on the CPU and
+    the model has an intact int8 file whose recorded validation Dice is within :data:`MAX_INT8_LOSS`
+    of fp32's; else "fp32" (with one warning when the file exists but cannot be used)."""
+    rec = meta.get(META_KEY) or {}
+    diff = (rec.get("validation") or {}).get("dice_diff")
+    if not onnx_on_cpu or diff is None or -diff > MAX_INT8_LOSS:
+        return "fp32"
+    try:
+        int8_path(model_dir, meta)
+    except QuantizationError as exc:
+        log.warning("%s; using fp32", exc)
+        return "fp32"
+    return "int8"

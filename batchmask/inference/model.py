@@ -186,8 +186,9 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
     ``runtime``: "keras", "onnx" or "auto" (ONNX Runtime when installed; see
     :mod:`batchmask.runtime`). A model that cannot be exported to ONNX loads with Keras.
     ``threads``: ONNX Runtime intra-op threads (0: its default, all cores).
-    ``precision``: "fp32", or "int8" for the directory's checked ``model.int8.onnx`` (ONNX
-    Runtime only; see :mod:`batchmask.quantize`).
+    ``precision``: "fp32", "int8" for the directory's checked ``model.int8.onnx`` (ONNX
+    Runtime only; see :mod:`batchmask.inference.int8`), or "auto": int8 when ONNX Runtime runs
+    on the CPU and the file's recorded validation Dice loss is within 0.003, else fp32.
     """
     from .backends import cached_onnx_session, wants_onnx
 
@@ -197,7 +198,11 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
         raise ModelNotFoundError(
             f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
         )
-    if precision_of(runtime, precision) == "int8":
+    if precision_of(runtime, precision) == "auto":
+        from .int8 import auto_precision
+
+        precision = auto_precision(model_dir, meta, wants_onnx(runtime))
+    if precision == "int8":
         from .backends import make_session
         from .int8 import META_KEY, int8_path
 
