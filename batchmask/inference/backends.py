@@ -227,6 +227,9 @@ def make_session(model: bytes | str, threads: int, gpu: bool = False):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # No busy-waiting between ops: ONNX Runtime's spinning threads took the CPU the run's decode and
+    # PNG threads need (in-process int8, 2 cores: 7-8 -> 12-14 images/s end to end; docs/benchmarks.md)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = ["CPUExecutionProvider"]
     if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
