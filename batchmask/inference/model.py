@@ -171,7 +171,9 @@ class FaceMaskModel:
         if self.session is not None:
             if cfg.image_size != self.config.image_size:
                 raise ValueError("an ONNX Runtime model runs at its exported size only; load it with runtime='keras'")
-            return FaceMaskModel(None, {**self.meta, "model": cfg.to_dict()}, None, self.session)
+            m = FaceMaskModel(None, {**self.meta, "model": cfg.to_dict()}, None, self.session)
+            m.precision = self.precision
+            return m
         if cfg.image_size != self.config.image_size:
             net = build_unet(cfg, backbone_weights=None)
             net.set_weights(self.keras_model.get_weights())
