@@ -436,7 +436,7 @@ def evaluate(
     images). ``out_dir`` gets metrics.json, per_image.csv and predictions.png; ``report_dir`` an
     HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
     ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.inference.backends`);
-    ``precision``: "fp32" or "int8" (the model's int8 ONNX file; :mod:`batchmask.inference.int8`).
+    ``precision``: "fp32", "int8" (the model's int8 file) or "auto" (:mod:`batchmask.inference.int8`).
     Files are decoded exactly as ``batchmask run`` decodes them (JPEG draft mode included).
     ``store_threshold=False`` tunes the threshold without writing it anywhere (scoring a model
     that must not change, such as a fine-tuning run's starting model).
@@ -456,8 +456,7 @@ def evaluate(
         from .baseline import HaarBaseline
 
         haar = HaarBaseline()  # fail early when OpenCV is missing
-    fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime,
-                                                                                    precision=precision)
+    fmm = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime, precision=precision)
     if tune_threshold and store_threshold and fmm.path is None:
         raise EvaluationError("tune_threshold needs a model loaded from a directory")
     samples, where = load_samples(data, subset, fmm, limit)
@@ -465,11 +464,9 @@ def evaluate(
     info: dict[str, Any] = {
         "model": str(fmm.path) if fmm.path else None, "model_config": fmm.config.to_dict(),
         "data": where, "subset": subset, "images": len(samples), "data_fingerprint": fingerprint(samples),
-        "threshold_source": "model.json", "runtime": fmm.runtime,
-        "precision": fmm.precision,
+        "threshold_source": "model.json", "runtime": fmm.runtime, "precision": fmm.precision,
     }
     t0 = time.perf_counter()
-    # decoded exactly as `batchmask run` decodes (JPEG draft mode), so these are the masks run writes
     scores = score_models([fmm], samples, list(thresholds) + [previous], batch_size)[0][0]
     info["seconds"] = round(time.perf_counter() - t0, 2)
     info["images_per_s"] = round(len(samples) / max(info["seconds"], 1e-9), 2)
