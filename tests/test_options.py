@@ -15,7 +15,7 @@ from batchmask.batch.worker import WorkerOptions
 #: run.json's "options" keys, in order (README.md, "Files written"; kept from before RunOptions).
 RUN_JSON_OPTIONS = ["workers", "batch_size", "shard_size", "glob", "threshold", "overlays", "overwrite",
                     "retry_errors", "max_pixels", "max_bytes", "shared_fs", "draft", "shard_timeout", "runtime",
-                    "gpus_per_worker", "in_process_max"]
+                    "precision", "gpus_per_worker", "in_process_max"]
 
 
 def test_defaults():
@@ -98,7 +98,7 @@ def test_job_fields_are_run_options():
 
     assert set(JOB_FIELDS) <= set(_FIELDS)
     assert set(JOB_FIELDS) == {"model", "workers", "batch_size", "endpoint_url", "threshold", "glob", "overlays",
-                               "max_bytes", "runtime", "gpus_per_worker"}
+                               "max_bytes", "runtime", "precision", "gpus_per_worker"}
     job = parse_job({"name": "n", "schedule": "0 2 * * *", "input": "s3://b/in", "output": "s3://b/out",
                      "workers": 3, "gpus_per_worker": 1, "profile": "p"})
     assert isinstance(job.run, RunOptions) and job.run.workers == job.workers == 3

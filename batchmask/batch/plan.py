@@ -1,7 +1,7 @@
 """Planning a ``batchmask run``: the model files to ship, shard sizes, and Ray or this process.
 
 * Model files: ``model.keras`` and ``model.json``, plus the cached ``model.onnx`` when the
-  runtime may be ONNX Runtime (:mod:`batchmask.runtime`); actors get the bytes, never a path.
+  runtime may be ONNX Runtime (:mod:`batchmask.inference.backends`); actors get the bytes, never a path.
 * Shards: sized from the number of images to do and of workers (when the listing is short
   enough to know it up front), so a small run is spread over every worker.
 * Small runs (at most ``in_process_max`` images to do) are processed in the driver process by
@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..inference import META_FILE, MODEL_FILE
-from ..runtime import ONNX_FILE, cached_onnx, onnxruntime_installed, onnxruntime_version
+from ..inference.backends import (
+    ONNX_FILE,
+    cached_onnx,
+    onnxruntime_installed,
+    onnxruntime_version,
+    wants_onnx,
+)
 from .cpus import available_cpus
 from .dispatch import RunCounts, raise_interrupt, steady_rate
 from .options import RunError
@@ -36,16 +42,50 @@ from .worker import MaskWorker, WorkerOptions
 log = logging.getLogger(__name__)
 
 
-def prepare_model_files(model_dir, runtime: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+def check_int8_file(model: str | None, runtime: str, precision: str) -> None:
+    """With ``precision`` "int8": the runtime allows it and the model has its checked int8 file."""
+    from ..inference import precision_of, read_meta, resolve_model_dir
+    from ..inference.int8 import int8_path
+
+    if precision_of(runtime, precision) == "int8":
+        model_dir = resolve_model_dir(model)
+        int8_path(model_dir, read_meta(model_dir))
+
+
+def run_precision(model_dir, runtime: str, precision: str, gpus_per_worker: float) -> str:
+    """The precision actors use: "auto" resolved for this model (int8 on CPU workers only: ONNX
+    Runtime's int8 kernels are CPU kernels)."""
+    from ..inference import read_meta
+    from ..inference.int8 import auto_precision
+
+    if precision != "auto":
+        return precision
+    cpu_onnx = gpus_per_worker == 0 and wants_onnx(runtime)
+    return auto_precision(model_dir, read_meta(model_dir), cpu_onnx)
+
+
+def prepare_model_files(model_dir, runtime: str, precision: str = "fp32") -> tuple[dict[str, bytes], dict[str, Any]]:
     """The files actors load, and what run.json says about the runtime.
+
+    With ``precision`` "int8", ``model.onnx`` is the model's checked int8 file (never exported here).
 
     ``model.onnx`` is added unless the runtime is "keras" or onnxruntime is missing; an actor
     (or the driver) still decides whether to use it (a GPU actor without the CUDA provider uses
     Keras). The ONNX file comes from the cache; a miss exports it once (seconds, needs Keras).
     """
     files = {n: (model_dir / n).read_bytes() for n in (MODEL_FILE, META_FILE)}
-    info: dict[str, Any] = {"requested": runtime}
-    if runtime != "keras" and onnxruntime_installed():
+    info: dict[str, Any] = {"requested": runtime, "precision": precision}
+    if precision == "int8":
+        from ..inference import read_meta
+        from ..inference.int8 import META_KEY, int8_path
+
+        meta = read_meta(model_dir)
+        files[ONNX_FILE] = int8_path(model_dir, meta).read_bytes()
+        rec = meta[META_KEY]
+        info["int8"] = {"sha256": rec.get("sha256"), "onnxruntime": onnxruntime_version(),
+                        "validation": {k: v for k, v in (rec.get("validation") or {}).items()
+                                       if k in ("images", "dice_fp32", "dice_int8", "dice_diff", "dice_diff_ci95")}}
+    elif runtime != "keras" and onnxruntime_installed():
         found = cached_onnx(model_dir)
         if found is not None:
             path, record = found

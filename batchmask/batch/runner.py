@@ -45,12 +45,14 @@ from .outputs import (
 from .plan import (
     Shards,
     capped_workers,
+    check_int8_file,
     execute_in_process,
     in_process_reason,
     model_image_size,
     plan_shards,
     prepare_model_files,
     ray_address,
+    run_precision,
     runtime_used,
     shard_size_for,
 )
@@ -176,11 +178,12 @@ def run(input: str, output: str, options: RunOptions | str | os.PathLike | None 
     ``in_process_max`` images to do are processed in this process, without Ray (0: always Ray).
     """
     opts = _as_options(options, kwargs)
-    from ..runtime import RuntimeUnavailableError, check_runtime
+    from ..inference.backends import RuntimeUnavailableError, check_runtime
 
     try:
         check_runtime(opts.runtime)
-    except (ValueError, RuntimeUnavailableError) as exc:
+        check_int8_file(opts.model, opts.runtime, opts.precision)  # before anything is written
+    except (ValueError, RuntimeUnavailableError) as exc:  # QuantizationError is a ValueError
         raise RunError(str(exc)) from exc
     return _BatchRun(input, output, opts).execute()
 
@@ -291,8 +294,9 @@ class _BatchRun:
             return
         self.lock.check()
         shards = self._guarded(shards)
-        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime)
-        wopts = WorkerOptions.of(opts, self.run_id)
+        precision = run_precision(self.model_dir, opts.runtime, opts.precision, opts.gpus_per_worker)
+        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, precision)
+        wopts = dataclasses.replace(WorkerOptions.of(opts, self.run_id), precision=precision)
         why_ray = in_process_reason(n_todo, opts.in_process_max, opts.gpus_per_worker, opts.address)
         info["plan"] = {"images_to_do": n_todo, "shard_size": planned_shard,
                         "mode": "ray" if why_ray else "in-process", "why_ray": why_ray}

@@ -22,19 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError
+from ..inference.pixels import decode_for_model, encode_overlay, encode_png, mask_stats
 from .options import RunOptions
-from .outputs import (
-    Decoded,
-    decode_for_model,
-    encode_overlay,
-    encode_png,
-    error_row,
-    mask_stats,
-    ok_row,
-    overlay_rel,
-    part_name,
-    rows_to_csv,
-)
+from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
 from .storage import EntryError, StorageSpec, UnsafePathError, check_rel
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
@@ -58,17 +48,20 @@ class WorkerOptions:
     io_threads: int = 2
     draft: bool = RunOptions.draft
     run_id: str = ""
-    #: "auto", "keras" or "onnx" (see batchmask.runtime); onnx needs "model.onnx" among the model files.
+    #: "auto", "keras" or "onnx" (see batchmask.inference.backends); onnx needs "model.onnx" among the model files.
     runtime: str = "keras"
     #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
     gpus: float = 0.0
+    #: "fp32", or "int8": "model.onnx" among the model files is then the int8 file (never Keras).
+    #: Set by the driver ("auto" resolved).
+    precision: str = "fp32"
 
     @classmethod
     def of(cls, options: RunOptions, run_id: str) -> WorkerOptions:
         return cls(batch_size=options.batch_size, threshold=options.threshold, overlays=options.overlays,
                    max_pixels=options.max_pixels, max_bytes=options.max_bytes, run_id=run_id, draft=options.draft,
                    runtime=options.runtime,
-                   gpus=options.gpus_per_worker)
+                   gpus=options.gpus_per_worker, precision=options.precision)
 
 
 def _set_threads(n: int, tf_too: bool = True) -> None:
@@ -90,7 +83,7 @@ def _set_threads(n: int, tf_too: bool = True) -> None:
 def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
     from ..inference import META_FILE, FaceMaskModel, load_model
-    from ..runtime import (
+    from ..inference.backends import (
         ONNX_FILE,
         cuda_provider_available,
         make_session,
@@ -99,9 +92,12 @@ def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     )
 
     gpu = opts.gpus > 0
-    if ONNX_FILE in model_files and wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available()):
+    int8 = opts.precision == "int8"  # int8 runs on ONNX Runtime, on the CPU if CUDA is missing
+    if ONNX_FILE in model_files and (int8 or wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available())):
         meta = json.loads(model_files[META_FILE])
-        return FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        m = FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        m.precision = opts.precision
+        return m
     if gpu:
         set_keras_gpu_memory_growth()
     _set_threads(opts.threads)
@@ -186,10 +182,10 @@ class MaskWorker:
             import ray
 
             gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-        d = {"runtime": self.model.runtime, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
+        d = {"runtime": self.model.runtime, "precision": self.model.precision, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
         if self.model.session is not None:
-            from ..runtime import onnxruntime_version
+            from ..inference.backends import onnxruntime_version
 
             d["runtime_version"] = onnxruntime_version()
             d["providers"] = list(self.model.session.get_providers())
