@@ -28,7 +28,7 @@ COPY batchmask/ /tmp/build/src/batchmask/
 RUN sh /tmp/build/pip.sh wheel --no-deps -w /tmp/dist /tmp/build/src \
     && pip install --no-deps --no-index /tmp/dist/*.whl
 
-# ---- the default model's ONNX export, in the cache layout batchmask.runtime reads. build_image.sh
+# ---- the default model's ONNX export, in the cache layout batchmask.inference.backends reads. build_image.sh
 # puts the host's cached export in docker/cache/; without one, this stage installs the full package
 # (TensorFlow, in a venv of its own that the final image does not copy) and exports it here.
 FROM wheel AS onnx

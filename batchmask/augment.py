@@ -11,7 +11,7 @@ from PIL import Image
 
 from .config import AugmentConfig
 from .data import Sample, boxes_to_mask, face_weights
-from .image import resize_rgb
+from .inference.pixels import resize_rgb
 
 
 def downscale_sample(sample: Sample, max_side: int) -> tuple[np.ndarray, np.ndarray]:

@@ -55,6 +55,8 @@ SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("large", 96.0, float("inf")),
 )
 SMOOTH = 1.0
+#: evaluate's decompression-bomb guard (run's is --max-pixels): annotated datasets are trusted more.
+EVAL_MAX_PIXELS = 1_000_000_000
 
 Predictor = Callable[[list[np.ndarray]], list[np.ndarray]]
 
@@ -286,6 +288,50 @@ def score(predict_fn: Predictor, samples: Sequence[Sample], thresholds: Sequence
     return Scores(values, counts)
 
 
+def model_inputs(model, samples: Sequence[Sample], draft: bool = True) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Network inputs (n, S, S, 3) of ``samples`` and their (width, height), decoded exactly as
+    ``batchmask run`` decodes a file (JPEG draft mode included); in-memory pixels are resized."""
+    from .inference.pixels import decode_for_model
+
+    xs, sizes = [], []
+    for s in samples:
+        if s.image is None and s.path is not None:
+            with open(s.path, "rb") as f:
+                x, w, h = decode_for_model(f.read(), model.image_size, EVAL_MAX_PIXELS, str(s.path), draft)
+        else:
+            im = s.load_image()
+            x, (h, w) = model.preprocess(im), im.shape[:2]
+        xs.append(x)
+        sizes.append((w, h))
+    return np.stack(xs), sizes
+
+
+def score_models(models: Sequence, samples: Sequence[Sample], thresholds: Sequence[float], batch_size: int = 8,
+                 desc: str = "evaluate") -> tuple[list[Scores], list[float]]:
+    """Score loaded models (:class:`~batchmask.inference.FaceMaskModel`, same input size) on the same
+    decoded inputs, one decode per image: their Scores, and per image the fraction of
+    network-resolution pixels where every model's mask agrees with the first's (at its threshold)."""
+    from .inference.pixels import upsample_probs
+
+    values = _threshold_values(thresholds)
+    edges = np.asarray(values, np.float32)
+    counts: list[list[ImageCounts]] = [[] for _ in models]
+    agree: list[float] = []
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=None) as bar:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            x, sizes = model_inputs(models[0], batch)
+            probs = [m.predict_batch(x) for m in models]
+            masks = [p >= m.threshold for p, m in zip(probs, models, strict=True)]
+            agree += [float(np.mean(np.all([mk[i] == masks[0][i] for mk in masks], axis=0))) for i in range(len(batch))]
+            for k, p in enumerate(probs):
+                for s, (w, h), pk in zip(batch, sizes, p, strict=True):
+                    counts[k].append(image_counts(upsample_probs(pk, w, h), boxes_to_mask(s.boxes, h, w), edges,
+                                                  s.boxes, s.name, s.group))
+            bar.update(len(batch))
+    return [Scores(values, c) for c in counts], agree
+
+
 # --------------------------------------------------------------------------------------
 # evaluate()
 # --------------------------------------------------------------------------------------
@@ -379,6 +425,7 @@ def evaluate(
     limit: int | None = None,
     grid_images: int = 8,
     runtime: str = "keras",
+    precision: str = "fp32",
     store_threshold: bool = True,
 ) -> EvalResult:
     """Score ``model`` (a directory, a loaded :class:`FaceMaskModel`, or None for the default
@@ -388,7 +435,9 @@ def evaluate(
     model's ``model.json`` and the returned metrics are scored at it (optimistic on these
     images). ``out_dir`` gets metrics.json, per_image.csv and predictions.png; ``report_dir`` an
     HTML report; ``baseline="haar"`` scores OpenCV's Haar cascade on the same images.
-    ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.runtime`).
+    ``runtime``: what predicts ("keras", "onnx" or "auto"; see :mod:`batchmask.inference.backends`);
+    ``precision``: "fp32", "int8" (the model's int8 file) or "auto" (:mod:`batchmask.inference.int8`).
+    Files are decoded exactly as ``batchmask run`` decodes them (JPEG draft mode included).
     ``store_threshold=False`` tunes the threshold without writing it anywhere (scoring a model
     that must not change, such as a fine-tuning run's starting model).
     """
@@ -407,7 +456,7 @@ def evaluate(
         from .baseline import HaarBaseline
 
         haar = HaarBaseline()  # fail early when OpenCV is missing
-    fmm: FaceMaskModel = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime)
+    fmm = model if isinstance(model, FaceMaskModel) else load_model(model, runtime=runtime, precision=precision)
     if tune_threshold and store_threshold and fmm.path is None:
         raise EvaluationError("tune_threshold needs a model loaded from a directory")
     samples, where = load_samples(data, subset, fmm, limit)
@@ -415,11 +464,10 @@ def evaluate(
     info: dict[str, Any] = {
         "model": str(fmm.path) if fmm.path else None, "model_config": fmm.config.to_dict(),
         "data": where, "subset": subset, "images": len(samples), "data_fingerprint": fingerprint(samples),
-        "threshold_source": "model.json", "runtime": fmm.runtime,
+        "threshold_source": "model.json", "runtime": fmm.runtime, "precision": fmm.precision,
     }
     t0 = time.perf_counter()
-    scores = score(lambda ims: fmm.predict_proba(ims, batch_size=batch_size), samples,
-                   list(thresholds) + [previous], batch_size)
+    scores = score_models([fmm], samples, list(thresholds) + [previous], batch_size)[0][0]
     info["seconds"] = round(time.perf_counter() - t0, 2)
     info["images_per_s"] = round(len(samples) / max(info["seconds"], 1e-9), 2)
     best = None

@@ -64,3 +64,20 @@ def format_table(result: EvalResult) -> str:
         lines.append(f"tuned threshold {result.best_threshold:.2f} stored in model.json "
                      f"(was {result.info.get('previous_threshold')}); metrics above are at the tuned threshold")
     return "\n".join(lines)
+
+
+def paired_difference(ref, new, n_boot: int = 2000, seed: int = 0, tol: float = 1e-3) -> dict:
+    """Mean of ``new - ref`` (per-image scores of the same images) with a 95% bootstrap interval
+    (images resampled with replacement, ``n_boot`` times, seeded), and the number of images where
+    ``new`` is better or worse by more than ``tol``."""
+    import numpy as np
+
+    a, b = np.asarray(ref, np.float64), np.asarray(new, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"need two equal-length score lists, got {a.shape} and {b.shape}")
+    d = b - a
+    idx = np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    return {"mean": float(d.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "better": int((d > tol).sum()),
+            "worse": int((d < -tol).sum()), "images": int(d.size)}

@@ -1,6 +1,6 @@
 """Put the default model's ONNX export in $BATCHMASK_CACHE_DIR, as ``batchmask run`` looks it up.
 
-Uses batchmask's own cache code (:func:`batchmask.runtime.cached_onnx`), so the image's entry is
+Uses batchmask's own cache code (:func:`batchmask.inference.backends.cached_onnx`), so the image's entry is
 found by the same key and layout a run reads. ``--cached-only``: succeed only when the entry is
 already there (no Keras needed to check); exit 1 otherwise. ``--prune``: remove the cache's
 other entries (exports of earlier default models), so a build context carries only this one.
@@ -20,7 +20,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="export_onnx: %(message)s")
     from batchmask.inference import default_model_dir
-    from batchmask.runtime import cache_dir, cached_onnx, onnxruntime_installed
+    from batchmask.inference.backends import cache_dir, cached_onnx, onnxruntime_installed
 
     if not onnxruntime_installed():
         print("export_onnx: onnxruntime is not installed", file=sys.stderr)
@@ -29,7 +29,7 @@ def main() -> int:
         import importlib.util
 
         if importlib.util.find_spec("keras") is None:  # then cached_onnx() cannot export: it only looks
-            logging.getLogger("batchmask.runtime").setLevel(logging.ERROR)
+            logging.getLogger("batchmask.inference.backends").setLevel(logging.ERROR)
     found = cached_onnx(default_model_dir())
     if found is None:
         print(f"export_onnx: no ONNX export of the default model in {cache_dir()}", file=sys.stderr)

@@ -57,14 +57,20 @@ def list_images(root: Path) -> list[Path]:
     return [root / r for r in st.iter_files() if matches(r, RUN_EXTENSIONS, None)]
 
 
+def _runtime_precision(runtime: str) -> tuple[str, str]:
+    """"int8" is the model's int8 ONNX file (runtime onnx, precision int8)."""
+    return ("onnx", "int8") if runtime == "int8" else (runtime, "fp32")
+
+
 def model_only(model_dir: Path, files: list[Path], batch_size: int, runtime: str = "keras") -> dict:
     import numpy as np
 
     from batchmask.data import read_image
     from batchmask.inference import load_model
 
-    m = load_model(model_dir, runtime=runtime)
-    assert m.runtime == runtime, f"asked for {runtime}, got {m.runtime}"
+    rt, precision = _runtime_precision(runtime)
+    m = load_model(model_dir, runtime=rt, precision=precision)
+    assert m.runtime == rt, f"asked for {runtime}, got {m.runtime}"
     xs = np.stack([m.preprocess(read_image(p)) for p in files])
     m.predict_batch(xs[:batch_size])  # warm-up
     t = time.perf_counter()
@@ -101,17 +107,18 @@ def stage_costs(files: list[Path], size: int, n: int = 100) -> dict:
 
 
 def end_to_end(inp: Path, model_dir: Path, workers: int, batch_size: int, draft: bool = True,
-               runtime: str = "keras") -> dict:
+               runtime: str = "keras", in_process_max: int = 0) -> dict:
     from batchmask.batch.runner import run
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-run-w{workers}-"))
     try:
+        rt, precision = _runtime_precision(runtime)
         s = run(str(inp), str(out), str(model_dir), workers=workers, batch_size=batch_size, quiet=True,
-                draft=draft, runtime=runtime, in_process_max=0)
+                draft=draft, runtime=rt, precision=precision, in_process_max=in_process_max)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     tp = s.run_json.get("throughput", {})
-    return {"runtime": s.run_json.get("runtime", {}).get("used"), "workers": workers, "draft": draft,
+    return {"runtime": runtime, "mode": s.run_json.get("plan", {}).get("mode"), "workers": workers, "draft": draft,
             "images": s.ok + s.failed, "failed": s.failed,
             "wall_s": s.wall_s, "startup_s": tp.get("startup_s"), "steady_images_per_s": tp.get("steady_images_per_s"),
             "overall_images_per_s": s.images_per_s,
@@ -140,7 +147,7 @@ def small_run(files: list[Path], model_dir: Path, n: int, extra: list[str]) -> f
 
 def compare_runtimes(root: Path, model_dir: Path, files: list[Path], args) -> dict:
     """(a) and (b) for each runtime, interleaved so that other load hits them alike."""
-    from batchmask.runtime import cached_onnx
+    from batchmask.inference.backends import cached_onnx
 
     if "onnx" in args.runtime:
         cached_onnx(model_dir)  # export once, outside the timings (as a cron run finds it cached)
@@ -151,7 +158,8 @@ def compare_runtimes(root: Path, model_dir: Path, files: list[Path], args) -> di
         print("(a)", res["model_only"][r], flush=True)
     for w in args.workers:
         for r in args.runtime:
-            e = end_to_end(root, model_dir, w, args.batch_size, runtime=r)
+            e = end_to_end(root, model_dir, w, args.batch_size, runtime=r,
+                           in_process_max=len(files) if args.in_process else 0)
             e["ratio_to_model_only"] = round((e["steady_images_per_s"] or 0) / res["model_only"][r]["images_per_s"], 3)
             res["end_to_end"].append(e)
             print("(b)", {k: v for k, v in e.items() if k != "actors"}, [a["images"] for a in e["actors"]], flush=True)
@@ -173,8 +181,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default="bench_run.json")
     ap.add_argument("--skip-x3", action="store_true", help="skip the 3 x N images RSS run")
-    ap.add_argument("--runtime", nargs="+", default=None, choices=["keras", "onnx"],
-                    help="compare these runtimes (a, b) in one run; skips the draft, x3 and stage figures")
+    ap.add_argument("--runtime", nargs="+", default=None, choices=["keras", "onnx", "int8"],
+                    help="compare these runtimes (a, b) in one run; skips the draft, x3 and stage figures "
+                         "(int8: the model's int8 ONNX file)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="with --runtime: (b) in this process (as small runs are done), not through Ray")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images")
     ap.add_argument("--small", type=int, default=0, help="also time `batchmask run` for this many new images")
     args = ap.parse_args()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Model-only predict speed of trained models under Keras and ONNX Runtime, interleaved, one process.
+"""Model-only predict speed of trained models under Keras and ONNX Runtime (fp32, and int8 when the model has its int8 file), interleaved, one process.
 
     python scripts/bench_runtimes.py --model old=/tmp/old_default --model new=batchmask/default_model
 
@@ -33,8 +33,12 @@ def main() -> int:
     entries = []
     for spec in args.model:
         label, path = spec.split("=", 1) if "=" in spec else (spec, spec)
-        for runtime in ("keras", "onnx"):
-            m = load_model(path, runtime=runtime)
+        from batchmask.inference.int8 import INT8_FILE
+
+        kinds = [("keras", "fp32"), ("onnx", "fp32")] + ([("onnx", "int8")] if os.path.exists(os.path.join(path, INT8_FILE)) else [])
+        for runtime, precision in kinds:
+            m = load_model(path, runtime=runtime, precision=precision)
+            runtime = runtime if precision == "fp32" else "int8"
             x = np.random.default_rng(0).uniform(0, 255, (args.batch_size, m.image_size, m.image_size, 3))
             x = x.astype(np.float32)
             m.predict_batch(x)  # warm-up
@@ -53,6 +57,12 @@ def main() -> int:
         print(f"{label:<8} keras {k['rate']:6.2f} img/s  onnx {o['rate']:6.2f} img/s  ratio {o['rate'] / k['rate']:.2f}  "
               f"max |p_onnx - p_keras| {diff:.1e}  (rounds: keras {[round(r, 1) for r in k['rates']]}, "
               f"onnx {[round(r, 1) for r in o['rates']]})", flush=True)
+        q = next((e for e in entries if e["label"] == label and e["runtime"] == "int8"), None)
+        if q is not None:
+            agree = float(np.mean((q["model"].predict_batch(q["x"]) >= 0.5) == (o["model"].predict_batch(o["x"]) >= 0.5)))
+            print(f"{label:<8} int8 {q['rate']:6.2f} img/s  int8 / onnx {q['rate'] / o['rate']:.2f}  "
+                  f"(rounds {[round(r, 1) for r in q['rates']]}; mask agreement on these random inputs {agree:.4f})",
+                  flush=True)
     return 0
 
 

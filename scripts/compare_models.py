@@ -26,6 +26,8 @@ import os
 import numpy as np
 from size_sweep import predict_speed  # scripts/ is on sys.path when this script runs
 
+from batchmask.results import paired_difference
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,21 +98,6 @@ def main() -> int:
             json.dump({"data": where, "split_of": args.split_of, "images": len(samples), "cpus": os.cpu_count(),
                        "rows": rows}, f, indent=2)
     return 0
-
-
-def paired_difference(ref, new, n_boot: int = 2000, seed: int = 0, tol: float = 1e-3) -> dict:
-    """Mean of ``new - ref`` (per-image scores of the same images) with a 95% bootstrap interval
-    (images resampled with replacement, ``n_boot`` times, seeded), and the number of images where
-    ``new`` is better or worse by more than ``tol``."""
-    a, b = np.asarray(ref, np.float64), np.asarray(new, np.float64)
-    if a.shape != b.shape or a.ndim != 1 or not a.size:
-        raise ValueError(f"need two equal-length score lists, got {a.shape} and {b.shape}")
-    d = b - a
-    idx = np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))
-    means = d[idx].mean(axis=1)
-    return {"mean": float(d.mean()), "low": float(np.percentile(means, 2.5)),
-            "high": float(np.percentile(means, 97.5)), "better": int((d > tol).sum()),
-            "worse": int((d < -tol).sum()), "images": int(d.size)}
 
 
 def _f(v) -> str:

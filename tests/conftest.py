@@ -159,6 +159,74 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+def save_bright_model(out: Path, image_size: int = 64) -> Path:
+    """A three-convolution model whose face probability is its input's local brightness:
+    ``sigmoid(0.1 * (mean of the 3x3 neighbourhood's RGB - 128))``, so bright areas are "faces".
+
+    Unlike the untrained U-Net it has a spatial signal a test can check: a mask that is
+    flipped, transposed, shifted or wrongly rotated against its image no longer follows the
+    image's bright areas. Runs in Keras, exports to ONNX and quantizes like the real network.
+    """
+    import keras
+    import numpy as np
+
+    from batchmask.config import ModelConfig
+    from batchmask.inference import base_meta, save_model
+
+    s = image_size
+    x = keras.Input((s, s, 3), name="image")
+    a = keras.layers.Conv2D(4, 3, padding="same", name="local_mean")(x)
+    b = keras.layers.Conv2D(4, 1, name="mix")(a)
+    c = keras.layers.Conv2D(1, 1, name="head")(b)
+    net = keras.Model(x, keras.layers.Activation("sigmoid", name="mask")(c), name="bright")
+    net.get_layer("local_mean").set_weights([np.full((3, 3, 3, 4), 1 / 27, np.float32), np.zeros(4, np.float32)])
+    net.get_layer("mix").set_weights([np.eye(4, dtype=np.float32)[None, None], np.zeros(4, np.float32)])
+    net.get_layer("head").set_weights([np.full((1, 1, 4, 1), 0.025, np.float32), np.array([-12.8], np.float32)])
+    meta = base_meta(ModelConfig(alpha=0.25, image_size=s, decoder_filters=(32, 16, 16, 8, 8), threshold=0.5))
+    meta["note"] = "test model: face probability = local brightness (tests/conftest.py save_bright_model)"
+    return save_model(net, out, meta)
+
+
+@pytest.fixture(scope="session")
+def bright_model_dir(tmp_path_factory) -> Path:
+    """:func:`save_bright_model`, 64x64 input, threshold 0.5 (brightness 128)."""
+    return save_bright_model(tmp_path_factory.mktemp("bright_model"))
+
+
+@pytest.fixture(scope="session")
+def bright_int8_model(tmp_path_factory, bright_model_dir) -> Path:
+    """A copy of the brightness model with its int8 file, made as a user would: ``export`` to
+    ``model.int8.onnx`` with no ``--data``, i.e. calibrated on the training source its model.json
+    records (a synthetic WIDER folder of 12 noisy images) minus its 4 recorded validation images,
+    then checked against fp32 on those 4."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from batchmask.convert import write_wider_annotations
+    from batchmask.inference.quantize import INT8_FILE, export_model
+
+    d = tmp_path_factory.mktemp("bright_int8")
+    model = Path(shutil.copytree(bright_model_dir, d / "m"))
+    rng = np.random.default_rng(5)
+    entries = []
+    for i in range(12):
+        name = f"1--Event/e_{i}.jpg"
+        (d / "data" / "images" / "1--Event").mkdir(parents=True, exist_ok=True)
+        smooth = np.kron(rng.uniform(0, 255, (6, 8, 3)), np.ones((8, 8, 1)))  # 48x64, blocks of 8
+        Image.fromarray(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)).save(
+            d / "data" / "images" / name, quality=95)
+        entries.append((name, np.array([[4, 4, 20, 20]], np.float32)))
+    write_wider_annotations(entries, d / "data" / "wider_face_train_bbx_gt.txt")
+    meta = json.loads((model / "model.json").read_text())
+    meta["data"] = {"sources": [{"path": str(d / "data")}],
+                    "split": {"val_names": [n for n, _ in entries[:4]]}}
+    (model / "model.json").write_text(json.dumps(meta))
+    export_model(model, "onnx-int8", model / INT8_FILE)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """``tiny_model_dir`` loaded once (Keras): for tests that only read it (predict, meta, variant)."""

@@ -18,13 +18,12 @@ from batchmask.convert import sample_to_record, write_npy
 from batchmask.data import (
     DataError,
     boxes_to_mask,
-    load_dataset,
-    load_datasets,
     load_npy,
     load_wider,
     parse_wider_annotations,
     split_samples,
 )
+from batchmask.sources import load_dataset, load_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 

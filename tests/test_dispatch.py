@@ -23,7 +23,10 @@ from batchmask.batch.policy import INFLIGHT_PER_ACTOR, MAX_SHARD_ATTEMPTS, Actio
         (1, 10, ErrorKind.TIMED_OUT, Action.RETRY),
         (1, 1, ErrorKind.DIED, Action.RETRY),
         (2, 10, ErrorKind.DIED, Action.SPLIT),
-        (2, 1, ErrorKind.DIED, Action.ERROR_ROWS),
+        (2, 1, ErrorKind.DIED, Action.PROBE),
+        (1, 10, ErrorKind.LOST, Action.RETRY),
+        (2, 10, ErrorKind.LOST, Action.LEAVE),
+        (2, 1, ErrorKind.LOST, Action.LEAVE),
         (2, 10, ErrorKind.ERROR, Action.FAIL_RUN),
         (2, 1, ErrorKind.ERROR, Action.FAIL_RUN),
         (2, 10, ErrorKind.TIMED_OUT, Action.FAIL_RUN),
@@ -55,6 +58,10 @@ class Restarting(FakeError):
     pass
 
 
+class Lost(Died):
+    """A death Ray blames on the machine (node died, preempted)."""
+
+
 class Clock:
     def __init__(self):
         self.t = 1000.0
@@ -70,8 +77,10 @@ class FakePool:
 
     errors = (FakeError,)
 
-    def __init__(self, size: int, clock: Clock, behave=lambda items, n: "ok", start_fails: int = 0):
-        self.size, self.clock, self.behave = size, clock, behave
+    def __init__(self, size: int, clock: Clock, behave=lambda items, n: "ok", start_fails: int = 0,
+                 probe=lambda rel: {"crashed": False, "how": "killed by SIGKILL"}):
+        self.size, self.clock, self.behave, self.probe_verdict = size, clock, behave, probe
+        self.probed: list[str] = []
         self.refs = itertools.count()
         self.answers: dict[int, object] = {}  # ref -> result or exception, in completion order
         self.hanging: dict[int, int] = {}  # ref -> actor
@@ -100,9 +109,9 @@ class FakePool:
                                  "n": len(items), "peak_rss_mb": 60.0, "node_id": "node-a", "pid": self.pids[i]}
         elif what == "error":
             self.answers[ref] = FakeError("AccessDenied: no")
-        elif what == "die":
+        elif what in ("die", "lost"):
             self._die(i)
-            self.answers[ref] = Died(f"actor {i} died")
+            self.answers[ref] = (Died if what == "die" else Lost)(f"actor {i} died")
         else:
             self.hanging[ref] = i
         self.inflight[i].add(ref)
@@ -139,6 +148,15 @@ class FakePool:
 
     def is_restarting(self, exc):
         return isinstance(exc, Restarting)
+
+    def is_lost(self, exc):
+        return isinstance(exc, Lost)
+
+    def probe(self, rel):
+        ref = next(self.refs)
+        self.probed.append(rel)
+        self.answers[ref] = self.probe_verdict(rel)
+        return ref
 
     def stats(self, actors, timeout):
         self.stats_asked = (list(actors), timeout)
@@ -210,16 +228,44 @@ def test_a_worker_death_is_retried_alone_and_the_run_goes_on():
 def test_a_poison_image_is_split_out_and_becomes_an_error_row():
     clock = Clock()
     poison = "img005.jpg"
-    pool = FakePool(2, clock, behave=lambda items, n: "die" if any(rel == poison for rel, _ in items) else "ok")
+    pool = FakePool(2, clock, behave=lambda items, n: "die" if any(rel == poison for rel, _ in items) else "ok",
+                    probe=lambda rel: {"crashed": True, "how": "SIGSEGV"})
     d, counts, info = dispatch(pool, shards_of(12, 4), clock)
     d.run()
-    assert (counts.ok, counts.failed) == (11, 1)
+    assert (counts.ok, counts.failed, counts.left) == (11, 1, 0)
     assert [r["image"] for r in counts.rows] == [poison] and counts.rows[0]["status"] == "error"
-    assert "died processing this image" in counts.rows[0]["error"]
+    assert "the decoder crashed on this image (SIGSEGV)" in counts.rows[0]["error"]
+    assert pool.probed == [poison]  # only the single image whose worker died again
     assert counts.retried_shards == 2  # the retry of the whole shard, then its split
     assert info["failed_shards"] and len(info["failed_shards"]) == 1
     singles = [c for c in pool.calls if len(c[2]) == 1]
     assert sorted(rel for _, _, (rel,) in singles) == ["img004.jpg", "img005.jpg", "img006.jpg", "img007.jpg"]
+
+
+@pytest.mark.parametrize("verdict", [{"crashed": False, "how": "killed by SIGKILL"},
+                                     {"crashed": False, "how": "decoded alone without a crash"},
+                                     FakeError("the probe's own worker died")])
+def test_a_death_the_probe_does_not_pin_on_the_image_leaves_it_for_the_next_run(verdict):
+    """The OOM killer or a SIGKILL from outside, every time: no error row (the rerun does the image)."""
+    clock = Clock()
+    victim = "img005.jpg"
+    pool = FakePool(2, clock, behave=lambda items, n: "die" if any(rel == victim for rel, _ in items) else "ok",
+                    probe=lambda rel: verdict)
+    d, counts, info = dispatch(pool, shards_of(12, 4), clock)
+    with pytest.raises(RunError, match=r"1 image left for the next run \(img005.jpg\).*not by the image"):
+        d.run()
+    assert (counts.ok, counts.failed, counts.left, counts.rows) == (11, 0, 1, [])
+    assert pool.probed == [victim] and "failed_shards" not in info
+
+
+def test_a_machine_loss_is_retried_then_left_never_split_or_probed():
+    clock = Clock()
+    pool = FakePool(2, clock, behave=lambda items, n: "lost" if items[0][0] == "img004.jpg" else "ok")
+    d, counts, _ = dispatch(pool, shards_of(12, 4), clock)
+    with pytest.raises(RunError, match="4 images left for the next run"):
+        d.run()
+    assert (counts.ok, counts.failed, counts.left, counts.rows) == (8, 0, 4, [])
+    assert pool.probed == [] and not [c for c in pool.calls if len(c[2]) == 1]
 
 
 def test_a_retried_shard_runs_alone_on_its_actor():

@@ -168,8 +168,10 @@ def test_both_formats_score_the_same(tiny_model_dir, demo_wider, tmp_path):
     a = evaluate(str(tiny_model_dir), str(demo_wider), limit=3)
     b = evaluate(str(tiny_model_dir), str(tmp_path / "images.npy"))
     assert b.metrics["images"] == 3
-    assert [r["dice"] for r in a.rows] == [r["dice"] for r in b.rows]
-    assert a.metrics["soft_dice_global"] == pytest.approx(b.metrics["soft_dice_global"])
+    # The folder's JPEGs are decoded as `run` decodes them (draft mode: these are 1024 px wide, the
+    # input 64 px); images.npy holds decoded pixels, resized in full. Same images, near-same scores.
+    assert [r["dice"] for r in a.rows] == pytest.approx([r["dice"] for r in b.rows], abs=0.01)
+    assert a.metrics["soft_dice_global"] == pytest.approx(b.metrics["soft_dice_global"], abs=0.01)
 
 
 def test_tune_threshold_refuses_the_shipped_model_by_path(demo_wider):

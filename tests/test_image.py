@@ -136,7 +136,8 @@ def test_demo_run_in_the_image_uses_its_onnx_cache_in_process_and_on_ray(contain
     n_images = sum(1 for p in (DEMO_WIDER / "images").rglob("*.jpg"))
     for out, extra in (("out", []), ("out-ray", ["--in-process-max", "0", "--workers", "2"])):
         t0 = time.time()
-        r = _run_in(c, "batchmask", "run", "-i", "/data/in", "-o", f"/data/{out}", "-q", *extra)
+        # --precision fp32: this is about the cached fp32 export (auto would take the shipped int8 file)
+        r = _run_in(c, "batchmask", "run", "-i", "/data/in", "-o", f"/data/{out}", "-q", "--precision", "fp32", *extra)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         info = json.loads((root / "data" / out / "run.json").read_text())
         rows = list(csv.DictReader(io.StringIO((root / "data" / out / "coverage.csv").read_text())))

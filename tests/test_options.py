@@ -14,8 +14,8 @@ from batchmask.batch.worker import WorkerOptions
 
 #: run.json's "options" keys, in order (README.md, "Files written"; kept from before RunOptions).
 RUN_JSON_OPTIONS = ["workers", "batch_size", "shard_size", "glob", "threshold", "overlays", "overwrite",
-                    "retry_errors", "max_pixels", "shared_fs", "draft", "shard_timeout", "runtime",
-                    "gpus_per_worker", "in_process_max", "no_masks"]
+                    "retry_errors", "max_pixels", "max_bytes", "shared_fs", "draft", "shard_timeout", "runtime",
+                    "precision", "gpus_per_worker", "in_process_max", "no_masks"]
 
 
 def test_defaults():
@@ -44,6 +44,7 @@ def test_run_json_options_keep_their_keys_and_values():
         ({"batch_size": 0}, "--batch-size must be at least 1"),
         ({"shard_size": -1}, "--shard-size must be at least 1"),
         ({"max_pixels": 0}, "--max-pixels must be at least 1"),
+        ({"max_bytes": 0}, "--max-bytes must be at least 1"),
         ({"threshold": 1.0}, "--threshold must be between 0 and 1"),
         ({"threshold": 0}, "--threshold must be between 0 and 1"),
         ({"shard_timeout": 0}, "--shard-timeout must be more than 0 seconds"),
@@ -97,7 +98,7 @@ def test_job_fields_are_run_options():
 
     assert set(JOB_FIELDS) <= set(_FIELDS)
     assert set(JOB_FIELDS) == {"model", "workers", "batch_size", "endpoint_url", "threshold", "glob", "overlays",
-                               "runtime", "gpus_per_worker", "no_masks"}
+                               "max_bytes", "runtime", "precision", "gpus_per_worker", "no_masks"}
     job = parse_job({"name": "n", "schedule": "0 2 * * *", "input": "s3://b/in", "output": "s3://b/out",
                      "workers": 3, "gpus_per_worker": 1, "profile": "p"})
     assert isinstance(job.run, RunOptions) and job.run.workers == job.workers == 3

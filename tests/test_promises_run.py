@@ -116,10 +116,10 @@ def test_unreadable_storage_fails_the_run_but_a_vanished_file_is_an_error_row(tm
 
     def failing_on(name: str, exc_type: type[OSError], code: int, text: str):
         """Storage.read_bytes that raises ``exc_type`` for ``name`` and reads every other file."""
-        def read(self, rel):
+        def read(self, rel, max_bytes=None):
             if rel == name:
                 raise exc_type(code, text, rel)
-            return real_read(self, rel)
+            return real_read(self, rel, max_bytes)
 
         return read
 
@@ -243,7 +243,7 @@ def test_overwrite_redoes_every_image(tmp_path, tiny_model_dir):
     assert res.exit_code == 3, res.output  # bad.jpg was redone too, and failed again
     info = json.loads((out / "run.json").read_text())
     assert info["counts"] | {"retried_shards": 0} == {"total": 3, "skipped": 0, "ok": 2, "failed": 1,
-                                                      "retried_shards": 0}
+                                                      "retried_shards": 0, "left": 0}
     assert (out / "masks" / "a.png").read_bytes() == good
     assert sorted(rows(out)) == ["a.png", "b.png", "bad.jpg"]
 
@@ -340,7 +340,7 @@ def test_more_workers_than_cpus_start_every_actor_with_a_fraction_and_a_warning(
     monkeypatch.setattr(ray, "put", lambda obj: "blob")
     monkeypatch.setattr(ray, "remote", lambda cls: FakeActorClass())
     monkeypatch.setattr(ray, "kill", lambda *a, **k: None)
-    monkeypatch.setattr(runner, "RayPool", lambda actors: None)
+    monkeypatch.setattr(runner, "RayPool", lambda actors, probe=None: None)
 
     class NoDispatch:  # no work is handed out
         def __init__(self, *a, **k):

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as cocomask
 
-from batchmask.batch.regions import measure, rle_counts
 from batchmask.batch.runner import run
 from batchmask.batch.table import SCHEMA
+from batchmask.batch.tablerow import table_fields
+from batchmask.inference.pixels import measure, rle_counts
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "wider" / "images"
 
@@ -69,7 +70,7 @@ def test_measure_gives_one_box_per_counted_region_and_an_rle_pycocotools_decodes
     assert np.array_equal(cocomask.decode({"size": [3, 5], "counts": rle_counts(m)}), m)
     assert cocomask.area({"size": [3, 5], "counts": rle_counts(m).encode()}) == 4
     empty = measure(np.zeros((64, 64), np.float32), 30, 20, 0.5, 64)
-    assert (empty.faces, empty.boxes, empty.table_fields()["boxes"]) == (0, [], "[]")
+    assert (empty.faces, empty.boxes, table_fields(empty)["boxes"]) == (0, [], "[]")
     assert not cocomask.decode({"size": [20, 30], "counts": empty.rle()}).any()
 
 
@@ -345,7 +346,7 @@ def test_a_row_replaced_by_a_part_file_never_keeps_the_old_rle(tmp_path):
 
     out = StorageSpec(str(tmp_path)).resolved().open()
     r = measure(np.full((8, 8), 0.9, np.float32), 4, 4, 0.5, 8)
-    rows = [{**ok_row(n, f"masks/{n}.png", 4, 4, 16, 1, 0.9), **r.table_fields()} for n in ("a.jpg", "b.jpg")]
+    rows = [{**ok_row(n, f"masks/{n}.png", 4, 4, 16, 1, 0.9), **table_fields(r)} for n in ("a.jpg", "b.jpg")]
     out.write_bytes(part_name("r1", 0), rows_to_csv(rows))
     merge_parts(out)
     assert [t["mask_rle"] for t in table(tmp_path).values()] == [r.rle()] * 2

@@ -189,7 +189,7 @@ def test_image_that_kills_the_only_worker_becomes_an_error_row(tmp_path, demo_wi
     s = run(str(inp), str(out), str(tiny_model_dir), workers=1, batch_size=2, shard_size=2, quiet=True)
     by = {r["image"]: r for r in read_csv(out / "coverage.csv")}
     assert sorted(by) == ["0.jpg", "1.jpg", "1b-poison.jpg", "2.jpg"]
-    assert by["1b-poison.jpg"]["status"] == "error" and "died" in by["1b-poison.jpg"]["error"]
+    assert by["1b-poison.jpg"]["status"] == "error" and "decoder crashed" in by["1b-poison.jpg"]["error"]
     assert all(by[k]["status"] == "ok" for k in ("0.jpg", "1.jpg", "2.jpg"))
     assert (s.ok, s.failed, s.exit_code) == (3, 1, 3)
     assert json.loads((out / "run.json").read_text())["actors"][0]["restarts"] >= 2

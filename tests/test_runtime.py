@@ -56,10 +56,10 @@ def test_failed_export_falls_back_to_keras_with_one_line(tmp_path, tiny_model_di
         raise ValueError("this model cannot be converted")
 
     monkeypatch.setattr(rt, "export_onnx", fail)
-    with caplog.at_level(logging.WARNING, logger="batchmask.runtime"):
+    with caplog.at_level(logging.WARNING, logger="batchmask.inference.backends"):
         m = load_model(model, runtime="auto")
     assert m.runtime == "keras" and m.keras_model is not None
-    lines = [r for r in caplog.records if r.name == "batchmask.runtime"]
+    lines = [r for r in caplog.records if r.name == "batchmask.inference.backends"]
     assert len(lines) == 1 and "using Keras" in lines[0].getMessage() and "cannot be converted" in lines[0].getMessage()
 
 
@@ -77,6 +77,62 @@ def test_export_that_disagrees_with_keras_is_refused(tmp_path, tiny_model_dir, t
     monkeypatch.setattr(rt, "run_session", lambda s, x: real_run(s, x) + 0.01)
     assert rt.cached_onnx(model) is None
     assert not list(Path(rt.cache_dir(), "onnx").glob(rt.file_sha256(model / "model.keras") + "*"))
+
+
+def _entry(model_dir: Path) -> tuple[Path, Path]:
+    sha = rt.file_sha256(model_dir / "model.keras")
+    return Path(rt.cache_dir(), "onnx", f"{sha}.onnx"), Path(rt.cache_dir(), "onnx", f"{sha}.json")
+
+
+def _other_models_onnx(src: Path, dest: Path) -> None:
+    """A loadable ONNX file of the same shape whose output differs: the head's weights negated."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    last_conv = [n for n in m.graph.node if n.op_type == "Conv"][-1]
+    for init in m.graph.initializer:
+        if init.name == last_conv.input[1]:
+            init.CopyFrom(numpy_helper.from_array(-10.0 * numpy_helper.to_array(init), init.name))
+    onnx.save(m, str(dest))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another model's file", "record without hash"])
+def test_damaged_cache_entry_is_exported_again_naming_the_file(tmp_path, tiny_model_dir, tiny_model, damage, caplog):
+    """A cache entry whose .onnx is not the file that was exported is never used: re-exported, one warning."""
+    model = save_model(tiny_model.keras_model, tmp_path / "m", tiny_model.meta)  # its own cache entry
+    path, rec = rt.cached_onnx(model)
+    assert rec["cached"] is False
+    good = path.read_bytes()
+    _, record = _entry(model)
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "another model's file":
+        _other_models_onnx(path, path)
+    else:  # an entry written before records had the hash
+        record.write_text(json.dumps({k: v for k, v in rec.items() if k not in ("onnx_sha256", "cached")}))
+    with caplog.at_level(logging.WARNING, logger="batchmask.inference.backends"):
+        m = load_model(model, runtime="onnx")
+    assert m.runtime == "onnx" and m.runtime_info["cached"] is False  # exported again
+    assert path.read_bytes() == good or rt.file_sha256(path) == json.loads(record.read_text())["onnx_sha256"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "batchmask.inference.backends"]
+    assert len(warned) == 1 and str(path) in warned[0] and "exporting" in warned[0], warned
+    x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(m.predict_batch(x), tiny_model.predict_batch(x), atol=1e-3)
+
+
+def test_cache_file_onnxruntime_cannot_load_is_exported_again(tmp_path, tiny_model, caplog):
+    """Even with a matching hash, a file ONNX Runtime refuses is dropped and exported once more."""
+    model = save_model(tiny_model.keras_model, tmp_path / "m", tiny_model.meta)
+    path, rec = rt.cached_onnx(model)
+    _, record = _entry(model)
+    path.write_bytes(b"not an onnx file")
+    record.write_text(json.dumps({**rec, "onnx_sha256": rt.file_sha256(path)}))
+    with caplog.at_level(logging.WARNING, logger="batchmask.inference.backends"):
+        m = load_model(model, runtime="onnx")
+    assert m.runtime == "onnx" and m.runtime_info["cached"] is False
+    warned = [r.getMessage() for r in caplog.records if r.name == "batchmask.inference.backends"]
+    assert len(warned) == 1 and str(path) in warned[0] and "cannot load" in warned[0], warned
 
 
 def test_runtime_choice():

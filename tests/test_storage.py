@@ -155,11 +155,12 @@ def test_worker_load_rows_only_for_missing_files_and_pixel_limit(monkeypatch):
     from batchmask.batch.worker import MaskWorker, WorkerOptions, set_pixel_limit
     from batchmask.data import DataError
 
-    def read(rel):
+    def read(rel, max_bytes=None):
         raise {"gone.jpg": FileNotFoundError, "denied.jpg": PermissionError}[rel](rel)
 
     w = object.__new__(MaskWorker)
     w.inp, w.opts, w.model = SimpleNamespace(read_bytes=read), WorkerOptions(), SimpleNamespace(image_size=64)
+    w.out = SimpleNamespace(check_name=lambda rel: None)
     assert "cannot read" in w._load("gone.jpg", "masks/gone.png").error
     with pytest.raises(PermissionError):  # S3 AccessDenied: fail the shard, not an error row per image
         w._load("denied.jpg", "masks/denied.png")

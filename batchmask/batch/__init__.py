@@ -2,7 +2,8 @@
 
 Modules, in pipeline order: :mod:`.options` (``RunOptions``: every option, default and check),
 :mod:`.storage` (local and S3 paths), :mod:`.plan` (shards, in-process small runs), :mod:`.runner`
-(``run()``: the Ray job), :mod:`.dispatch` (shards to actors), :mod:`.policy` (what a failed shard means),
+(``run()``: the Ray job), :mod:`.dispatch` (shards to actors; :mod:`.raypool` its Ray side), :mod:`.policy` (what a failed shard
+means), :mod:`.probe` (whose fault a worker's death is),
 :mod:`.worker` (the actor: decode, predict, write), :mod:`.outputs` (layout, part files,
 ``coverage.csv``, ``run.json``), :mod:`.lock` (one run per output), :mod:`.modelcheck` (the model
 checked before anything is written), :mod:`.quiet` (Ray's lines kept off the terminal).

@@ -6,8 +6,8 @@
   dispatcher and the in-process path.
 * :class:`Dispatcher` - one dispatch: its state as attributes, one method per event (actor
   ready, actor failed to answer, shard done, shard failed, shard timed out). It talks to the
-  workers through a pool (:class:`RayPool` for Ray actors; the tests use fakes), so its
-  behaviour is tested without Ray.
+  workers through a pool (:class:`~batchmask.batch.raypool.RayPool` for Ray actors; the tests
+  use fakes), so its behaviour is tested without Ray.
 
 The policy is described in :mod:`batchmask.batch.policy`. A dead actor is restarted by Ray (``ACTOR_MAX_RESTARTS`` in :mod:`batchmask.batch.runner`); the dispatcher
 waits for it with ``ready()`` and then gives it work again.
@@ -15,7 +15,6 @@ waits for it with ``ready()`` and then gives it work again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -59,12 +58,14 @@ class RunCounts:
     ok: int = 0
     failed: int = 0
     retried_shards: int = 0
+    #: Images left for the next run: their worker was killed each time, and not by them.
+    left: int = 0
     listed_all: bool = False
     rows: list[dict] = field(default_factory=list)
 
     def recorded(self) -> dict[str, int]:
         """run.json's ``counts``."""
-        return {k: getattr(self, k) for k in ("total", "skipped", "ok", "failed", "retried_shards")}
+        return {k: getattr(self, k) for k in ("total", "skipped", "ok", "failed", "retried_shards", "left")}
 
     def add_result(self, r: dict) -> None:
         """A worker's answer for one shard (``ok``, ``failed``, ``errors``)."""
@@ -87,6 +88,15 @@ def steady_rate(windows: list[tuple[float, float, int]], t_ready: float | None) 
             continue
         n += k * (e - max(s, t_ready)) / max(e - s, 1e-9)
     return round(n / (t_end - t_ready), 3)
+
+
+def left_message(left: list[str]) -> str:
+    """The run's last line when images were left for the next run."""
+    some = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+    n = f"{len(left)} image{'s' if len(left) != 1 else ''}"
+    return (f"{n} left for the next run ({some}): their worker was killed each time, not by "
+            "the image (out of memory, a signal from outside, a lost node); everything else is done, rerun to "
+            "finish them")
 
 
 def raise_interrupt(signum, frame):
@@ -116,55 +126,9 @@ class WorkerPool(Protocol):
     def restart(self, i: int) -> None: ...
     def is_dead(self, exc: BaseException) -> bool: ...
     def is_restarting(self, exc: BaseException) -> bool: ...
+    def is_lost(self, exc: BaseException) -> bool: ...
+    def probe(self, rel: str) -> Any: ...
     def stats(self, actors: list[int], timeout: float) -> dict[int, dict]: ...
-
-
-class RayPool:
-    """:class:`WorkerPool` over Ray actors (:class:`~batchmask.batch.worker.MaskWorker`)."""
-
-    def __init__(self, actors: list):
-        import ray
-        from ray.exceptions import RayError
-
-        self.ray, self.actors, self.size, self.errors = ray, actors, len(actors), (RayError,)
-
-    def ready(self, i: int) -> Any:
-        return self.actors[i].ready.remote()
-
-    def process(self, i: int, sid: int, items: list) -> Any:
-        return self.actors[i].process.remote(sid, items)
-
-    def wait(self, refs: list, timeout: float) -> list:
-        return self.ray.wait(refs, num_returns=1, timeout=timeout)[0]
-
-    def get(self, ref: Any) -> Any:
-        return self.ray.get(ref)
-
-    def restart(self, i: int) -> None:
-        self.ray.kill(self.actors[i], no_restart=False)  # Ray restarts it
-
-    def is_dead(self, exc: BaseException) -> bool:
-        from ray.exceptions import RayActorError
-
-        return isinstance(exc, RayActorError)
-
-    def is_restarting(self, exc: BaseException) -> bool:
-        from ray.exceptions import ActorUnavailableError
-
-        return isinstance(exc, ActorUnavailableError)
-
-    def stats(self, actors: list[int], timeout: float) -> dict[int, dict]:
-        """Each actor's stats() answer, asked of all at once; those that do not answer within
-        ``timeout`` (busy with a shard, or dead) are left out."""
-        from ray.exceptions import RayError
-
-        refs = {self.actors[i].stats.remote(): i for i in actors}
-        done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        out = {}
-        for ref in done:
-            with contextlib.suppress(RayError):
-                out[refs[ref]] = self.ray.get(ref)
-        return out
 
 
 class _NoBar:
@@ -191,6 +155,13 @@ class _Task:
     attempt: int
 
 
+@dataclass
+class _Probe:
+    sid: int
+    items: list  # one image
+    why: str  # the death that led to it
+
+
 class Dispatcher:
     """Hand shards to ready actors and collect results until every shard is done (or the run fails)."""
 
@@ -214,6 +185,8 @@ class Dispatcher:
         self.progress: dict[int, float] = {}  # actor -> last time it started work or returned a result
         self.stalled: set[int] = set()  # actors killed because their shard made no progress
         self.tasks: dict[Any, _Task] = {}
+        self.probes: dict[Any, _Probe] = {}
+        self.left: list[str] = []  # images left for the next run
         self.retry: deque[tuple[int, list, int]] = deque()
         self.next_id = 0
         self.per_actor: dict[int, dict] = {}
@@ -233,6 +206,8 @@ class Dispatcher:
             while self.step():
                 pass
             finished = True
+            if self.left:  # everything else is done
+                raise RunError(left_message(self.left))
         finally:
             # A run that is stopping (interrupted, failed) does not wait long for busy actors.
             self.finish(STATS_WAIT_S if finished else STATS_WAIT_STOPPING_S)
@@ -244,7 +219,7 @@ class Dispatcher:
         if self.counts.listed_all and self.bar.total is None:
             self.bar.total = self.counts.total - self.counts.skipped
             self.bar.refresh()
-        if self.listing_done and not self.tasks and not self.retry:
+        if self.listing_done and not self.tasks and not self.retry and not self.probes:
             return False
         if not self.ready and not self.starting:
             if self.per_actor:
@@ -252,7 +227,7 @@ class Dispatcher:
                                + "; ".join(self.start_errors[-2:]))
             raise RunError("no worker could start: " + "; ".join(self.start_errors[:3]))
         self.stop_stalled()
-        done = self.pool.wait(list(self.tasks) + list(self.starting), POLL_S)
+        done = self.pool.wait(list(self.tasks) + list(self.starting) + list(self.probes), POLL_S)
         if not done:
             if not self.ready and self.clock() - self.last_progress > self.start_timeout:
                 raise RunError(f"no worker started within {self.start_timeout:.0f} s; the cluster may lack free "
@@ -260,6 +235,9 @@ class Dispatcher:
             return True
         self.last_progress = self.clock()
         ref = done[0]
+        if ref in self.probes:
+            self.on_probed(self.probes.pop(ref), ref)
+            return True
         if ref in self.starting:
             i = self.starting.pop(ref)
             try:
@@ -390,7 +368,8 @@ class Dispatcher:
 
     def on_shard_failed(self, task: _Task, exc: BaseException, timed_out: bool) -> None:
         dead = self.pool.is_dead(exc)
-        kind = ErrorKind.TIMED_OUT if timed_out else ErrorKind.DIED if dead else ErrorKind.ERROR
+        kind = (ErrorKind.TIMED_OUT if timed_out else ErrorKind.LOST if dead and self.pool.is_lost(exc)
+                else ErrorKind.DIED if dead else ErrorKind.ERROR)
         action = decide(task.attempt, len(task.items), kind)
         if action is Action.FAIL_RUN and kind is ErrorKind.TIMED_OUT:  # not the image's fault
             raise RunError(f"shard {task.sid} made no progress for {self.shard_timeout:.0f} s, {task.attempt} times; "
@@ -409,15 +388,40 @@ class Dispatcher:
         elif action is Action.SPLIT:  # find the image(s) that kill the worker: one by one
             self.counts.retried_shards += 1
             self.retry.extend((self._new_id(), [item], MAX_SHARD_ATTEMPTS) for item in task.items)
-        elif action is Action.ERROR_ROWS:  # this image kills the worker process (e.g. crashes the decoder)
-            self.fail_images(task.sid, task.items, exc)
+        elif action is Action.PROBE:  # the image, or the machine? (batchmask.batch.probe)
+            self.probes[self.pool.probe(task.items[0][0])] = _Probe(task.sid, task.items, last_line(exc, 120))
+        elif action is Action.LEAVE:
+            self.leave(task.items, f"the machine failed ({last_line(exc, 120)})")
         else:  # an exception, e.g. storage unreachable or access denied
             raise RunError(f"shard {task.sid} failed {task.attempt} times: {last_line(exc)}") from exc
 
-    def fail_images(self, sid: int, items: list, exc: BaseException) -> None:
-        """The images of a (one-image) shard whose worker kept dying become error rows (driver-side part)."""
-        reason = ("the worker process died processing this image, also when it was processed alone "
-                  f"({type(exc).__name__})")
+    def on_probed(self, p: _Probe, ref: Any) -> None:
+        """A probe's verdict: a crash of the decoder on the image alone is the image's error row;
+        anything else (killed, decoded fine, the probe itself failed) leaves it for the next run."""
+        try:
+            verdict = self.pool.get(ref)
+        except self.pool.errors as exc:
+            verdict = {"crashed": False, "how": f"the probe failed: {last_line(exc, 120)}"}
+        rel = p.items[0][0]
+        if verdict["crashed"]:
+            log.warning("%s: the decoder crashed on it (%s), also alone in a separate process: an error row",
+                        rel, verdict["how"])
+            self.fail_images(p.sid, p.items, f"the decoder crashed on this image ({verdict['how']}), "
+                                             "also alone and in a separate process")
+        else:
+            self.leave(p.items, f"its worker died each time ({p.why}); alone in a separate process: "
+                                f"{verdict['how']}")
+
+    def leave(self, items: list, why: str) -> None:
+        """No row for these images: the next run does them (the run fails at its end, saying so)."""
+        for rel, _ in items:
+            log.warning("left for the next run: %s: %s", rel, why)
+            self.left.append(rel)
+        self.counts.left += len(items)
+        self.bar.update(len(items))
+
+    def fail_images(self, sid: int, items: list, reason: str) -> None:
+        """The images of a (one-image) shard that crashes its decoder become error rows (driver-side part)."""
         rows = [error_row(rel, reason) for rel, _ in items]
         self.info.setdefault("failed_shards", []).append(sid)
         self.counts.failed += len(rows)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exits import EXIT_FAILED
-from ..runtime import RUNTIMES  # what predicts (numpy is the heaviest thing this imports)
+from ..inference.backends import RUNTIMES  # what predicts (numpy is the heaviest thing this imports)
+from ..inference.int8 import PRECISIONS
 
 
 class RunError(RuntimeError):
@@ -64,6 +65,8 @@ class RunOptions:
     retry_errors: bool = _opt(False, recorded=True)
     #: Images with more pixels are error rows.
     max_pixels: int = _opt(50_000_000, recorded=True)
+    #: Files (objects) larger than this are error rows, never read.
+    max_bytes: int = _opt(256 * 1024 * 1024, recorded=True, job=(int,))
     #: Local paths are the same on every node.
     shared_fs: bool = _opt(False, recorded=True)
     #: JPEG draft-mode decoding.
@@ -72,6 +75,9 @@ class RunOptions:
     shard_timeout: float = _opt(float(os.environ.get("BATCHMASK_SHARD_TIMEOUT", "300")), recorded=True)
     #: What predicts: "auto" (ONNX Runtime when installed), "keras" or "onnx".
     runtime: str = _opt("auto", recorded=True, job=(str,))
+    #: "auto" (int8 when the model's int8 file is within 0.003 Dice of fp32 and ONNX Runtime runs
+    #: on the CPU), "fp32", or "int8" (the model's int8 ONNX file; ONNX Runtime only).
+    precision: str = _opt("auto", recorded=True, job=(str,))
     #: GPUs Ray gives each actor.
     gpus_per_worker: float = _opt(0.0, recorded=True, job=(float, int))
     #: Runs with at most this many images skip Ray.
@@ -117,13 +123,14 @@ class RunOptions:
             if name in values and values[name] is not None and not ok(values[name]):
                 out.append((name, why))
 
-        for name in ("workers", "batch_size", "shard_size", "max_pixels"):
+        for name in ("workers", "batch_size", "shard_size", "max_pixels", "max_bytes"):
             check(name, lambda v: v >= 1, "must be at least 1")
         check("threshold", lambda v: 0.0 < float(v) < 1.0, "must be between 0 and 1 (exclusive)")
         check("shard_timeout", lambda v: v > 0, "must be more than 0 seconds")
         check("gpus_per_worker", lambda v: v >= 0, "must be 0 or more")
         check("in_process_max", lambda v: v >= 0, "must be 0 or more")
         check("runtime", lambda v: v in RUNTIMES, "must be auto, keras or onnx")
+        check("precision", lambda v: v in PRECISIONS, "must be auto, fp32 or int8")
         return out
 
     def recorded(self) -> dict[str, Any]:

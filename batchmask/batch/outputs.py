@@ -22,18 +22,21 @@ import io
 import logging
 import posixpath
 import re
-import warnings
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from ..data import DataError, pil_rgb_image, pil_to_rgb
-from ..image import resize_pil
-from .regions import MIN_FACE_NET_PIXELS, MIN_FACE_PIXELS, TABLE_FIELDS, measure  # noqa: F401 (re-exported)
+from ..inference.pixels import (  # noqa: F401  (the pixel path; re-exported for older imports)
+    MIN_FACE_NET_PIXELS,
+    MIN_FACE_PIXELS,
+    decode_for_model,
+    encode_overlay,
+    encode_png,
+    mask_stats,
+)
 from .storage import Storage
 from .table import RESULTS, build_results, read_results, write_results
+from .tablerow import TABLE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -126,72 +129,6 @@ class Decoded:
     width: int = 0
     height: int = 0
     error: str = ""
-
-
-def decode_for_model(data: bytes, size: int, max_pixels: int, where: str, draft: bool = True):
-    """Decode to the network's input and read the original (EXIF-oriented) size.
-
-    JPEGs are decoded in draft mode at the smallest power-of-two reduction that is still at
-    least ``size`` pixels on both sides; the mask is still written at the header's size.
-    Returns ``(x, width, height)``; raises :class:`DataError` for anything unusable.
-    """
-    if not data:
-        raise DataError(f"{where}: empty file (0 bytes)")
-    header_size = None  # (width, height) once the header is read: error rows carry it (README)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(io.BytesIO(data))
-            except Image.DecompressionBombError as exc:  # over 2 x Image.MAX_IMAGE_PIXELS
-                n = re.search(r"\((\d+) pixels\)", str(exc))
-                raise DataError(f"{where}: {n.group(1) + ' pixels' if n else 'image size'} exceeds the limit of "
-                                f"{max_pixels} (--max-pixels)") from exc
-        with im:
-            w0, h0 = im.size
-            header_size = (w0, h0)
-            if w0 * h0 > max_pixels:
-                raise DataError(f"{where}: {w0}x{h0} = {w0 * h0} pixels exceeds the limit of {max_pixels} (--max-pixels)")
-            orient = im.getexif().get(0x0112, 1)
-            w, h = (h0, w0) if orient in (5, 6, 7, 8) else (w0, h0)
-            header_size = (w, h)
-            if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
-                im.draft(im.mode, (size, size))
-            # the same pixels as resize_rgb(pil_to_rgb(im)), without two full-size numpy copies
-            x = resize_pil(pil_rgb_image(im, where), size, size)
-    except DataError as exc:
-        exc.size = header_size
-        raise
-    except Exception as exc:  # PIL raises many types for bad files
-        err = DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})")
-        err.size = header_size
-        raise err from exc
-    return x, w, h
-
-
-def mask_stats(prob_small: np.ndarray, width: int, height: int, threshold: float, image_size: int):
-    """Full-size 0/255 mask and its statistics from a network probability map (see :func:`.regions.measure`)."""
-    m = measure(prob_small, width, height, threshold, image_size)
-    return m.mask, m.face_pixels, m.faces, m.mean_conf
-
-
-def encode_png(mask_u8: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    # zlib's run-length strategy: a 0/255 mask is long runs; 2.8x smaller files than the default
-    # strategy at the same speed (docs/design.md, "Output layout and formats are the contract")
-    Image.fromarray(mask_u8, "L").save(buf, "PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    return buf.getvalue()
-
-
-def encode_overlay(data: bytes, mask_u8: np.ndarray, where: str) -> bytes:
-    """A JPEG preview: the image with face pixels tinted red."""
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = pil_to_rgb(im, where).astype(np.float32)
-    sel = mask_u8 > 0
-    rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.array([255.0, 0.0, 0.0], np.float32)
-    buf = io.BytesIO()
-    Image.fromarray(rgb.astype(np.uint8)).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
 
 
 def ok_row(rel: str, mask: str, width: int, height: int, face_pixels: int, faces: int, mean_conf) -> dict:

@@ -20,14 +20,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..data import IMAGE_EXTENSIONS
 from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
-from .dispatch import Dispatcher, RayPool, RunCounts, raise_interrupt
+from .dispatch import Dispatcher, RunCounts, raise_interrupt
 from .lock import LockLost, OutputLock
 from .modelcheck import check_model, check_same_model
 from .options import RunError, RunOptions
@@ -43,15 +43,23 @@ from .outputs import (
     stable_text,
 )
 from .plan import (
+    Shards,
+    capped_workers,
+    check_int8_file,
     execute_in_process,
     in_process_reason,
+    model_image_size,
     plan_shards,
     prepare_model_files,
     ray_address,
+    run_precision,
     runtime_used,
+    shard_size_for,
 )
 from .policy import INFLIGHT_PER_ACTOR
+from .probe import probe_image
 from .quiet import ray_output_hidden
+from .raypool import RayPool
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .testhooks import TEST_HOOKS
 from .worker import MaskWorker, WorkerOptions
@@ -170,11 +178,12 @@ def run(input: str, output: str, options: RunOptions | str | os.PathLike | None 
     ``in_process_max`` images to do are processed in this process, without Ray (0: always Ray).
     """
     opts = _as_options(options, kwargs)
-    from ..runtime import RuntimeUnavailableError, check_runtime
+    from ..inference.backends import RuntimeUnavailableError, check_runtime
 
     try:
         check_runtime(opts.runtime)
-    except (ValueError, RuntimeUnavailableError) as exc:
+        check_int8_file(opts.model, opts.runtime, opts.precision)  # before anything is written
+    except (ValueError, RuntimeUnavailableError) as exc:  # QuantizationError is a ValueError
         raise RunError(str(exc)) from exc
     return _BatchRun(input, output, opts).execute()
 
@@ -285,8 +294,9 @@ class _BatchRun:
             return
         self.lock.check()
         shards = self._guarded(shards)
-        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime)
-        wopts = WorkerOptions.of(opts, self.run_id)
+        precision = run_precision(self.model_dir, opts.runtime, opts.precision, opts.gpus_per_worker)
+        files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, precision)
+        wopts = dataclasses.replace(WorkerOptions.of(opts, self.run_id), precision=precision)
         why_ray = in_process_reason(n_todo, opts.in_process_max, opts.gpus_per_worker, opts.address)
         info["plan"] = {"images_to_do": n_todo, "shard_size": planned_shard,
                         "mode": "ray" if why_ray else "in-process", "why_ray": why_ray}
@@ -424,7 +434,7 @@ def _bounded(fn, what: str) -> None:
         raise errors[0]
 
 
-def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], wopts: WorkerOptions) -> None:
+def _execute(batch: _BatchRun, shards: Shards, files: dict[str, bytes], wopts: WorkerOptions) -> None:
     """Start (or join) Ray, start the actors, dispatch ``batch.first`` and ``shards``; always stop what was started."""
     import ray
     from tqdm import tqdm
@@ -438,10 +448,11 @@ def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], 
         old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         # The model's ref stays alive here until the dispatch ends: restarted actors fetch it again.
-        actors, model_ref = _start_actors(batch, files, wopts, owns_ray)
+        actors, model_ref, probe = _start_actors(batch, files, wopts, owns_ray)
+        _reshard(batch, shards, len(actors))
         bar = tqdm(total=None, unit="img", disable=opts.quiet, dynamic_ncols=True, desc="batchmask run")
-        Dispatcher(RayPool(actors), batch.first, shards, batch.counts, batch.info, shard_timeout=opts.shard_timeout,
-                   t0=t0, bar=bar).run()
+        Dispatcher(RayPool(actors, probe), batch.first, shards, batch.counts, batch.info,
+                   shard_timeout=opts.shard_timeout, t0=t0, bar=bar).run()
         del model_ref
     finally:
         for a in actors:
@@ -453,10 +464,19 @@ def _execute(batch: _BatchRun, shards: Iterator[list], files: dict[str, bytes], 
             ray.shutdown()
 
 
+def _reshard(batch: _BatchRun, shards: Shards, workers: int) -> None:
+    """Shards sized for the workers that really started, when the memory cap started fewer."""
+    n, opts = batch.info["plan"]["images_to_do"], batch.opts
+    if n and workers < opts.workers:
+        shards.size = shard_size_for(n, workers, opts.batch_size, opts.shard_size, INFLIGHT_PER_ACTOR)
+        batch.info["plan"]["shard_size"] = shards.size
+
+
 def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOptions,
-                  owns_ray: bool) -> tuple[list, object]:
-    """``opts.workers`` MaskWorker actors placed over the cluster's CPUs (and GPUs), and the ref of the
-    model files they load (the caller keeps it alive for restarts); info["ray"] says how."""
+                  owns_ray: bool) -> tuple[list, object, Callable]:
+    """``opts.workers`` MaskWorker actors (at most what the cluster's memory holds) placed over its
+    CPUs (and GPUs), the ref of the model files they load (the caller keeps it alive for restarts),
+    and a function that starts a probe of one image (a Ray task); info["ray"] says how."""
     import ray
 
     opts, info = batch.opts, batch.info
@@ -470,7 +490,8 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
     cluster_gpus = sum(float(n["Resources"].get("GPU", 0)) for n in nodes)
     if wopts.gpus > cluster_gpus:
         raise RunError(f"--gpus-per-worker {wopts.gpus:g}, but the Ray cluster has {cluster_gpus:g} GPUs")
-    workers = opts.workers
+    node_memory = [float(n["Resources"].get("memory", 0)) for n in nodes]
+    workers, per_mb = capped_workers(opts.workers, files, wopts.batch_size, node_memory, owns_ray)
     per, threads = _plan_cpus(workers, node_cpus)
     if per < 1:
         log.warning("%d workers > %g CPUs in the cluster: each actor gets %.2f CPU (fractional) and 1 thread",
@@ -494,5 +515,9 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
     actors = [remote_cls.remote([blob], batch.in_spec, batch.out_spec, wopts) for _ in range(workers)]
     info["ray"] = {"nodes": len(nodes), "cluster_cpus": sum(node_cpus), "cpus_per_actor": per,
                    "threads_per_actor": threads, "owns_cluster": owns_ray, "gpus_per_actor": wopts.gpus,
-                   "cluster_gpus": cluster_gpus}
-    return actors, blob
+                   "cluster_gpus": cluster_gpus, "workers": workers, "memory_per_worker_mb": per_mb}
+    # Probes are short and run beside the actors, which hold every CPU: no CPU of their own.
+    remote_probe = ray.remote(probe_image).options(num_cpus=0, max_retries=0, runtime_env={"env_vars": env})
+    settings = {"max_bytes": wopts.max_bytes, "max_pixels": wopts.max_pixels, "draft": wopts.draft,
+                "image_size": model_image_size(files)}
+    return actors, blob, lambda rel: remote_probe.remote(batch.in_spec, rel, settings)

@@ -19,10 +19,12 @@ then ``AWS_ENDPOINT_URL``); credentials come from the standard AWS variables, pr
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import logging
 import os
 import re
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +50,16 @@ S3FS_RETRIES = 3
 
 class UnsafePathError(ValueError):
     """A relative path that would read or write outside the storage root."""
+
+
+class EntryError(ValueError):
+    """One listed entry that cannot be an image, whatever the storage's state: not a regular file
+    (a FIFO, a device), over ``--max-bytes``, or a mask name longer than the output allows. The
+    run records it as that image's error row and goes on."""
+
+
+#: Longest object key S3 accepts (bytes, UTF-8).
+S3_MAX_KEY = 1024
 
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -291,17 +303,59 @@ class Storage:
         """botocore/aiohttp errors (not OSErrors: endpoint unreachable, timeouts) as StorageError."""
         try:
             yield
-        except (OSError, UnsafePathError):
+        except (OSError, UnsafePathError, EntryError):  # ours: the caller knows what they mean
             raise
         except Exception as exc:
             raise StorageError(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})") from exc
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The file's bytes. With ``max_bytes``: an :class:`EntryError`, before reading, for a file
+        over that size or (locally) one that is not a regular file; a FIFO is never waited on."""
         if self.remote:
             with self._remote_errors("read", rel):
-                return self.fs.cat_file(self.full(rel))
-        with open(self.full(rel), "rb") as f:
-            return f.read()
+                if max_bytes is not None:  # the object's size first: a HEAD, never the body
+                    _check_size(rel, int(self.fs.info(self.full(rel)).get("size") or 0), max_bytes)
+                data = self.fs.cat_file(self.full(rel))
+        else:
+            path = self.full(rel)
+            if max_bytes is not None:  # a FIFO or a device is never opened (opening one has effects)
+                _check_regular(rel, os.stat(path).st_mode)
+            # O_NONBLOCK: should it have become a FIFO since, opening it returns at once instead of
+            # blocking this thread (and a run's shutdown) forever; fstat checks the file opened.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                if max_bytes is not None:
+                    _check_regular(rel, st.st_mode)
+                    _check_size(rel, st.st_size, max_bytes)
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew since its size was read
+            _check_size(rel, len(data), max_bytes)
+        return data
+
+    def check_name(self, rel: str) -> None:
+        """:class:`EntryError` if ``rel`` cannot be written here: a name longer than the file
+        system's limit (locally, usually 255 bytes), or a key over S3's 1024 bytes."""
+        if self.remote:
+            key = f"{self.root.partition('/')[2]}/{rel}".lstrip("/")
+            if len(key.encode()) > S3_MAX_KEY:
+                raise EntryError(f"{rel}: the object key would be {len(key.encode())} bytes, over S3's "
+                                 f"{S3_MAX_KEY}")
+            return
+        name_max = self._name_max()
+        for part in rel.split("/"):
+            n = len(os.fsencode(part))
+            if n > name_max:
+                raise EntryError(f"{rel}: a name in this path would be {n} bytes, over the file system's "
+                                 f"limit of {name_max} ({os.strerror(errno.ENAMETOOLONG)})")
+
+    def _name_max(self) -> int:
+        if not hasattr(self, "_name_max_cached"):
+            try:
+                self._name_max_cached = int(os.pathconf(self.root, "PC_NAME_MAX"))
+            except (OSError, ValueError):
+                self._name_max_cached = 255
+        return self._name_max_cached
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic write: temp file + rename locally, a single PUT on S3."""
@@ -356,12 +410,32 @@ class Storage:
             raise StorageError(f"{self._where()}: cannot reach storage ({_redact(exc)})") from exc
 
 
+def _check_size(rel: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise EntryError(f"{rel}: {size} bytes, over the limit of {max_bytes} (--max-bytes); not read")
+
+
+def _check_regular(rel: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise EntryError(f"{rel}: not a regular file ({_file_kind(mode)}); not read")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _walk_sorted(path: str, base: str, ancestors: frozenset, exclude: frozenset = frozenset()) -> Iterator[str]:
     """Depth-first walk in code point order of the full relative path.
 
     Sorting a folder's entries by ``name`` for files and ``name + "/"`` for folders yields the
     same order as sorting all relative paths at once (what S3 returns), one folder at a time.
-    Symlinks are followed; a folder that is its own ancestor (a symlink cycle) is skipped.
+    Symlinks are followed; a folder that is its own ancestor (a symlink cycle) is skipped. A
+    folder that cannot be listed (permission, I/O error) raises :class:`StorageError`.
     """
     try:
         st = os.stat(path)
@@ -381,9 +455,11 @@ def _walk_sorted(path: str, base: str, ancestors: frozenset, exclude: frozenset 
                 except OSError:
                     continue
                 entries.append((e.name + "/" if is_dir else e.name, is_dir))
-    except OSError as exc:
-        log.warning("cannot list %s: %s", path, exc.strerror or exc)
+    except FileNotFoundError:  # deleted since its parent was listed, like a file deleted since listed
+        log.warning("skipping %s: it no longer exists", path)
         return
+    except OSError as exc:  # unreadable storage fails the run: a listing with a hole is not complete
+        raise StorageError(f"{path}: cannot list ({exc.strerror or exc})") from exc
     entries.sort()
     for key, is_dir in entries:
         if is_dir:

@@ -3,7 +3,7 @@
 It holds the same images as ``coverage.csv`` and is written by the same merge
 (:func:`batchmask.batch.outputs.merge_parts`) from the same part files, after them and before
 they are deleted, so an interrupted merge is redone whole by the next run. The columns that only
-the table has (``mask_rle``, ``boxes``) come from the part files' :data:`~.regions.TABLE_FIELDS`;
+the table has (``mask_rle``, ``boxes``) come from the part files' :data:`~.tablerow.TABLE_FIELDS`;
 for an image not in this merge's part files they are carried over from the previous table.
 
 README.md ("results.parquet") lists the columns; docs/design.md says why Parquet and COCO RLE.
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .regions import parse_boxes
 from .storage import Storage
+from .tablerow import parse_boxes
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,22 @@ that it got there from a file the worker writes, instead of sleeping and hoping.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 #: "N:/path/marker" makes an actor exit abruptly after N images, once (the marker file records
 #: that it happened, with the actor's pid).
 CRASH_ENV = "BATCHMASK_TEST_CRASH_AFTER"
-#: An actor exits abruptly, every time, when it reads an image whose relative path contains this
-#: string (a "poison" image that crashes the decoder).
+#: An actor (or a probe) crashes with SIGSEGV, every time, when it reads an image whose relative
+#: path contains this string (a "poison" image that crashes the decoder).
 CRASH_ON_ENV = "BATCHMASK_TEST_CRASH_ON"
+#: "text:MB": reading an image whose path contains text, the process allocates and touches MB
+#: megabytes (an image that needs much memory: under a memory limit the kernel's OOM killer ends it).
+ALLOC_ON_ENV = "BATCHMASK_TEST_ALLOC_ON"
+#: "text:/dir": reading an image whose path contains text, the process writes its pid to
+#: ``/dir/<pid>`` and waits (at most the gate limit) for a test to kill it from outside.
+KILL_ON_ENV = "BATCHMASK_TEST_KILL_ON"
 #: Seconds to sleep before each shard: a *stalled* shard (the stalled-shard test, and
 #: scripts/s3_outage.py). Not for synchronising a test with a run: use the gate.
 DELAY_ENV = "BATCHMASK_TEST_SHARD_DELAY"
@@ -43,7 +50,8 @@ RENDEZVOUS_ENV = "BATCHMASK_TEST_RENDEZVOUS"
 #: goes on, and the test fails on its asserts.
 GATE_LIMIT_ENV = "BATCHMASK_TEST_GATE_LIMIT"
 #: Hooks that simulate dying, slow or meeting actors: a run with any of them set always uses Ray.
-RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, DELAY_ENV, START_AFTER_ENV, RENDEZVOUS_ENV)
+RAY_ONLY_TEST_HOOKS = (CRASH_ENV, CRASH_ON_ENV, ALLOC_ON_ENV, KILL_ON_ENV, DELAY_ENV, START_AFTER_ENV,
+                       RENDEZVOUS_ENV)
 #: Every test hook, forwarded to Ray actors' environments.
 TEST_HOOKS = (*RAY_ONLY_TEST_HOOKS, GATE_ENV, GATE_FREE_ENV, GATE_LIMIT_ENV)
 GATE_LIMIT_S = 600.0
@@ -88,6 +96,8 @@ class EnvHooks(NoHooks):
         env = os.environ if env is None else env
         self.crash_after = env.get(CRASH_ENV) or ""
         self.crash_on = env.get(CRASH_ON_ENV) or ""
+        self.alloc_on = env.get(ALLOC_ON_ENV) or ""
+        self.kill_on = env.get(KILL_ON_ENV) or ""
         self.delay = float(env.get(DELAY_ENV) or 0)
         self.start_after = env.get(START_AFTER_ENV) or ""
         self.gate = env.get(GATE_ENV) or ""
@@ -127,7 +137,20 @@ class EnvHooks(NoHooks):
 
     def image(self, rel: str) -> None:
         if self.crash_on and self.crash_on in rel:
-            os._exit(1)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self.alloc_on:
+            text, _, mb = self.alloc_on.partition(":")
+            if text in rel:
+                import numpy as np
+
+                hog = np.ones(int(mb) << 20, np.uint8)  # written, so every page is really used
+                del hog
+        if self.kill_on:
+            text, _, d = self.kill_on.partition(":")
+            if text in rel:
+                Path(d).mkdir(parents=True, exist_ok=True)
+                Path(d, str(os.getpid())).write_text(rel)
+                time.sleep(self.limit_s)
 
     def batch_done(self, images: int) -> None:
         if not self.crash_after:

@@ -8,6 +8,7 @@ next batch is predicted, and finally writes the shard's rows as one part file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -21,21 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError
+from ..inference.pixels import decode_for_model, encode_overlay, encode_png, measure
 from .options import RunOptions
-from .outputs import (
-    Decoded,
-    decode_for_model,
-    encode_overlay,
-    encode_png,
-    error_row,
-    ok_row,
-    overlay_rel,
-    part_name,
-    rows_to_csv,
-)
-from .regions import measure
-from .storage import StorageSpec, check_rel
+from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
+from .storage import EntryError, StorageSpec, UnsafePathError, check_rel
+from .tablerow import table_fields
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
+
+#: What makes an image its own error row: the decoder's errors (as DataError), a name that cannot
+#: be read or written, a special or oversized file. Not ValueError at large: a bug in our code
+#: must fail the shard, not mark a whole folder as errors.
+IMAGE_ERRORS = (DataError, UnsafePathError, EntryError)
 
 
 @dataclass
@@ -47,20 +44,25 @@ class WorkerOptions:
     threshold: float | None = RunOptions.threshold
     overlays: bool = RunOptions.overlays
     max_pixels: int = RunOptions.max_pixels
+    max_bytes: int = RunOptions.max_bytes
     threads: int = 1
     io_threads: int = 2
     draft: bool = RunOptions.draft
     run_id: str = ""
-    #: "auto", "keras" or "onnx" (see batchmask.runtime); onnx needs "model.onnx" among the model files.
+    #: "auto", "keras" or "onnx" (see batchmask.inference.backends); onnx needs "model.onnx" among the model files.
     runtime: str = "keras"
     #: GPUs Ray gave this actor (fractional allowed); > 0: predict on the GPU.
     gpus: float = 0.0
+    #: "fp32", or "int8": "model.onnx" among the model files is then the int8 file (never Keras).
+    #: Set by the driver ("auto" resolved).
+    precision: str = "fp32"
 
     @classmethod
     def of(cls, options: RunOptions, run_id: str) -> WorkerOptions:
         return cls(batch_size=options.batch_size, threshold=options.threshold, overlays=options.overlays,
-                   max_pixels=options.max_pixels, run_id=run_id, draft=options.draft, runtime=options.runtime,
-                   gpus=options.gpus_per_worker)
+                   max_pixels=options.max_pixels, max_bytes=options.max_bytes, run_id=run_id, draft=options.draft,
+                   runtime=options.runtime,
+                   gpus=options.gpus_per_worker, precision=options.precision)
 
 
 def _set_threads(n: int, tf_too: bool = True) -> None:
@@ -82,7 +84,7 @@ def _set_threads(n: int, tf_too: bool = True) -> None:
 def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
     from ..inference import META_FILE, FaceMaskModel, load_model
-    from ..runtime import (
+    from ..inference.backends import (
         ONNX_FILE,
         cuda_provider_available,
         make_session,
@@ -91,9 +93,12 @@ def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     )
 
     gpu = opts.gpus > 0
-    if ONNX_FILE in model_files and wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available()):
+    int8 = opts.precision == "int8"  # int8 runs on ONNX Runtime, on the CPU if CUDA is missing
+    if ONNX_FILE in model_files and (int8 or wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available())):
         meta = json.loads(model_files[META_FILE])
-        return FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        m = FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        m.precision = opts.precision
+        return m
     if gpu:
         set_keras_gpu_memory_growth()
     _set_threads(opts.threads)
@@ -178,10 +183,10 @@ class MaskWorker:
             import ray
 
             gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-        d = {"runtime": self.model.runtime, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
+        d = {"runtime": self.model.runtime, "precision": self.model.precision, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
         if self.model.session is not None:
-            from ..runtime import onnxruntime_version
+            from ..inference.backends import onnxruntime_version
 
             d["runtime_version"] = onnxruntime_version()
             d["providers"] = list(self.model.session.get_providers())
@@ -198,33 +203,45 @@ class MaskWorker:
             check_rel(rel)
             if mask:  # "": --no-masks
                 check_rel(mask)
+                self.out.check_name(mask)
+            if self.opts.overlays:
+                self.out.check_name(overlay_rel(rel))
             self.hooks.image(rel)
-            data = self.inp.read_bytes(rel)
+            data = self.inp.read_bytes(rel, self.opts.max_bytes)
             if self.opts.overlays:
                 d.data = data
             d.x, d.width, d.height = decode_for_model(
                 data, self.model.image_size, self.opts.max_pixels, rel, self.opts.draft
             )
-        except (DataError, ValueError) as exc:
+        except IMAGE_ERRORS as exc:
             d.error = str(exc)
             d.width, d.height = getattr(exc, "size", None) or (0, 0)  # the header's, when it was read
-        except (FileNotFoundError, IsADirectoryError) as exc:  # this image only (e.g. deleted since listed)
-            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"
-        # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors) fails the
-        # shard, and then the run, instead of recording every image as a permanent error row.
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:  # this entry only
+            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc})"  # e.g. deleted since listed
+        except OSError as exc:
+            if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO):  # this name, or a socket
+                raise
+            d.error = f"{rel}: cannot read ({type(exc).__name__}: {exc.strerror or exc})"
+        # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors, and bugs: a
+        # ValueError from our own code) fails the shard, and then the run, instead of recording
+        # every image as a permanent error row.
         return d
 
     def _finish(self, d: Decoded, prob: np.ndarray) -> dict:
         try:
             r = measure(prob, d.width, d.height, self.threshold, self.model.image_size)
-            m, face_pixels, faces, conf, table = r.mask, r.face_pixels, r.faces, r.mean_conf, r.table_fields()
+            m, face_pixels, faces, conf, table = r.mask, r.face_pixels, r.faces, r.mean_conf, table_fields(r)
             if d.mask:  # "": --no-masks
                 self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
                 self.out.write_bytes(overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
                 d.data = None
-        except (MemoryError, ValueError, DataError) as exc:  # the image's own problem (too big for memory)
+        except (MemoryError, DataError) as exc:  # the image's own problem (too big for memory)
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            return error_row(d.rel, f"cannot write its mask ({exc.strerror}: {d.mask})", d.width, d.height)
         # Anything else (disk full, permission denied, storage unreachable) is the run's problem, not
         # the image's: it fails the shard, and then the run, and the image is done next time.
         return {**ok_row(d.rel, d.mask, d.width, d.height, face_pixels, faces, conf), **table}

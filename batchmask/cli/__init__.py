@@ -22,7 +22,8 @@ def main(verbose: int) -> None:
 
 def _register() -> None:
     from .evaluate import evaluate_cmd
-    from .export import export_coco_cmd
+    from .export import export_cmd
+    from .export_coco import export_coco_cmd
     from .jobs import jobs_group
     from .run import run_cmd
     from .train import train_cmd
@@ -30,6 +31,7 @@ def _register() -> None:
     main.add_command(train_cmd)
     main.add_command(evaluate_cmd)
     main.add_command(run_cmd)
+    main.add_command(export_cmd)
     main.add_command(jobs_group)
     main.add_command(export_coco_cmd)
 

@@ -26,8 +26,10 @@ from .common import user_errors
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N images.")
 @click.option("--runtime", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True,
               help="What predicts: ONNX Runtime (auto: when installed; same masks, faster on CPU) or Keras.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
+              help="int8: the model's int8 ONNX file (see `batchmask export`); auto: as `batchmask run`.")
 def evaluate_cmd(model_dir, data, out_dir, subset, tune_threshold, report_dir, baseline, batch_size, limit,
-                 runtime) -> None:
+                 runtime, precision) -> None:
     """Score a model: mean per-image Dice and IoU, global soft Dice, pixel precision/recall.
 
     Every image is scored at its original size. Prints a table and writes metrics.json,
@@ -37,13 +39,13 @@ def evaluate_cmd(model_dir, data, out_dir, subset, tune_threshold, report_dir, b
     from ..data import DataError
     from ..evaluation import EvaluationError, evaluate, format_table
     from ..inference import ModelNotFoundError
-    from ..runtime import RuntimeUnavailableError
+    from ..inference.backends import RuntimeUnavailableError
 
     with user_errors(DataError, ModelNotFoundError, EvaluationError, BaselineUnavailableError, OSError,
-                     RuntimeUnavailableError):
+                     RuntimeUnavailableError, ValueError):  # ValueError: int8 with --runtime keras, no int8 file
         result = evaluate(model_dir, list(data), out_dir=out_dir, subset=subset, tune_threshold=tune_threshold,
                           report_dir=report_dir, baseline=baseline, batch_size=batch_size, limit=limit,
-                          runtime=runtime)
+                          runtime=runtime, precision=precision)
     click.echo(format_table(result))
     for label, key in (("metrics", "metrics_json"), ("per-image rows", "per_image_csv"),
                        ("grid", "predictions_png"), ("report", "report_html")):

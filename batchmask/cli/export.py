@@ -1,29 +1,40 @@
-"""`batchmask export-coco`: a run's results as a COCO instances JSON."""
+"""`batchmask export`: the model as an ONNX file (fp32, or int8 calibrated on real images)."""
 
 from __future__ import annotations
 
-import sys
+import json
 
 import click
 
-from .common import EXIT_FAILED
+from .common import user_errors
 
 
-@click.command("export-coco")
-@click.argument("out_dir", metavar="OUT_DIR")
-@click.option("-o", "--output", "dest", default=None, metavar="FILE",
-              help="Where the JSON goes (a local path; default: coco.json in OUT_DIR).")
-@click.option("--endpoint-url", default=None, metavar="URL", help="S3 endpoint, when OUT_DIR is s3://.")
-def export_coco_cmd(out_dir: str, dest: str | None, endpoint_url: str | None) -> None:
-    """Write the results.parquet of the run output OUT_DIR as COCO instances JSON: one annotation
-    per face region (RLE segmentation, bbox, score), category 'face'."""
-    from ..batch.coco import ExportError, export_coco
-    from ..batch.storage import redact_urls
+@click.command("export")
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False, dir_okay=True))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "onnx-int8"]), default="onnx", show_default=True,
+              help="onnx: float32, checked against Keras; onnx-int8: ONNX Runtime static quantization (QDQ).")
+@click.option("--data", multiple=True, type=click.Path(),
+              help="onnx-int8: calibration images (WIDER folder, images.npy or a folder of images; repeatable). "
+                   "Default: the training sources recorded in model.json. Validation images are never used.")
+@click.option("--calibration-images", default=64, show_default=True, type=click.IntRange(min=1),
+              help="onnx-int8: how many images calibrate the activation ranges.")
+@click.option("--calibrate", "method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="onnx-int8: how activation ranges are chosen.")
+@click.option("--float-ends", is_flag=True,
+              help="onnx-int8: keep the first convolution and the output head in float.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="The file to write. MODEL_DIR/model.int8.onnx also records it in model.json (--precision int8).")
+def export_cmd(model_dir, fmt, data, calibration_images, method, float_ends, out) -> None:
+    """Write MODEL_DIR's network (default: the shipped model) as an ONNX file for other runtimes.
 
-    try:
-        where, s = export_coco(out_dir, dest, endpoint_url)
-    except (ExportError, OSError, ValueError) as exc:
-        click.echo(f"Error: {redact_urls(str(exc))}", err=True)
-        sys.exit(EXIT_FAILED)
-    extra = f", {s.left_out} left out (no RLE recorded)" if s.left_out else ""
-    click.echo(f"{where}: {s.images} images, {s.annotations} face annotations{extra}", err=True)
+    Prints the file's record: its SHA-256, fp32's largest difference from Keras, and for int8 its
+    calibration and its mean per-image Dice next to fp32's on the model's validation images.
+    """
+    from ..data import DataError
+    from ..inference import ModelNotFoundError
+    from ..inference.quantize import QuantSettings, export_model
+
+    settings = QuantSettings(images=calibration_images, method=method, float_ends=float_ends)
+    with user_errors(DataError, ModelNotFoundError, OSError, ValueError):  # QuantizationError is a ValueError
+        record = export_model(model_dir, fmt, out, list(data), settings)
+    click.echo(json.dumps(record, indent=2))

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..batch.options import RUNTIMES, RunOptions
+from ..batch.options import PRECISIONS, RUNTIMES, RunOptions
 from .common import EXIT_FAILED, exit_code_of
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,15 @@ log = logging.getLogger(__name__)
               help="Local paths are visible at the same path on every node of a multi-node cluster.")
 @click.option("--max-pixels", default=RunOptions.max_pixels, show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels are error rows (decompression-bomb guard).")
+@click.option("--max-bytes", default=RunOptions.max_bytes, show_default=True, type=click.IntRange(min=1),
+              help="Files (objects) larger than this are error rows, never read (checked before reading).")
 @click.option("--shard-size", default=RunOptions.shard_size, show_default=True, type=click.IntRange(min=1),
               help="Images per unit of work handed to an actor.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=RunOptions.runtime, show_default=True,
               help="What predicts: ONNX Runtime (auto: when installed; same masks, faster on CPU) or Keras.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=RunOptions.precision, show_default=True,
+              help="int8: the model's int8 ONNX file (about 2x faster on CPU; README: 'batchmask export'); auto: "
+                   "int8 when the model's file is within 0.003 Dice of fp32 and ONNX Runtime runs on the CPU.")
 @click.option("--gpus-per-worker", default=RunOptions.gpus_per_worker, show_default=True, type=click.FloatRange(min=0),
               help="GPUs Ray gives each worker; fractions (0.25) let workers share a card.")
 @click.option("--in-process-max", default=RunOptions.in_process_max, show_default=True, type=click.IntRange(min=0),

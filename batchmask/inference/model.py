@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig
-from .image import resize_rgb, upsample_probs
-from .runtime import MODEL_FILE  # the Keras network's file name (runtime exports it to ONNX)
+from ..config import ModelConfig
+from .backends import MODEL_FILE  # the Keras network's file name (exported to ONNX there)
+from .pixels import resize_rgb, upsample_probs
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 def default_model_dir() -> Path:
     """The model shipped inside the package (trained on WIDER FACE, see README)."""
-    return Path(__file__).parent / "default_model"
+    return Path(__file__).parent.parent / "default_model"
 
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
@@ -64,7 +64,7 @@ def base_meta(cfg: ModelConfig) -> dict[str, Any]:
     """The part of model.json every model has: format, versions and how to use it."""
     import keras
 
-    from .version import __version__
+    from ..version import __version__
 
     return {
         "format_version": FORMAT_VERSION,
@@ -104,11 +104,13 @@ class FaceMaskModel:
         self.config = ModelConfig.from_dict(meta.get("model", {}))
         #: "onnx" or "keras": what predicts, for run.json and evaluation results.
         self.runtime = "onnx" if session is not None else "keras"
+        #: "fp32", or "int8" for the model's quantized ONNX file (batchmask.quantize).
+        self.precision = "fp32"
         self.runtime_info: dict[str, Any] = {}
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         if self.session is not None:
-            from .runtime import run_session
+            from .backends import run_session
 
             return run_session(self.session, x)[..., 0]
         return np.asarray(self.keras_model.predict_on_batch(x), np.float32)[..., 0]
@@ -156,7 +158,7 @@ class FaceMaskModel:
         The network is fully convolutional, so it runs at any multiple of 32; how well it does
         away from the size it was trained for is for ``scripts/size_sweep.py`` to measure.
         """
-        from .model import build_unet
+        from ..model import build_unet
 
         cfg = dataclasses.replace(
             self.config,
@@ -169,7 +171,9 @@ class FaceMaskModel:
         if self.session is not None:
             if cfg.image_size != self.config.image_size:
                 raise ValueError("an ONNX Runtime model runs at its exported size only; load it with runtime='keras'")
-            return FaceMaskModel(None, {**self.meta, "model": cfg.to_dict()}, None, self.session)
+            m = FaceMaskModel(None, {**self.meta, "model": cfg.to_dict()}, None, self.session)
+            m.precision = self.precision
+            return m
         if cfg.image_size != self.config.image_size:
             net = build_unet(cfg, backbone_weights=None)
             net.set_weights(self.keras_model.get_weights())
@@ -177,14 +181,18 @@ class FaceMaskModel:
         return FaceMaskModel(net, meta, None)
 
 
-def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", threads: int = 0) -> FaceMaskModel:
+def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", threads: int = 0,
+               precision: str = "fp32") -> FaceMaskModel:
     """Load a model directory (default: the model shipped with the package).
 
     ``runtime``: "keras", "onnx" or "auto" (ONNX Runtime when installed; see
     :mod:`batchmask.runtime`). A model that cannot be exported to ONNX loads with Keras.
     ``threads``: ONNX Runtime intra-op threads (0: its default, all cores).
+    ``precision``: "fp32", "int8" for the directory's checked ``model.int8.onnx`` (ONNX
+    Runtime only; see :mod:`batchmask.inference.int8`), or "auto": int8 when ONNX Runtime runs
+    on the CPU and the file's recorded validation Dice loss is within 0.003, else fp32.
     """
-    from .runtime import cached_onnx, make_session, wants_onnx
+    from .backends import cached_onnx_session, wants_onnx
 
     model_dir = resolve_model_dir(path)
     meta = read_meta(model_dir)
@@ -192,16 +200,42 @@ def load_model(path: str | os.PathLike | None = None, runtime: str = "keras", th
         raise ModelNotFoundError(
             f"{model_dir}: model format {meta['format_version']} is newer than this batchmask understands"
         )
+    if precision_of(runtime, precision) == "auto":
+        from .int8 import auto_precision
+
+        precision = auto_precision(model_dir, meta, wants_onnx(runtime))
+    if precision == "int8":
+        from .backends import make_session
+        from .int8 import META_KEY, int8_path
+
+        m = FaceMaskModel(None, meta, model_dir, make_session(str(int8_path(model_dir, meta)), threads))
+        m.precision = "int8"
+        m.runtime_info = {k: v for k, v in meta[META_KEY].items() if k in ("sha256", "calibration", "validation")}
+        return m
     if wants_onnx(runtime):
-        found = cached_onnx(model_dir)
+        found = cached_onnx_session(model_dir, threads)
         if found is not None:
-            m = FaceMaskModel(None, meta, model_dir, make_session(str(found[0]), threads))
+            m = FaceMaskModel(None, meta, model_dir, found[0])
             m.runtime_info = found[1]
             return m
     import keras  # deferred: importing Keras starts the backend
 
     net = keras.saving.load_model(model_dir / MODEL_FILE, compile=False)
     return FaceMaskModel(net, meta, model_dir)
+
+
+def precision_of(runtime: str, precision: str) -> str:
+    """Check a runtime/precision pair: int8 runs with ONNX Runtime only (never silently as fp32)."""
+    from .backends import RuntimeUnavailableError, check_runtime, onnxruntime_installed
+    from .int8 import check_precision
+
+    check_runtime(runtime)
+    if check_precision(precision) == "int8":
+        if runtime == "keras":
+            raise ValueError("--precision int8 runs with ONNX Runtime; it cannot be combined with --runtime keras")
+        if not onnxruntime_installed():
+            raise RuntimeUnavailableError("--precision int8 needs the onnxruntime package (pip install onnxruntime)")
+    return precision
 
 
 def predict(images: Sequence[np.ndarray], model: FaceMaskModel | str | os.PathLike | None = None,
