@@ -65,10 +65,15 @@ def check_architecture(start: ModelConfig, cfg: ModelConfig, start_dir: Path) ->
 
 def start_record(start_dir: Path) -> dict[str, Any]:
     """model.json's ``training.init_from``, before the starting model's validation is added."""
-    from .inference import MODEL_FILE
+    from .inference import MODEL_FILE, default_model_dir
     from .runtime import file_sha256
+    from .version import __version__
 
-    return {"path": str(start_dir), "model_sha256": file_sha256(start_dir / MODEL_FILE)}
+    # The shipped default's folder is an install path that means nothing elsewhere; the hash and
+    # the version say which default it was.
+    shipped = start_dir.resolve() == default_model_dir().resolve()
+    return {"path": f"default (batchmask {__version__})" if shipped else str(start_dir),
+            "model_sha256": file_sha256(start_dir / MODEL_FILE)}
 
 
 def finetune_config(cfg: TrainConfig, start_dir: Path, start_meta: dict[str, Any], explicit: set[str]) -> TrainConfig:

@@ -56,7 +56,8 @@ def image_files(folder: Path) -> list[Path]:
 def calibration_names(sources: Sequence[str | os.PathLike], exclude: set[str]) -> list[tuple[str, Any]]:
     """(name, path or pixels) of every image in ``sources`` (annotated datasets, or plain image
     folders) whose name is not in ``exclude`` (the model's validation images)."""
-    from ..data import DataError, load_datasets
+    from ..data import DataError
+    from ..sources import load_datasets
 
     out: list[tuple[str, Any]] = []
     for src in sources:
