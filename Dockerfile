@@ -17,9 +17,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 RUN python3 -m venv /opt/batchmask/venv
 ENV PATH=/opt/batchmask/venv/bin:$PATH
 # docker/wheels/ is empty (pip uses the package index) unless build_image.sh --wheels filled it
-COPY docker/pip.sh docker/requirements-runtime.txt /tmp/build/
+COPY docker/pip.sh docker/slim.sh docker/requirements-runtime.txt /tmp/build/
 COPY docker/wheels/ /tmp/build/wheels/
-RUN sh /tmp/build/pip.sh install -r /tmp/build/requirements-runtime.txt "${ONNXRUNTIME}>=1.18" "dumb-init>=1.2.5"
+RUN sh /tmp/build/pip.sh install -r /tmp/build/requirements-runtime.txt "${ONNXRUNTIME}>=1.18" "dumb-init>=1.2.5" \
+    && sh /tmp/build/slim.sh /opt/batchmask/venv
 
 # ---- batchmask's wheel (without dependencies: they are the requirements above)
 FROM venv AS wheel
