@@ -26,7 +26,8 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # ONNX exports made by tests (run/evaluate default to --runtime auto) never go to ~/.cache.
-os.environ.setdefault("BATCHMASK_CACHE_DIR", tempfile.mkdtemp(prefix="batchmask-test-cache-"))
+# (not "batchmask-test...": that is the S3 test key, which tests look for in what runs write)
+os.environ.setdefault("BATCHMASK_CACHE_DIR", tempfile.mkdtemp(prefix="bm-onnx-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_WIDER = REPO / "demo" / "wider"

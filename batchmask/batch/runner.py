@@ -223,6 +223,7 @@ class _BatchRun:
         self.counts = RunCounts()
         self.n_images = 0  # images listed before --glob
         self.first: list | None = None
+        self.shard_plan: Shards | None = None
         self.info = self._info(started)
 
     def _info(self, started: str) -> dict:
@@ -293,6 +294,7 @@ class _BatchRun:
             self._warn_if_empty()
             return
         self.lock.check()
+        self.shard_plan = shards  # resized when the memory cap starts fewer workers (_reshard)
         shards = self._guarded(shards)
         precision = run_precision(self.model_dir, opts.runtime, opts.precision, opts.gpus_per_worker)
         files, info["runtime"] = prepare_model_files(self.model_dir, opts.runtime, precision)
@@ -449,7 +451,7 @@ def _execute(batch: _BatchRun, shards: Shards, files: dict[str, bytes], wopts: W
     try:
         # The model's ref stays alive here until the dispatch ends: restarted actors fetch it again.
         actors, model_ref, probe = _start_actors(batch, files, wopts, owns_ray)
-        _reshard(batch, shards, len(actors))
+        _reshard(batch, batch.shard_plan, len(actors))
         bar = tqdm(total=None, unit="img", disable=opts.quiet, dynamic_ncols=True, desc="batchmask run")
         Dispatcher(RayPool(actors, probe), batch.first, shards, batch.counts, batch.info,
                    shard_timeout=opts.shard_timeout, t0=t0, bar=bar).run()
