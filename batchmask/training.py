@@ -328,7 +328,7 @@ def _train(data, val_data, out_dir: Path, cfg: TrainConfig, state: TrainState, p
     meta["cost"] = model_cost(clean)
     save_model(clean, out_dir, meta)
     write_history(out_dir / "history.csv", history)
-    plot_history(out_dir / "learning_curves.png", history, warmup + 1 if warmup < cfg.epochs else None)
+    plot_history(out_dir / "learning_curves.png", history, warmup + 1 if 0 < warmup < cfg.epochs else None)
     if complete:
         clear_resume_state(out_dir)
     else:
