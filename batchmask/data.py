@@ -343,6 +343,21 @@ def _is_zero_row(line: str) -> bool:
     return len(parts) >= 4 and all(p.lstrip("-").isdigit() for p in parts) and not any(int(p) for p in parts[:4])
 
 
+def image_size(path: Path, where: str) -> tuple[int, int]:
+    """(width, height) of an image as the loaders see it (EXIF rotation applied), from its header;
+    errors name ``where`` (the label file and line or entry)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+    except FileNotFoundError as exc:
+        raise DataError(f"{where}: image {path} does not exist") from exc
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read image {path} ({exc})") from exc
+    return w, h
+
+
 def load_wider(root: str | os.PathLike, limit: int | None = None) -> list[Sample]:
     """Load a WIDER FACE folder (``images/<event>/*.jpg`` and ``wider_face_*_bbx_gt.txt``).
 
@@ -352,15 +367,7 @@ def load_wider(root: str | os.PathLike, limit: int | None = None) -> list[Sample
     samples = []
     for rel, boxes, lineno in parse_wider_annotations(ann_path)[:limit]:
         p = images / rel
-        try:
-            with Image.open(p) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                    w, h = h, w
-        except FileNotFoundError as exc:
-            raise DataError(f"{ann_path}:{lineno}: image {p} does not exist") from exc
-        except Exception as exc:
-            raise DataError(f"{ann_path}:{lineno}: cannot read image {p} ({exc})") from exc
+        w, h = image_size(p, f"{ann_path}:{lineno}")
         if len(boxes):
             boxes = clip_boxes(boxes, h, w, f"{ann_path}:{lineno} ({rel})")
         samples.append(Sample(name=rel, boxes=boxes, path=str(p), group=rel.split("/")[0]))

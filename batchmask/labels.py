@@ -14,28 +14,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .config import LabelOptions
-from .data import IMAGE_EXTENSIONS, DataError, Sample, clip_boxes
+from .data import IMAGE_EXTENSIONS, DataError, Sample, clip_boxes, image_size
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LabelOptions", "load_coco", "load_yolo", "parse_yolo_labels"]
-
-
-def image_size(path: Path, where: str) -> tuple[int, int]:
-    """(width, height) of the image as the loaders see it (EXIF rotation applied)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                w, h = h, w
-    except FileNotFoundError as exc:
-        raise DataError(f"{where}: image {path} does not exist") from exc
-    except Exception as exc:
-        raise DataError(f"{where}: cannot read image {path} ({exc})") from exc
-    return w, h
 
 
 def _group(name: str) -> str:
