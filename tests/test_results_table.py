@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as cocomask
+from test_promises_run import images as random_images  # noqa: E402
 
 from batchmask.batch.runner import run
 from batchmask.batch.table import SCHEMA
@@ -27,12 +28,7 @@ DEMO = Path(__file__).resolve().parents[1] / "demo" / "wider" / "images"
 
 
 def images(root: Path, names: list[str], size: tuple[int, int] = (40, 30)) -> Path:
-    rng = np.random.default_rng(len(names))
-    for name in names:
-        p = root / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(p)
-    return root
+    return random_images(root, names, size)
 
 
 def coverage(out: Path) -> dict[str, dict]:
