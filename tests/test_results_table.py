@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as cocomask
-from test_promises_run import images as random_images  # noqa: E402
+from test_promises_run import images as random_images
 
 from batchmask.batch.runner import run
 from batchmask.batch.table import SCHEMA
