@@ -9,7 +9,6 @@ and early stopping (``patience``; 0 turns it off) ends phase two.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import os
@@ -30,11 +29,9 @@ from .checkpoint import (
     ResumeError,
     TrainState,
     best_weights_path,
-    hold_at_test_gate,
     load_state,
     restore_optimizer,
     restore_weights,
-    save_state,
 )
 from .checkpoint import (
     clear as clear_resume_state,
@@ -50,13 +47,17 @@ from .data import (
     split_samples,
 )
 from .sources import load_datasets
+from .training_callbacks import (
+    MONITOR,
+    early_stopping,
+    epoch_state,
+    plot_history,
+    time_limit_callback,
+    write_history,
+)
 
 log = logging.getLogger(__name__)
 
-#: Checkpoint and early-stopping criterion. Per-image Dice at 0.5, like the metric models are
-#: judged by; the batch soft Dice (``val_dice``) picked an epoch 0.03 Dice worse on the held-out
-#: event when the loss's Dice term is per image (docs/experiments.md).
-MONITOR = "val_dice_t50"
 
 
 class OutputExistsError(FileExistsError):
@@ -81,24 +82,6 @@ def _cache_images(samples: Sequence[Sample], max_side: int, desc: str, progress:
         images.append(im)
         boxes.append(b)
     return images, boxes
-
-
-def _time_limit_callback(deadline: float | None):
-    import keras
-
-    class TimeLimit(keras.callbacks.Callback):
-        """Log each epoch; stop at the end of the first epoch that finishes after ``deadline``."""
-
-        hit = False
-
-        def on_epoch_end(self, epoch, logs=None):
-            log.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items()))
-            if deadline is not None and time.time() > deadline:
-                log.warning("time limit reached after epoch %d; keeping the best epoch so far", epoch + 1)
-                self.model.stop_training = True
-                self.hit = True
-
-    return TimeLimit()
 
 
 def _make_sequence(images, boxes, cfg: TrainConfig, workers: int):
@@ -157,42 +140,6 @@ def _fixed_pairs(images, boxes, size: int, batch_size: int, small_face_weight: f
     bs = min(batch_size, len(images))
     n = len(images) // bs * bs
     return _batch(images[:n], boxes[:n], size, small_face_weight)
-
-
-def write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_history(path: Path, rows: list[dict[str, float]], finetune_epoch: int | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "dice", "Dice (solid: batch soft Dice)")):
-        ax.plot(ep, [r.get(key) for r in rows], label="train")
-        ax.plot(ep, [r.get(f"val_{key}") for r in rows], label="validation")
-        if key == "dice" and "val_dice_t50" in rows[0]:
-            ax.plot(ep, [r.get("val_dice_t50") for r in rows], "--", label="validation Dice@0.5 per image")
-        if finetune_epoch is not None:
-            ax.axvline(finetune_epoch - 0.5, color="grey", lw=0.8, ls=":", label="fine-tuning starts")
-        if key == "loss":
-            ax.set_yscale("log")  # the first validation losses can be 10x the rest
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _load(data, limit: int | None, labels=None) -> tuple[list[Sample], list[dict]]:
@@ -400,7 +347,7 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, out_dir: Path, s
     loss = get_loss(cfg.loss, per_image=cfg.dice_per_image, weighted=weighted)
     metrics = [mask_only(m) for m in (dice_metric, dice_at_half)] if weighted else [dice_metric, dice_at_half]
     steps = len(train_seq)
-    timer = _time_limit_callback(deadline)
+    timer = time_limit_callback(deadline)
     sitting_start, elapsed_before = time.time(), state.elapsed_s
     for ph in _phases(cfg, warmup):
         if ph.stop <= state.epoch:
@@ -417,11 +364,11 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, out_dir: Path, s
         callbacks: list = [
             keras.callbacks.ModelCheckpoint(str(best_file), monitor=MONITOR, mode="max", save_best_only=True,
                                             save_weights_only=True, initial_value_threshold=best),
-            _epoch_state(out_dir, state, ph.name, schedule, lambda: elapsed_before + time.time() - sitting_start),
+            epoch_state(out_dir, state, ph.name, schedule, lambda: elapsed_before + time.time() - sitting_start),
             timer,
         ]
         if ph.finetune and cfg.patience > 0:
-            callbacks.append(_early_stopping(state, cfg.patience))
+            callbacks.append(early_stopping(state, cfg.patience))
         log.info("phase %s: epochs %d..%d, learning rate %.2g", ph.name, first + 1, ph.stop, ph.learning_rate)
         net.fit(train_seq, validation_data=val_xy, validation_batch_size=min(cfg.batch_size, len(val_xy[0])),
                 epochs=ph.stop, initial_epoch=first, callbacks=callbacks, verbose=1 if progress else 0)
@@ -433,41 +380,6 @@ def _fit(net, train_seq, val_xy, cfg: TrainConfig, warmup: int, out_dir: Path, s
             warnings.simplefilter("ignore")
             net.load_weights(str(best_file))
     return not timer.hit or len(state.history) >= cfg.epochs
-
-
-def _early_stopping(state: TrainState, patience: int):
-    """Early stopping that starts from the history's count (a resumed training stops when the
-    uninterrupted one would)."""
-    import keras
-
-    best, wait = state.best(MONITOR, phase="finetune")
-
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            if best is not None:
-                self.best, self.wait = best, wait
-
-    return ResumableEarlyStopping(monitor=MONITOR, mode="max", patience=patience, verbose=1)
-
-
-def _epoch_state(out_dir: Path, state: TrainState, phase: str, schedule, elapsed):
-    """A callback that adds each epoch's row (with its learning rate) to ``state.history`` and saves
-    the resume state."""
-    import keras
-
-    class EpochState(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            opt = self.model.optimizer
-            row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase}
-            row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
-            row["learning_rate"] = float(keras.ops.convert_to_numpy(schedule(opt.iterations - 1)))
-            state.history.append(row)
-            state.epoch, state.phase, state.elapsed_s = epoch + 1, phase, elapsed()
-            save_state(out_dir, self.model, opt, state)
-            hold_at_test_gate(epoch + 1)
-
-    return EpochState()
 
 
 def _training_meta(cfg: TrainConfig, command: str | None, history: list[dict[str, Any]], best: dict[str, Any],

@@ -72,6 +72,25 @@ def report_browser() -> str | None:
     return (res.stdout.strip() or None) if res.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def output_lock_held(out: Path, seconds: int = 120):
+    """Another process holding ``out``'s output lock (as a second run would), until the block ends;
+    yields the holder process (its pid is what lock messages name)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from batchmask.batch.storage import StorageSpec\n"
+        "from batchmask.batch.lock import OutputLock\n"
+        f"lock = OutputLock(StorageSpec({str(out)!r}).open()).acquire()\n"
+        "print('held', flush=True)\n"
+        f"time.sleep({seconds})\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def wait_until(check, what: str, proc: subprocess.Popen | None = None, poll_s: float = 0.05):
     """Poll ``check()`` until it returns something true, and return it.
 

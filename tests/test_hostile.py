@@ -195,21 +195,13 @@ def test_a_bad_model_is_one_line_before_anything_is_written(tmp_path, tiny_model
 
 def test_second_run_on_a_locked_output_is_refused_naming_the_holder(tmp_path, tiny_model_dir):
     import json
-    import subprocess
-    import sys
+
+    from conftest import output_lock_held
 
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from batchmask.batch.storage import StorageSpec\n"
-        "from batchmask.batch.lock import OutputLock\n"
-        f"lock = OutputLock(StorageSpec({str(out)!r}).open()).acquire()\n"
-        "print('held', flush=True)\n"
-        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with output_lock_held(out, seconds=60) as holder:
         res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q"])
         assert res.exit_code == 4, res.output
         assert f"pid {holder.pid}" in res.output and "--wait" in res.output and res.output.count("\n") == 1
@@ -218,9 +210,6 @@ def test_second_run_on_a_locked_output_is_refused_naming_the_holder(tmp_path, ti
         res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q",
                                         "--wait", "--wait-timeout", "1"])
         assert res.exit_code == 4, res.output
-    finally:
-        holder.kill()
-        holder.wait()
     # the holder died: the kernel dropped its flock, the next run goes ahead
     res = CliRunner().invoke(main, ["run", "-i", str(inp), "-o", str(out), "-m", str(tiny_model_dir), "-q"])
     assert res.exit_code == 0, res.output

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, VENV_BIN, need
+from conftest import REPO, VENV_BIN, need, output_lock_held
 
 from batchmask.cli import main
 
@@ -99,21 +98,10 @@ def test_jobs_run_locked_ok_exits_0_when_the_output_is_locked(tmp_path, tiny_mod
     out.mkdir()
     (tmp_path / "in").mkdir()
     job = job_file(tmp_path, "cam", input=str(tmp_path / "in"), output=str(out), model=str(tiny_model_dir))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\n"
-        "from batchmask.batch.storage import StorageSpec\n"
-        "from batchmask.batch.lock import OutputLock\n"
-        f"lock = OutputLock(StorageSpec({str(out)!r}).open()).acquire()\n"
-        "print('held', flush=True)\n"
-        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with output_lock_held(out) as holder:
         args = ["jobs", "run", "--quiet", "--lock-dir", str(tmp_path / "locks"), str(job)]
         locked = CliRunner().invoke(main, args)
         ok = CliRunner().invoke(main, [*args[:2], "--locked-ok", *args[2:]])
-    finally:
-        holder.kill()
-        holder.wait()
     assert locked.exit_code == 4, locked.output
     assert ok.exit_code == 0 and "locked" in ok.output and f"pid {holder.pid}" in ok.output, ok.output
 
