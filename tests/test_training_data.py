@@ -115,3 +115,13 @@ def test_init_from_refuses_another_architecture_before_loading_anything(tmp_path
     assert res.exit_code != 0
     assert "decoder_block='sepconv'" in res.output and "fine-tuning keeps the architecture" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_resume_refuses_options_it_would_ignore(tmp_path, demo_wider):
+    from click.testing import CliRunner
+
+    from batchmask.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path), "--epochs", "3", "--images", str(tmp_path)])
+    assert res.exit_code == 2 and "only --time-limit and --quiet apply" in res.output
+    assert "drop --images, --epochs" in res.output or "drop --epochs, --images" in res.output

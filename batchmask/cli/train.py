@@ -99,8 +99,11 @@ def train_cmd(ctx, data, category, class_id, images_dir, out, init_from, resume_
 
     errors = (DataError, WeightsError, OutputExistsError, ResumeError, InitFromError, ValueError, FileNotFoundError)
     if resume_dir:
-        if data or out or init_from:
-            raise click.UsageError("--resume OUT continues a training as it was started: drop --data, --out and --init-from")
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "time_limit", "quiet")
+                 and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+        if given:
+            raise click.UsageError(f"--resume OUT continues a training as it was started (only --time-limit and "
+                                   f"--quiet apply): drop {', '.join(given)}")
         with user_errors(*errors):
             res = resume(resume_dir, time_limit_s=time_limit * 60 if time_limit is not None else None,
                          progress=not quiet)
