@@ -11,8 +11,10 @@ Layout (README.md, "Files written", describes every file and column)::
 
 A shard's part file is written (atomically) only after all its masks are written, so a row
 in a part file or in ``coverage.csv`` always has its mask. The driver merges part files into
-``coverage.csv`` (one atomic write) at the end of a run, when interrupted, and at the start
-of the next run; a later row for the same image replaces an earlier one.
+``results.parquet`` and ``coverage.csv`` (one atomic write each, streamed: :mod:`.merge`) at the
+end of a run, when interrupted, and at the start of the next run; a later row for the same image
+replaces an earlier one. What is done, and the recorded mask paths, are read back row by row into
+a compact :class:`~batchmask.batch.records.RecordIndex`.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from ..inference.pixels import (  # noqa: F401  (the pixel path; re-exported for
     encode_png,
     mask_stats,
 )
+from .records import DamagedCsv, RecordIndex
 from .storage import Storage
-from .table import RESULTS, build_results, read_results, write_results
 from .tablerow import TABLE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ def overlay_rel(rel: str) -> str:
 class MaskNames:
     """Mask paths for images in listing order, resolving collisions (``a.jpg`` and ``a.png``).
 
-    ``recorded`` maps images to the mask paths already in ``coverage.csv``: such an image keeps
+    ``recorded`` gives the mask paths already in ``coverage.csv`` (a dict of image to mask path,
+    or the output's :class:`~batchmask.batch.records.RecordIndex`): such an image keeps
     its mask path, and no other image is given one of them (``a.png`` done as ``masks/a.png``,
     then ``a.jpg`` arrives: it gets ``masks/a.jpg.png``).
 
@@ -75,11 +78,9 @@ class MaskNames:
     forgotten once the listing has moved past its prefix.
     """
 
-    def __init__(self, recorded: dict[str, str] | None = None) -> None:
-        self._recorded = recorded or {}
-        self._reserved = set(self._recorded.values())
-        for m in list(self._reserved):
-            self._reserved.update(_png_dirs(m))
+    def __init__(self, recorded: dict[str, str] | RecordIndex | None = None) -> None:
+        self._recorded = recorded if isinstance(recorded, RecordIndex) else _RecordedDict(recorded or {})
+        self._reserves = self._recorded.reserves
         self._taken: dict[str, str] = {}  # mask path (or folder) -> group prefix that may still collide
 
     def assign(self, rel: str) -> str:
@@ -92,11 +93,11 @@ class MaskNames:
         cand = mask_rel(rel)
         k = 0
         while True:
-            clash = next((d for d in _png_dirs(cand) if d in self._taken or d in self._reserved), None)
+            clash = next((d for d in _png_dirs(cand) if d in self._taken or self._reserves(d)), None)
             if clash:  # a folder of this mask is another image's mask file ("q.png" and "q.png/r.jpg")
                 cand = clash + ".d" + cand[len(clash):]
                 continue
-            if cand not in self._taken and cand not in self._reserved:
+            if cand not in self._taken and not self._reserves(cand):
                 break
             cand = MASKS + (rel if k == 0 else f"{rel}-{k}") + ".png"
             k += 1
@@ -104,6 +105,19 @@ class MaskNames:
         for d in _png_dirs(cand):  # a later "q.tif" must not take "masks/q.png", a folder here
             self._taken.setdefault(d, d[len(MASKS):-len(".png")] + ".")
         return cand
+
+
+class _RecordedDict:
+    """A dict of recorded mask paths as :class:`MaskNames` asks it (a small output, tests)."""
+
+    def __init__(self, recorded: dict[str, str]):
+        self.get = recorded.get
+        self._reserved = set(recorded.values())
+        for m in list(self._reserved):
+            self._reserved.update(_png_dirs(m))
+
+    def reserves(self, path: str) -> bool:
+        return path in self._reserved
 
 
 def _png_dirs(mask: str) -> list[str]:
@@ -201,10 +215,6 @@ def rows_to_csv(rows) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-class DamagedCsv(ValueError):
-    """A CSV file that cannot be parsed, or has no ``image`` and ``status`` columns."""
-
-
 def csv_to_rows(data: bytes, where: str) -> list[dict]:
     """The rows of a coverage or part file (rows without an image or a known status are dropped);
     :class:`DamagedCsv` (naming ``where``) for a file that is not such a CSV at all."""
@@ -234,7 +244,9 @@ def list_parts(out: Storage) -> list[str]:
 
 
 def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
-    """Rows from ``coverage.csv`` plus unmerged part files (later part files win)."""
+    """Rows from ``coverage.csv`` plus unmerged part files (later part files win), all in memory:
+    for inspection and tests; a run reads an output through :class:`RecordIndex` and merges it
+    with :func:`merge_parts`, which hold neither."""
     records: dict[str, dict] = {}
     if out.exists(COVERAGE):
         data = out.read_bytes(COVERAGE)
@@ -243,7 +255,7 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
         except DamagedCsv as exc:
             # Kept beside, never overwritten: rows may be recoverable by hand. Deleted, so that the
             # merge below writes a new one from the part files; the images are processed again.
-            keep = _free_name(out, COVERAGE + UNREADABLE)
+            keep = free_name(out, COVERAGE + UNREADABLE)
             log.warning("%s; kept as %s, rebuilt from this run on (its images are processed again)", exc, keep)
             out.write_bytes(keep, data)
             out.delete(COVERAGE)
@@ -273,7 +285,7 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
     return records, readable
 
 
-def _free_name(out: Storage, name: str) -> str:
+def free_name(out: Storage, name: str) -> str:
     """``name``, or ``name-1``, ``name-2``... the first that does not exist yet."""
     k, cand = 0, name
     while out.exists(cand):
@@ -282,26 +294,17 @@ def _free_name(out: Storage, name: str) -> str:
     return cand
 
 
-def merge_parts(out: Storage) -> dict[str, dict]:
-    """Fold part files into ``results.parquet`` and ``coverage.csv`` (one atomic write each), then delete them.
+def merge_parts(out: Storage) -> None:
+    """Fold part files into ``results.parquet`` and ``coverage.csv`` (one atomic write each, streamed:
+    :mod:`batchmask.batch.merge`), then delete them. Callers hold the output lock."""
+    from .merge import merge_parts as merge
 
-    Read-modify-write: callers hold the output lock (:mod:`batchmask.batch.lock`), so two merges
-    never run at once on one output.
-    """
-    records, parts = load_records(out)
-    if parts or not out.exists(COVERAGE) or not out.exists(RESULTS):
-        # the table first: if the merge stops before the part files are deleted, the next one redoes both
-        fresh = (k for k, r in records.items() if TABLE_FIELDS[0] in r)
-        write_results(out, build_results(records, fresh, read_results(out)))
-        out.write_bytes(COVERAGE, rows_to_csv({k: v for k, v in records[k].items() if k not in TABLE_FIELDS}
-                                              for k in sorted(records)))
-        for p in parts:
-            out.delete(p)
-    return records
+    merge(out)
 
 
 def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False, masks: bool = True) -> set[str]:
     """Images that need no work: ``ok`` rows whose mask exists, and ``error`` rows unless retried.
+    (The rule; a run asks :class:`RecordIndex`, which answers the same without a set of names.)
 
     ``masks=False`` (``--no-masks``): every ``ok`` row is done, and ``masks/`` is not listed. With
     masks, an ``ok`` row without one (written with ``--no-masks``) is done again, to get its mask.
@@ -315,3 +318,18 @@ def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False,
         ):
             done.add(k)
     return done
+
+
+def read_records(out: Storage, retry_errors: bool = False, masks: bool = True) -> RecordIndex:
+    """What the output records, as a :class:`RecordIndex`: ``rel in index`` is ``rel in
+    done_set(...)`` and ``MaskNames(index)`` keeps the recorded mask paths, in 33 bytes per image.
+    A damaged coverage.csv is kept beside and rebuilt empty (its images are processed again), as
+    :func:`load_records` does."""
+    from .merge import set_aside_coverage
+
+    try:
+        return RecordIndex.read(out, retry_errors, masks)
+    except DamagedCsv as exc:
+        set_aside_coverage(out, exc)
+        merge_parts(out)
+        return RecordIndex.empty()

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
 from ..data import IMAGE_EXTENSIONS
@@ -34,11 +34,10 @@ from .options import RunError, RunOptions
 from .outputs import (
     RUN_JSON,
     MaskNames,
-    done_set,
     error_row,
     merge_parts,
     part_name,
-    recorded_masks,
+    read_records,
     rows_to_csv,
     stable_text,
 )
@@ -213,10 +212,10 @@ class _BatchRun:
         self.lock = OutputLock(self.out).acquire(wait=opts.wait, wait_timeout=opts.wait_timeout)
         try:
             self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
-            records = merge_parts(self.out)  # leftovers of an interrupted run first
-            self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors, masks=not opts.no_masks)
-            self.names = MaskNames(recorded_masks(records))  # an image keeps its mask path; no new image takes one
-            del records
+            merge_parts(self.out)  # leftovers of an interrupted run first
+            records = read_records(self.out, opts.retry_errors, masks=not opts.no_masks)
+            self.done: Container[str] = set() if opts.overwrite else records
+            self.names = MaskNames(records)  # an image keeps its mask path; no new image takes one
         except BaseException:
             self.lock.release()
             raise

@@ -9,7 +9,8 @@ lexicographic (code point) order of the whole relative path, from one directory 
 one 1000-key page (S3) at a time, so a bucket of a million keys is never held in memory.
 
 Writes are atomic: a local file is written under a temporary name in the same folder and
-renamed; an S3 object is written with a single PUT.
+renamed; an S3 object is written with a single PUT, or (:meth:`Storage.open_write`, for files
+written in pieces) one multipart upload that becomes visible only when it completes.
 
 The S3 endpoint comes from ``endpoint_url`` or the environment (``AWS_ENDPOINT_URL_S3``,
 then ``AWS_ENDPOINT_URL``); credentials come from the standard AWS variables, profiles or
@@ -371,6 +372,45 @@ class Storage:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def open_read(self, rel: str):
+        """A binary file object to read ``rel`` in pieces (coverage.csv, results.parquet: never whole)."""
+        if self.remote:
+            with self._remote_errors("read", rel):
+                return self.fs.open(self.full(rel), "rb")
+        return open(self.full(rel), "rb")  # noqa: SIM115 - the caller closes it
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[Any]:
+        """A binary file object written in pieces and published atomically when the block ends
+        without an exception (as :meth:`write_bytes`): locally a temporary file renamed into place;
+        remotely one object upload (S3: a multipart upload, visible only when completed), discarded
+        on an exception, so readers see the old object or the new one, never part of it."""
+        if self.remote:
+            with self._remote_errors("write", rel):
+                f = self.fs.open(self.full(rel), "wb")
+            try:
+                yield f
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    f.discard()  # s3fs: aborts the multipart upload
+                f.closed = True  # never committed by a later close() or __del__
+                raise
+            with self._remote_errors("write", rel):
+                f.close()
+            return
+        path = self.full(rel)
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:16]}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -11,9 +11,10 @@ README.md ("results.parquet") lists the columns; docs/design.md says why Parquet
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -104,12 +105,17 @@ def build_results(records: dict[str, dict], fresh: Iterable[str], previous: pa.T
     images in ``fresh`` (rows from this merge's part files) come from their rows, the others'
     from ``previous`` (null for images it does not have: recorded before the table existed)."""
     fresh = set(fresh)
-    table = rows_table([records[k] for k in sorted(records)])
-    if previous is None or not previous.num_rows:
+    keys = sorted(records)
+    return carry_over(rows_table([records[k] for k in keys]), [k in fresh for k in keys], previous)
+
+
+def carry_over(table: pa.Table, fresh: list[bool], previous: pa.Table | None) -> pa.Table:
+    """``table`` with the carried columns of its rows that are not ``fresh`` taken from
+    ``previous`` (matched by image; null where it has none)."""
+    if previous is None or not previous.num_rows or not table.num_rows:
         return table
-    stale = pc.is_in(table["image"], value_set=pa.array(sorted(fresh), pa.string()))
     idx = pc.index_in(table["image"], value_set=previous["image"])
-    idx = pc.if_else(stale, pa.scalar(None, pa.int32()), idx)  # fresh rows keep their own values
+    idx = pc.if_else(pa.array(fresh, pa.bool_()), pa.scalar(None, pa.int32()), idx)  # fresh rows keep their own
     for name in CARRIED:
         old = previous[name].take(idx)
         new = _choose(pc.is_null(idx), table[name], old)
@@ -124,6 +130,88 @@ def _choose(mask: pa.ChunkedArray, a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa
     both = pa.concat_arrays([a.combine_chunks(), b.combine_chunks()])
     pick = pc.if_else(mask, ia, pc.add(ia, n))
     return both.take(pick)
+
+
+class PreviousTable:
+    """The previous ``results.parquet``'s image and carried columns, read batch by batch in image
+    order (it is written sorted) for a merge that walks the images in order. Missing: no rows.
+    Unreadable (at the start or part way): kept beside as ``results.parquet.unreadable``, as
+    :func:`read_results` does; the images not matched by then get null carried columns."""
+
+    def __init__(self, out: Storage):
+        self.out = out
+        self._file = None
+        self._batches = None
+        self._pend = pa.table({n: pa.array([], SCHEMA.field(n).type) for n in ("image", *CARRIED)})
+        self._schema = pa.schema([SCHEMA.field(n) for n in ("image", *CARRIED)])
+
+    def __enter__(self) -> PreviousTable:
+        if self.out.exists(RESULTS):
+            try:
+                self._file = self.out.open_read(RESULTS)
+                pf = pq.ParquetFile(self._file)
+                self._batches = pf.iter_batches(batch_size=65_536, columns=["image", *CARRIED])
+            except (pa.ArrowException, ValueError, KeyError, OSError) as exc:
+                self._unreadable(exc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _unreadable(self, exc: Exception) -> None:
+        from .merge import copy
+
+        self._batches = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        keep = RESULTS + ".unreadable"
+        log.warning("%s: unreadable (%s); kept as %s, rebuilt from coverage.csv", RESULTS, exc, keep)
+        copy(self.out, RESULTS, keep)
+
+    def upto(self, last: str) -> pa.Table:
+        """The previous rows not handed out yet whose image sorts at or before ``last``."""
+        while self._batches is not None and (not self._pend.num_rows or self._pend["image"][-1].as_py() <= last):
+            try:
+                b = next(self._batches, None)
+                t = None if b is None else pa.Table.from_batches([b]).cast(self._schema)
+            except (pa.ArrowException, ValueError, KeyError, OSError) as exc:
+                self._unreadable(exc)
+                break
+            if t is None:
+                self._batches = None
+                break
+            self._pend = pa.concat_tables([self._pend, t])
+        cut = pc.sum(pc.less_equal(self._pend["image"], pa.scalar(last, pa.string()))).as_py() or 0
+        head, self._pend = self._pend.slice(0, cut), self._pend.slice(cut)
+        return head
+
+
+class TableWriter:
+    """Rows written to a new ``results.parquet``, one row group per :meth:`write` (see :func:`new_table`)."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self.writer = writer
+
+    def write(self, rows: list[dict], fresh: list[bool], previous: PreviousTable) -> None:
+        if rows:
+            self.writer.write_table(carry_over(rows_table(rows), fresh, previous.upto(rows[-1]["image"])))
+
+
+@contextlib.contextmanager
+def new_table(out: Storage) -> Iterator[TableWriter]:
+    """A :class:`TableWriter` whose table is published (atomically) when the block ends without
+    an exception, and discarded otherwise."""
+    with out.open_write(RESULTS) as f:
+        w = TableWriter(pq.ParquetWriter(f, SCHEMA, compression="zstd"))
+        try:
+            yield w
+        except BaseException:
+            with contextlib.suppress(Exception):  # its footer goes to a file that is thrown away
+                w.writer.close()
+            raise
+        w.writer.close()
 
 
 def write_results(out: Storage, table: pa.Table) -> None:

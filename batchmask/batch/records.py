@@ -1,0 +1,295 @@
+"""What an output already records, read streaming and held compactly: the done set and the
+recorded mask paths of ``coverage.csv``, for outputs of millions of images.
+
+An output's record is ``coverage.csv`` (sorted by image, written by
+:func:`batchmask.batch.outputs.merge_parts`) plus its ``masks/``. Each run reads it once, row by
+row, into a :class:`RecordIndex`: every recorded image as a 128-bit BLAKE2b hash of its name in
+one sorted NumPy array with a flag byte (done; mask at its default path), and the hashes of every
+recorded mask path (and of its folders that end in ``.png``) in another. That is 33 bytes per
+image, where Python sets and dicts of the names took about 1.3 KB; mask paths that differ from
+the default (``a.jpg`` -> ``masks/a.jpg.png`` beside ``a.png``) are kept by name, as they are few.
+
+A false "done" from two names with one hash would skip an image: with 128-bit hashes the chance
+for 10 million names is about 10^-25, far below a disk's undetected error rate.
+
+docs/design.md ("Bookkeeping at millions of images") says why this and not a new on-disk store.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: Bytes of an image's or a mask path's hash.
+HASH_BYTES = 16
+_KEY = f"S{HASH_BYTES}"
+_ZERO = bytes(HASH_BYTES)
+#: Names hashed per NumPy lookup when many are looked up at once (the masks listing).
+CHUNK = 65_536
+
+# flags of a recorded image in the index
+DONE = 1
+DEFAULT_MASK = 2
+
+
+def key(name: str) -> bytes:
+    """The 128-bit hash of an image name or mask path (``surrogatepass``: a name listed from
+    undecodable bytes hashes too, and stays distinct)."""
+    return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=HASH_BYTES).digest()
+
+
+def keys_array(names: Iterable[str]) -> np.ndarray:
+    return np.frombuffer(b"".join(key(n) for n in names), _KEY)
+
+
+def _member(sorted_keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in ``sorted_keys``, whether present) of each query."""
+    if not len(sorted_keys):
+        return np.zeros(len(queries), np.int64), np.zeros(len(queries), bool)
+    i = np.minimum(np.searchsorted(sorted_keys, queries), len(sorted_keys) - 1)
+    return i, sorted_keys[i] == queries
+
+
+class DamagedCsv(ValueError):
+    """A CSV file that cannot be parsed, or has no ``image`` and ``status`` columns."""
+
+
+class CsvRows:
+    """The rows of a coverage or part file, read in pieces: ``fieldnames`` (the header) and, when
+    iterated, the lists of the rows that have an image and a known status (as
+    :func:`batchmask.batch.outputs.csv_to_rows` keeps). :class:`DamagedCsv` (naming ``where``),
+    from the constructor or while iterating, for a file that is not such a CSV at all."""
+
+    def __init__(self, raw, where: str):
+        self.where = where
+        self._raw = raw
+        self._text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        self._reader = csv.reader(self._text)
+        try:
+            self.fieldnames: list[str] = next(self._reader, [])
+            header_ok = {"image", "status"} <= set(self.fieldnames)
+            if not header_ok and (any(f.strip() for f in self.fieldnames) or self._text.read().strip()):
+                raise DamagedCsv(f"{where}: no 'image' and 'status' columns in its header")
+        except (UnicodeDecodeError, csv.Error) as exc:
+            self.close()
+            raise DamagedCsv(f"{where}: unreadable ({exc})") from None
+        except DamagedCsv:
+            self.close()
+            raise
+        self.empty = not header_ok
+        # DictReader semantics: a name given twice in the header means its last column
+        self.index = {name: i for i, name in enumerate(self.fieldnames)}
+
+    @classmethod
+    def open(cls, out: Storage, rel: str) -> CsvRows:
+        return cls(out.open_read(rel), rel)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        if self.empty:
+            return
+        ii, si = self.index["image"], self.index["status"]
+        n = max(ii, si) + 1
+        try:
+            for row in self._reader:
+                if len(row) >= n and row[ii] and row[si] in ("ok", "error"):
+                    yield row
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DamagedCsv(f"{self.where}: unreadable ({exc})") from None
+
+    def dicts(self) -> Iterator[dict]:
+        """The rows as dicts of the header's names (a short row's missing fields: None, fields
+        beyond the header: dropped), as :class:`csv.DictReader` gives them."""
+        names = self.fieldnames
+        for row in self:
+            r = dict(zip(names, row, strict=False))
+            if len(row) < len(names):
+                for name in names[len(row):]:
+                    r.setdefault(name, None)
+            yield r
+
+    def close(self) -> None:
+        self._text.detach()
+        self._raw.close()
+
+    def __enter__(self) -> CsvRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RecordIndex:
+    """The recorded images of an output: ``rel in index`` says whether ``rel`` needs no work
+    (the rule of :func:`batchmask.batch.outputs.done_set`); :meth:`get` and :meth:`reserves`
+    give :class:`~batchmask.batch.outputs.MaskNames` the recorded mask paths."""
+
+    def __init__(self, keys: np.ndarray, flags: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str]):
+        self._keys, self._flags, self._reserved, self._odd = keys, flags, reserved, odd_masks
+        self._last: tuple[str, int] = ("", 0)
+
+    @classmethod
+    def read(cls, out: Storage, retry_errors: bool = False, masks: bool = True) -> RecordIndex:
+        """Build the index from ``coverage.csv`` (streaming) and, when masks are wanted and some
+        row is ``ok``, the listing of ``masks/`` (hashed in chunks, never held as names).
+        :class:`DamagedCsv` for a coverage.csv that cannot be read."""
+        from .outputs import COVERAGE
+
+        if not out.exists(COVERAGE):
+            return cls.empty()
+        with CsvRows.open(out, COVERAGE) as rows:
+            b = _Builder(retry_errors)
+            b.add(rows)
+        return b.finish(out, masks)
+
+    @classmethod
+    def empty(cls) -> RecordIndex:
+        none = np.zeros(0, _KEY)
+        return cls(none, np.zeros(0, np.uint8), none, {})
+
+    def _flag(self, rel: str) -> int:
+        if self._last[0] == rel and rel:  # `rel in done` and names.assign(rel) ask in turn
+            return self._last[1]
+        h = key(rel)
+        i = int(self._keys.searchsorted(h))
+        f = int(self._flags[i]) if i < len(self._keys) and self._keys[i] == h.rstrip(b"\0") else 0
+        self._last = (rel, f)
+        return f
+
+    def __contains__(self, rel: object) -> bool:
+        return isinstance(rel, str) and bool(self._flag(rel) & DONE)
+
+    def __len__(self) -> int:
+        """Images done."""
+        return int(np.count_nonzero(self._flags & DONE))
+
+    def get(self, rel: str) -> str | None:
+        """The mask path recorded for ``rel``, if any."""
+        odd = self._odd.get(rel)
+        if odd:
+            return odd
+        from .outputs import mask_rel
+
+        return mask_rel(rel) if self._flag(rel) & DEFAULT_MASK else None
+
+    def reserves(self, path: str) -> bool:
+        """Whether ``path`` is a recorded mask path, or a folder of one that ends in ``.png``."""
+        if not len(self._reserved):
+            return False
+        h = key(path)
+        i = int(self._reserved.searchsorted(h))
+        return i < len(self._reserved) and self._reserved[i] == h.rstrip(b"\0")
+
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._flags.nbytes + self._reserved.nbytes
+
+
+# per-row flags while building
+_OK, _ERR_DONE, _DEFAULT, _HAS_MASK = 1, 2, 4, 8
+
+
+class _Builder:
+    """Rows of coverage.csv in, arrays out; later rows for the same image win (as in a dict)."""
+
+    def __init__(self, retry_errors: bool):
+        self.retry_errors = retry_errors
+        self.keys, self.masks, self.flags, self.dirs = bytearray(), bytearray(), bytearray(), bytearray()
+        self.odd: dict[str, str] = {}
+
+    def add(self, rows: CsvRows) -> None:
+        from .outputs import LEGACY_STORAGE_ERROR, MASKS, _png_dirs
+
+        ix = rows.index
+        ii, si, mi, ei = ix["image"], ix["status"], ix.get("mask", -1), ix.get("error", -1)
+        retry, odd = self.retry_errors, self.odd
+        keys, masks, flags, dirs = self.keys, self.masks, self.flags, self.dirs
+        splitext = posixpath.splitext
+        for row in rows:
+            img, n = row[ii], len(row)
+            keys += key(img)
+            if row[si] == "ok":
+                f = _OK
+            else:
+                err = row[ei] if 0 <= ei < n else ""
+                f = 0 if retry or err.startswith(LEGACY_STORAGE_ERROR) else _ERR_DONE
+            m = row[mi] if 0 <= mi < n else ""
+            if m:
+                f |= _HAS_MASK
+                masks += key(m)
+                if m == MASKS + splitext(img)[0] + ".png":
+                    f |= _DEFAULT
+                    if odd:
+                        odd.pop(img, None)
+                else:
+                    odd[img] = m
+                if ".png/" in m:
+                    for d in _png_dirs(m):
+                        dirs += key(d)
+            else:
+                masks += _ZERO
+                if odd:
+                    odd.pop(img, None)
+            flags.append(f)
+
+    def finish(self, out: Storage, want_masks: bool) -> RecordIndex:
+        keys = np.frombuffer(self.keys, _KEY)
+        mask_keys = np.frombuffer(self.masks, _KEY)
+        flags = np.frombuffer(self.flags, np.uint8)
+        has_mask = (flags & _HAS_MASK) != 0
+        recorded = np.unique(mask_keys[has_mask])
+        ok = (flags & _OK) != 0
+        if want_masks:
+            exists = np.zeros(len(flags), bool)
+            if np.any(ok & has_mask):
+                exists[has_mask] = _listed(out, recorded)[np.searchsorted(recorded, mask_keys[has_mask])]
+            done = (ok & exists) | ((flags & _ERR_DONE) != 0)
+        else:
+            done = ok | ((flags & _ERR_DONE) != 0)
+        del mask_keys, has_mask, ok
+        final = done.astype(np.uint8) * DONE | np.where((flags & _DEFAULT) != 0, DEFAULT_MASK, 0).astype(np.uint8)
+        del done, flags
+        self.masks = self.flags = bytearray()
+        order = np.argsort(keys, kind="stable")
+        keys, final = keys[order], final[order]
+        del order
+        self.keys = bytearray()
+        if len(keys) > 1:
+            later = keys[1:] == keys[:-1]  # the same image twice: its last row wins
+            if later.any():
+                keep = np.append(~later, True)
+                keys, final = keys[keep], final[keep]
+        if self.dirs:
+            recorded = np.unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
+        return RecordIndex(keys, final, recorded, self.odd)
+
+
+def _listed(out: Storage, recorded: np.ndarray) -> np.ndarray:
+    """For each of the ``recorded`` mask hashes (sorted), whether ``masks/`` holds that file;
+    the listing is hashed CHUNK names at a time."""
+    from .outputs import MASKS
+
+    found = np.zeros(len(recorded), bool)
+    batch: list[str] = []
+
+    def look() -> None:
+        i, hit = _member(recorded, keys_array(batch))
+        found[i[hit]] = True
+        batch.clear()
+
+    for p in out.iter_files(MASKS):
+        batch.append(p)
+        if len(batch) >= CHUNK:
+            look()
+    if batch:
+        look()
+    return found
