@@ -24,7 +24,7 @@ from .tablerow import TABLE_FIELDS
 log = logging.getLogger(__name__)
 
 #: Rows per row group of results.parquet (and per batch converted to Arrow).
-BATCH = 65_536
+BATCH = 16_384
 
 
 class Unsorted(ValueError):

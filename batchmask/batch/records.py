@@ -204,11 +204,14 @@ class _Builder:
     def __init__(self, retry_errors: bool):
         self.retry_errors = retry_errors
         self.keys, self.masks, self.flags, self.dirs = bytearray(), bytearray(), bytearray(), bytearray()
+        self.dir_rows: list[int] = []  # the row of each hash in dirs
         self.odd: dict[str, str] = {}
 
     def add(self, rows: CsvRows) -> None:
         from .outputs import LEGACY_STORAGE_ERROR, MASKS, _png_dirs
 
+        if rows.empty:
+            return
         ix = rows.index
         ii, si, mi, ei = ix["image"], ix["status"], ix.get("mask", -1), ix.get("error", -1)
         retry, odd = self.retry_errors, self.odd
@@ -235,6 +238,7 @@ class _Builder:
                 if ".png/" in m:
                     for d in _png_dirs(m):
                         dirs += key(d)
+                        self.dir_rows.append(len(flags))
             else:
                 masks += _ZERO
                 if odd:
@@ -243,34 +247,44 @@ class _Builder:
 
     def finish(self, out: Storage, want_masks: bool) -> RecordIndex:
         keys = np.frombuffer(self.keys, _KEY)
-        mask_keys = np.frombuffer(self.masks, _KEY)
-        flags = np.frombuffer(self.flags, np.uint8)
-        has_mask = (flags & _HAS_MASK) != 0
-        recorded = np.unique(mask_keys[has_mask])
-        ok = (flags & _OK) != 0
-        if want_masks:
-            exists = np.zeros(len(flags), bool)
-            if np.any(ok & has_mask):
-                exists[has_mask] = _listed(out, recorded)[np.searchsorted(recorded, mask_keys[has_mask])]
-            done = (ok & exists) | ((flags & _ERR_DONE) != 0)
-        else:
-            done = ok | ((flags & _ERR_DONE) != 0)
-        del mask_keys, has_mask, ok
-        final = done.astype(np.uint8) * DONE | np.where((flags & _DEFAULT) != 0, DEFAULT_MASK, 0).astype(np.uint8)
-        del done, flags
-        self.masks = self.flags = bytearray()
         order = np.argsort(keys, kind="stable")
-        keys, final = keys[order], final[order]
-        del order
+        keys = keys[order]
         self.keys = bytearray()
+        last = np.ones(len(keys), bool)  # the same image twice: its last row wins, as in a dict
         if len(keys) > 1:
-            later = keys[1:] == keys[:-1]  # the same image twice: its last row wins
-            if later.any():
-                keep = np.append(~later, True)
-                keys, final = keys[keep], final[keep]
+            last[:-1] = keys[1:] != keys[:-1]
+        flags = np.frombuffer(self.flags, np.uint8)
+        self.flags = bytearray()
+        if not last.all():
+            keys = keys[last]
+            kept = np.zeros(len(flags), bool)
+            kept[order[last]] = True
+            flags = np.where(kept, flags, 0).astype(np.uint8)  # a replaced row reserves no mask
+            if self.dir_rows:
+                self.dirs = bytearray(np.frombuffer(self.dirs, _KEY)[kept[self.dir_rows]].tobytes())
+            del kept
+        final = _final(self.masks, flags, out, want_masks)
+        self.masks = bytearray()
+        final, recorded = final[0][order][last], final[1]
         if self.dirs:
             recorded = np.unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
         return RecordIndex(keys, final, recorded, self.odd)
+
+
+def _final(masks: bytearray, flags: np.ndarray, out: Storage, want_masks: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(index flags per row, the sorted hashes of the recorded mask paths)."""
+    mask_keys = np.frombuffer(masks, _KEY)
+    has_mask = (flags & _HAS_MASK) != 0
+    recorded = np.unique(mask_keys[has_mask])
+    ok = (flags & _OK) != 0
+    done = ok if not want_masks else np.zeros(len(flags), bool)
+    if want_masks and np.any(ok & has_mask):
+        exists = np.zeros(len(flags), bool)
+        exists[has_mask] = _listed(out, recorded)[np.searchsorted(recorded, mask_keys[has_mask])]
+        done = ok & exists
+    done |= (flags & _ERR_DONE) != 0
+    default = np.where((flags & _DEFAULT) != 0, DEFAULT_MASK, 0).astype(np.uint8)
+    return done.astype(np.uint8) * DONE | default, recorded
 
 
 def _listed(out: Storage, recorded: np.ndarray) -> np.ndarray:
