@@ -250,9 +250,13 @@ def test_a_streamed_write_to_s3_is_all_or_nothing(s3_server):
     out = StorageSpec(f"s3://{bucket}/out", storage_options=s3_server.storage_options).open()
     out.write_bytes(COVERAGE, b"old")
     with pytest.raises(RuntimeError), out.open_write(COVERAGE) as f:
-        f.write(b"x" * (6 << 20))  # past s3fs's 5 MiB block: a multipart upload has begun
+        f.write(b"x" * (out.fs.default_block_size + 1))  # past one block: a multipart upload has begun
         raise RuntimeError("stopped")
+    import gc
+
+    gc.collect()  # a file object's __del__ would complete the upload, if it were still open
     assert out.read_bytes(COVERAGE) == b"old"
+    assert not out.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")  # aborted, not left
     with out.open_write(COVERAGE) as f:
         f.write(b"new " * 3_000_000)
     assert out.read_bytes(COVERAGE) == b"new " * 3_000_000
