@@ -15,9 +15,10 @@ that its peak memory is its own (``VmHWM``: resident memory, NumPy's and Arrow's
     table     rebuild results.parquet (deleted) from coverage.csv, as after an upgrade from a
               version without it (coverage.csv is rewritten too)
 
-``--records-only`` skips the files (no input, no masks: the output's rows say ``--no-masks``) and
-runs ``done`` (``masks=False``), ``merge`` and ``table``: for sizes whose files would not fit
-the disk's inodes (10 M images need 20 M files).
+``--records-only`` skips the files (no input, no mask files: the rows name masks that are not
+there, so only the error rows are done) and runs ``done``, ``merge`` and ``table``: for sizes
+whose files would not fit the disk's inodes (10 M images need 20 M files). The index is built
+as with the files; only the time of listing ``masks/`` is missing.
 
 It works with any version of batchmask: the one before the record index (``merge_parts``
 returning every row, ``done_set``) or after (``read_records``). ``--code LABEL=PATH`` (repeatable)
@@ -70,7 +71,9 @@ def build(root: Path, n: int, files: bool) -> dict:
             os.close(os.open(inp / f"{name(i)}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
             if i % 100 != 7:
                 os.close(os.open(out / "masks" / f"{name(i)}.png", os.O_CREAT | os.O_WRONLY, 0o644))
-    mask_of = (lambda i: f"masks/{name(i)}.png") if files else (lambda i: "")
+    def mask_of(i: int) -> str:
+        return f"masks/{name(i)}.png"
+
     with open(out / "coverage.csv", "w", newline="") as f:
         f.write(",".join(COLUMNS) + "\n")
         for i in range(n):
@@ -113,7 +116,6 @@ def stage(name_: str, root: Path, new: int, records_only: bool, label: str) -> d
     logging.basicConfig(level=logging.WARNING)
     inp = StorageSpec(str(root / "in")).open()
     out = StorageSpec(str(root / "out")).open()
-    masks = not records_only
     base = _rss_mb()
     t0 = time.time()
     info: dict = {}
@@ -122,12 +124,12 @@ def stage(name_: str, root: Path, new: int, records_only: bool, label: str) -> d
     elif name_ == "done":
         if hasattr(outputs, "read_records"):  # the record index
             outputs.merge_parts(out)
-            done = outputs.read_records(out, masks=masks)
+            done = outputs.read_records(out)
             names = outputs.MaskNames(done)
             info["index_mb"] = round(done.nbytes / 2**20, 1)
         else:  # before: every row in a dict, a set of names, every mask path
             records = outputs.merge_parts(out)
-            done = outputs.done_set(out, records, masks=masks)
+            done = outputs.done_set(out, records)
             names = outputs.MaskNames(outputs.recorded_masks(records))
         info["done"] = len(done)
         del names
@@ -143,9 +145,9 @@ def stage(name_: str, root: Path, new: int, records_only: bool, label: str) -> d
         rows = []
         for i in range(new):  # what a stub worker writes: its masks, then its part file
             rel = f"new-{label}/{name(i)}"
-            if masks:
+            if not records_only:
                 out.write_bytes(f"masks/{rel}.png", b"")
-            r = outputs.ok_row(f"{rel}.jpg", f"masks/{rel}.png" if masks else "", 640, 480, 100, 1, 0.8)
+            r = outputs.ok_row(f"{rel}.jpg", f"masks/{rel}.png", 640, 480, 100, 1, 0.8)
             rows.append(r | dict.fromkeys(TABLE_FIELDS, "") | {"mask_rle": "PQ2g0", "boxes": "[[1,2,3,4,0.9]]"})
         out.write_bytes(outputs.part_name("20990101T000000Z000000-stub00", 0), outputs.rows_to_csv(rows))
         t0 = time.time()

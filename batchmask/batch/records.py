@@ -267,7 +267,7 @@ class _Builder:
         self.masks = bytearray()
         final, recorded = final[0][order][last], final[1]
         if self.dirs:
-            recorded = np.unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
+            recorded = _unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
         return RecordIndex(keys, final, recorded, self.odd)
 
 
@@ -275,16 +275,29 @@ def _final(masks: bytearray, flags: np.ndarray, out: Storage, want_masks: bool) 
     """(index flags per row, the sorted hashes of the recorded mask paths)."""
     mask_keys = np.frombuffer(masks, _KEY)
     has_mask = (flags & _HAS_MASK) != 0
-    recorded = np.unique(mask_keys[has_mask])
+    recorded = _unique(mask_keys[has_mask])
     ok = (flags & _OK) != 0
     done = ok if not want_masks else np.zeros(len(flags), bool)
     if want_masks and np.any(ok & has_mask):
-        exists = np.zeros(len(flags), bool)
-        exists[has_mask] = _listed(out, recorded)[np.searchsorted(recorded, mask_keys[has_mask])]
-        done = ok & exists
+        found = _listed(out, recorded)
+        for lo in range(0, len(flags), 1 << 20):  # in slices: no second copy of every mask hash
+            rows = np.flatnonzero(has_mask[lo:lo + (1 << 20)]) + lo
+            done[rows] = found[np.searchsorted(recorded, mask_keys[rows])]
+        done &= ok
     done |= (flags & _ERR_DONE) != 0
     default = np.where((flags & _DEFAULT) != 0, DEFAULT_MASK, 0).astype(np.uint8)
     return done.astype(np.uint8) * DONE | default, recorded
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """``a`` (a copy of ours) sorted in place, without repeats (np.unique would sort another copy)."""
+    a.sort()
+    if len(a) > 1:
+        new = np.ones(len(a), bool)
+        new[1:] = a[1:] != a[:-1]
+        if not new.all():
+            return a[new]
+    return a
 
 
 def _listed(out: Storage, recorded: np.ndarray) -> np.ndarray:
