@@ -26,7 +26,7 @@ from batchmask.batch.outputs import (
     recorded_masks,
     rows_to_csv,
 )
-from batchmask.batch.records import RecordIndex, key
+from batchmask.batch.records import RecordIndex, image_key, key
 from batchmask.batch.storage import StorageSpec
 from batchmask.batch.table import RESULTS, build_results, read_results, write_results
 from batchmask.batch.tablerow import TABLE_FIELDS
@@ -118,13 +118,33 @@ def test_the_runner_skips_what_the_index_says_is_done(tmp_path, tiny_model_dir):
 
 
 def test_a_hash_ending_in_zero_bytes_is_found(tmp_path):
-    """NumPy's fixed-width bytes drop trailing NULs when an element is read: such keys must match."""
-    names = [f"z{i}.jpg" for i in range(5000) if key(f"z{i}.jpg").endswith(b"\0")][:3]
-    assert names
+    """NumPy's fixed-width bytes drop trailing NULs when an element is read: such entries (and
+    mask hashes) must still match, whatever their flag byte."""
+    names = [f"z{i}.jpg" for i in range(20_000) if image_key(f"z{i}.jpg").endswith(b"\0")][:2]
+    masks = [f"masks/m{i}.png" for i in range(5000) if key(f"masks/m{i}.png").endswith(b"\0")][:1]
+    assert len(names) == 2 and masks
     out = _out(tmp_path)
-    out.write_bytes(COVERAGE, rows_to_csv([error_row(n, "x") for n in names]))
+    rows = [error_row(names[0], "x"), _ok(names[1], f"masks/{names[1][:-4]}.png"), _ok("m.jpg", masks[0])]
+    out.write_bytes(COVERAGE, rows_to_csv(sorted(rows, key=lambda r: r["image"])))
+    out.write_bytes(masks[0], b"")
     index = read_records(out)
-    assert all(n in index for n in names) and "other.jpg" not in index
+    assert names[0] in index and names[1] not in index and "m.jpg" in index and "other.jpg" not in index
+    assert index.get(names[1]) == f"masks/{names[1][:-4]}.png"  # flags DEFAULT_MASK only: read back
+    assert index.reserves(masks[0]) and MaskNames(index).assign("m.png") == "masks/m.png"
+    assert read_records(out, retry_errors=True).get(names[0]) is None  # flag byte 0
+
+
+def test_a_coverage_csv_out_of_order_is_sorted_then_read(tmp_path):
+    out = _varied(tmp_path)
+    records, _ = load_records(out)
+    rows = csv_to_rows(out.read_bytes(COVERAGE), COVERAGE)
+    out.write_bytes(COVERAGE, rows_to_csv(rows[::-1]))  # reversed: dup.jpg's ok row is now the later one
+    records, _ = load_records(out)
+    index = read_records(out)
+    assert {k for k in LISTED if k in index} == done_set(out, records) and "dup.jpg" in index
+    assert load_records(out)[0] == records
+    rows = csv_to_rows(out.read_bytes(COVERAGE), COVERAGE)
+    assert [r["image"] for r in rows] == sorted(records)  # written sorted
 
 
 def test_an_empty_or_missing_record_is_empty(tmp_path):

@@ -16,7 +16,7 @@ import io
 import logging
 from collections.abc import Callable, Iterator
 
-from .records import CsvRows, DamagedCsv
+from .records import CsvRows, DamagedCsv, Unsorted
 from .storage import Storage
 from .table import RESULTS, PreviousTable, new_table
 from .tablerow import TABLE_FIELDS
@@ -27,17 +27,13 @@ log = logging.getLogger(__name__)
 BATCH = 16_384
 
 
-class Unsorted(ValueError):
-    """coverage.csv's rows are not in image order (edited by hand)."""
-
-
 def merge_parts(out: Storage) -> None:
     """Fold part files into ``results.parquet`` and ``coverage.csv``, then delete them.
 
     Read-modify-write: callers hold the output lock (:mod:`batchmask.batch.lock`), so two merges
     never run at once on one output.
     """
-    from .outputs import COVERAGE, list_parts
+    from .outputs import list_parts
 
     parts = list_parts(out)
     if not parts and out.exists(RESULTS) and _header_readable(out):
@@ -49,11 +45,24 @@ def merge_parts(out: Storage) -> None:
         set_aside_coverage(out, exc)
         _merge(out, fresh, lambda: iter(()))
     except Unsorted:
-        log.warning("%s is not sorted by image (edited?): merged in memory and written sorted", COVERAGE)
-        old = _rows_in_memory(out)
-        _merge(out, fresh, lambda: iter(old))
+        _merge_unsorted(out, fresh)
     for p in readable:  # only now: if the merge stops before this, the next one redoes it
         out.delete(p)
+
+
+def _merge_unsorted(out: Storage, fresh: dict[str, dict]) -> None:
+    """The merge of a coverage.csv that is not in image order (edited by hand): in memory, as
+    before, and written sorted, so that the next merges and record reads stream again."""
+    from .outputs import COVERAGE
+
+    log.warning("%s is not sorted by image (edited?): merged in memory and written sorted", COVERAGE)
+    old = _rows_in_memory(out)
+    _merge(out, fresh, lambda: iter(old))
+
+
+def sort_coverage(out: Storage) -> None:
+    """Write coverage.csv (and results.parquet) sorted by image; callers hold the output lock."""
+    _merge_unsorted(out, {})
 
 
 def _header_readable(out: Storage) -> bool:

@@ -36,7 +36,7 @@ from ..inference.pixels import (  # noqa: F401  (the pixel path; re-exported for
     encode_png,
     mask_stats,
 )
-from .records import DamagedCsv, RecordIndex
+from .records import DamagedCsv, RecordIndex, Unsorted
 from .storage import Storage
 from .tablerow import TABLE_FIELDS
 
@@ -322,14 +322,17 @@ def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False,
 
 def read_records(out: Storage, retry_errors: bool = False, masks: bool = True) -> RecordIndex:
     """What the output records, as a :class:`RecordIndex`: ``rel in index`` is ``rel in
-    done_set(...)`` and ``MaskNames(index)`` keeps the recorded mask paths, in 33 bytes per image.
+    done_set(...)`` and ``MaskNames(index)`` keeps the recorded mask paths, in 32 bytes per image.
     A damaged coverage.csv is kept beside and rebuilt empty (its images are processed again), as
-    :func:`load_records` does."""
-    from .merge import set_aside_coverage
+    :func:`load_records` does; one that is not sorted by image (edited) is written sorted first."""
+    from .merge import set_aside_coverage, sort_coverage
 
     try:
         return RecordIndex.read(out, retry_errors, masks)
+    except Unsorted:  # edited by hand: sorted once (in memory), then read as usual
+        sort_coverage(out)
     except DamagedCsv as exc:
         set_aside_coverage(out, exc)
         merge_parts(out)
         return RecordIndex.empty()
+    return RecordIndex.read(out, retry_errors, masks)

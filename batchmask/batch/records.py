@@ -3,14 +3,16 @@ recorded mask paths of ``coverage.csv``, for outputs of millions of images.
 
 An output's record is ``coverage.csv`` (sorted by image, written by
 :func:`batchmask.batch.outputs.merge_parts`) plus its ``masks/``. Each run reads it once, row by
-row, into a :class:`RecordIndex`: every recorded image as a 128-bit BLAKE2b hash of its name in
-one sorted NumPy array with a flag byte (done; mask at its default path), and the hashes of every
-recorded mask path (and of its folders that end in ``.png``) in another. That is 33 bytes per
-image, where Python sets and dicts of the names took about 1.3 KB; mask paths that differ from
-the default (``a.jpg`` -> ``masks/a.jpg.png`` beside ``a.png``) are kept by name, as they are few.
+row, into a :class:`RecordIndex`: every recorded image as 16 bytes in one sorted NumPy array (a
+120-bit BLAKE2b hash of its name, then a flag byte: done; mask at its default path), and the
+128-bit hashes of every recorded mask path (and of its folders that end in ``.png``) in another.
+That is 32 bytes per image, where Python sets and dicts of the names took about 1.3 KB; mask
+paths that differ from the default (``a.jpg`` -> ``masks/a.jpg.png`` beside ``a.png``) are kept
+by name, as they are few. Both arrays are sorted in place: building the index needs about 50
+bytes per image at its peak.
 
-A false "done" from two names with one hash would skip an image: with 128-bit hashes the chance
-for 10 million names is about 10^-25, far below a disk's undetected error rate.
+A false "done" from two names with one hash would skip an image: with 120-bit hashes the chance
+for 10 million names is about 10^-22, far below a disk's undetected error rate.
 
 docs/design.md ("Bookkeeping at millions of images") says why this and not a new on-disk store.
 """
@@ -43,9 +45,14 @@ DEFAULT_MASK = 2
 
 
 def key(name: str) -> bytes:
-    """The 128-bit hash of an image name or mask path (``surrogatepass``: a name listed from
-    undecodable bytes hashes too, and stays distinct)."""
+    """The 128-bit hash of a mask path (``surrogatepass``: a name listed from undecodable bytes
+    hashes too, and stays distinct)."""
     return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=HASH_BYTES).digest()
+
+
+def image_key(name: str) -> bytes:
+    """The 120-bit hash of an image name: an index entry is this and the image's flag byte."""
+    return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=HASH_BYTES - 1).digest()
 
 
 def keys_array(names: Iterable[str]) -> np.ndarray:
@@ -133,8 +140,8 @@ class RecordIndex:
     (the rule of :func:`batchmask.batch.outputs.done_set`); :meth:`get` and :meth:`reserves`
     give :class:`~batchmask.batch.outputs.MaskNames` the recorded mask paths."""
 
-    def __init__(self, keys: np.ndarray, flags: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str]):
-        self._keys, self._flags, self._reserved, self._odd = keys, flags, reserved, odd_masks
+    def __init__(self, entries: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str]):
+        self._entries, self._reserved, self._odd = entries, reserved, odd_masks
         self._last: tuple[str, int] = ("", 0)
 
     @classmethod
@@ -154,14 +161,18 @@ class RecordIndex:
     @classmethod
     def empty(cls) -> RecordIndex:
         none = np.zeros(0, _KEY)
-        return cls(none, np.zeros(0, np.uint8), none, {})
+        return cls(none, none, {})
 
     def _flag(self, rel: str) -> int:
         if self._last[0] == rel and rel:  # `rel in done` and names.assign(rel) ask in turn
             return self._last[1]
-        h = key(rel)
-        i = int(self._keys.searchsorted(h))
-        f = int(self._flags[i]) if i < len(self._keys) and self._keys[i] == h.rstrip(b"\0") else 0
+        h = image_key(rel)
+        e = self._entries
+        i = int(e.searchsorted(h + b"\0"))
+        f = 0
+        if i < len(e):
+            found = e[i].ljust(HASH_BYTES, b"\0")  # NumPy drops trailing NULs when reading an element
+            f = found[-1] if found[:-1] == h else 0
         self._last = (rel, f)
         return f
 
@@ -170,7 +181,7 @@ class RecordIndex:
 
     def __len__(self) -> int:
         """Images done."""
-        return int(np.count_nonzero(self._flags & DONE))
+        return int(np.count_nonzero(_flag_bytes(self._entries) & DONE))
 
     def get(self, rel: str) -> str | None:
         """The mask path recorded for ``rel``, if any."""
@@ -191,35 +202,50 @@ class RecordIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._flags.nbytes + self._reserved.nbytes
+        return self._entries.nbytes + self._reserved.nbytes
+
+
+def _flag_bytes(entries: np.ndarray) -> np.ndarray:
+    """The flag byte of each index entry (a view: writing to it sets the flags)."""
+    return entries.view(np.uint8).reshape(-1, HASH_BYTES)[:, -1]
 
 
 # per-row flags while building
 _OK, _ERR_DONE, _DEFAULT, _HAS_MASK = 1, 2, 4, 8
 
 
+class Unsorted(ValueError):
+    """coverage.csv's rows are not in image order (edited by hand)."""
+
+
 class _Builder:
-    """Rows of coverage.csv in, arrays out; later rows for the same image win (as in a dict)."""
+    """Rows of coverage.csv (in image order) in, arrays out; of repeated rows for one image (next
+    to each other, in a sorted file) the last wins, as in a dict. :class:`Unsorted` otherwise."""
 
     def __init__(self, retry_errors: bool):
         self.retry_errors = retry_errors
-        self.keys, self.masks, self.flags, self.dirs = bytearray(), bytearray(), bytearray(), bytearray()
-        self.dir_rows: list[int] = []  # the row of each hash in dirs
+        self.entries, self.masks, self.dirs = bytearray(), bytearray(), bytearray()
         self.odd: dict[str, str] = {}
 
     def add(self, rows: CsvRows) -> None:
-        from .outputs import LEGACY_STORAGE_ERROR, MASKS, _png_dirs
+        from .outputs import COVERAGE, LEGACY_STORAGE_ERROR, MASKS, _png_dirs
 
         if rows.empty:
             return
         ix = rows.index
         ii, si, mi, ei = ix["image"], ix["status"], ix.get("mask", -1), ix.get("error", -1)
         retry, odd = self.retry_errors, self.odd
-        keys, masks, flags, dirs = self.keys, self.masks, self.flags, self.dirs
+        entries, masks, dirs = self.entries, self.masks, self.dirs
         splitext = posixpath.splitext
+        prev, prev_dirs = "", 0
         for row in rows:
             img, n = row[ii], len(row)
-            keys += key(img)
+            if img <= prev:
+                if img < prev:
+                    raise Unsorted(COVERAGE)
+                del entries[-HASH_BYTES:], masks[-HASH_BYTES:], dirs[len(dirs) - prev_dirs:]  # replaced
+                odd.pop(img, None)
+            prev, prev_dirs = img, 0
             if row[si] == "ok":
                 f = _OK
             else:
@@ -231,57 +257,40 @@ class _Builder:
                 masks += key(m)
                 if m == MASKS + splitext(img)[0] + ".png":
                     f |= _DEFAULT
-                    if odd:
-                        odd.pop(img, None)
                 else:
                     odd[img] = m
                 if ".png/" in m:
                     for d in _png_dirs(m):
                         dirs += key(d)
-                        self.dir_rows.append(len(flags))
+                        prev_dirs += HASH_BYTES
             else:
                 masks += _ZERO
-                if odd:
-                    odd.pop(img, None)
-            flags.append(f)
+            entries += image_key(img)
+            entries.append(f)
 
     def finish(self, out: Storage, want_masks: bool) -> RecordIndex:
-        keys = np.frombuffer(self.keys, _KEY)
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
-        self.keys = bytearray()
-        last = np.ones(len(keys), bool)  # the same image twice: its last row wins, as in a dict
-        if len(keys) > 1:
-            last[:-1] = keys[1:] != keys[:-1]
-        flags = np.frombuffer(self.flags, np.uint8)
-        self.flags = bytearray()
-        if not last.all():
-            keys = keys[last]
-            kept = np.zeros(len(flags), bool)
-            kept[order[last]] = True
-            flags = np.where(kept, flags, 0).astype(np.uint8)  # a replaced row reserves no mask
-            if self.dir_rows:
-                self.dirs = bytearray(np.frombuffer(self.dirs, _KEY)[kept[self.dir_rows]].tobytes())
-            del kept
-        final = _final(self.masks, flags, out, want_masks)
+        entries = np.frombuffer(self.entries, _KEY)  # writable: bytearray's memory, no copy
+        flags = _flag_bytes(entries)
+        final, recorded = _final(np.frombuffer(self.masks, _KEY), flags.copy(), out, want_masks)
         self.masks = bytearray()
-        final, recorded = final[0][order][last], final[1]
+        flags[:] = final
+        del final, flags
+        entries.sort()  # in place; the flag byte is the last: one image's entry stays whole
         if self.dirs:
             recorded = _unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
-        return RecordIndex(keys, final, recorded, self.odd)
+        return RecordIndex(entries, recorded, self.odd)
 
 
-def _final(masks: bytearray, flags: np.ndarray, out: Storage, want_masks: bool) -> tuple[np.ndarray, np.ndarray]:
+def _final(mask_keys: np.ndarray, flags: np.ndarray, out: Storage, want_masks: bool) -> tuple[np.ndarray, np.ndarray]:
     """(index flags per row, the sorted hashes of the recorded mask paths)."""
-    mask_keys = np.frombuffer(masks, _KEY)
     has_mask = (flags & _HAS_MASK) != 0
     recorded = _unique(mask_keys[has_mask])
     ok = (flags & _OK) != 0
     done = ok if not want_masks else np.zeros(len(flags), bool)
     if want_masks and np.any(ok & has_mask):
         found = _listed(out, recorded)
-        for lo in range(0, len(flags), 1 << 20):  # in slices: no second copy of every mask hash
-            rows = np.flatnonzero(has_mask[lo:lo + (1 << 20)]) + lo
+        for lo in range(0, len(flags), 1 << 18):  # in slices: no second copy of every mask hash
+            rows = np.flatnonzero(has_mask[lo:lo + (1 << 18)]) + lo
             done[rows] = found[np.searchsorted(recorded, mask_keys[rows])]
         done &= ok
     done |= (flags & _ERR_DONE) != 0
