@@ -147,6 +147,13 @@ def test_a_coverage_csv_out_of_order_is_sorted_then_read(tmp_path):
     assert [r["image"] for r in rows] == sorted(records)  # written sorted
 
 
+def test_the_index_names_default_masks_as_outputs_does():
+    from batchmask.batch import records
+    from batchmask.batch.outputs import MASKS, mask_rel
+
+    assert records._MASKS == MASKS and mask_rel("a/b.c.jpg") == "masks/a/b.c.png"
+
+
 def test_an_empty_or_missing_record_is_empty(tmp_path):
     out = _out(tmp_path)
     assert len(read_records(out)) == 0 and "a.jpg" not in read_records(out)

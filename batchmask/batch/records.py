@@ -39,6 +39,9 @@ _ZERO = bytes(HASH_BYTES)
 #: Names hashed per NumPy lookup when many are looked up at once (the masks listing).
 CHUNK = 65_536
 
+#: outputs.MASKS (not imported: outputs imports this module); tests/test_records.py checks it.
+_MASKS = "masks/"
+
 # flags of a recorded image in the index
 DONE = 1
 DEFAULT_MASK = 2
@@ -143,6 +146,18 @@ class RecordIndex:
     def __init__(self, entries: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str]):
         self._entries, self._reserved, self._odd = entries, reserved, odd_masks
         self._last: tuple[str, int] = ("", 0)
+        # A lookup per listed image: NumPy's searchsorted costs ~5 µs for one bytes key, so the
+        # entries are bucketed by their first bits (hashes: uniform), 1 to 4 entries a bucket.
+        self._bits = min(24, max(1, len(entries).bit_length() - 2))
+        top = _flag_bytes(entries, 0).astype(np.uint32) << 16
+        top |= _flag_bytes(entries, 1).astype(np.uint32) << 8
+        top |= _flag_bytes(entries, 2)
+        top >>= 24 - self._bits
+        starts = np.zeros((1 << self._bits) + 1, np.uint32)
+        np.cumsum(np.bincount(top, minlength=1 << self._bits), out=starts[1:])
+        del top
+        self._starts = memoryview(starts)
+        self._raw = memoryview(entries.view(np.uint8))
 
     @classmethod
     def read(cls, out: Storage, retry_errors: bool = False, masks: bool = True) -> RecordIndex:
@@ -167,12 +182,12 @@ class RecordIndex:
         if self._last[0] == rel and rel:  # `rel in done` and names.assign(rel) ask in turn
             return self._last[1]
         h = image_key(rel)
-        e = self._entries
-        i = int(e.searchsorted(h + b"\0"))
-        f = 0
-        if i < len(e):
-            found = e[i].ljust(HASH_BYTES, b"\0")  # NumPy drops trailing NULs when reading an element
-            f = found[-1] if found[:-1] == h else 0
+        b = int.from_bytes(h[:3], "big") >> (24 - self._bits)
+        block = self._raw[self._starts[b] * HASH_BYTES:self._starts[b + 1] * HASH_BYTES].tobytes()
+        p = block.find(h)
+        while p > 0 and p % HASH_BYTES:  # a match across two entries: not one
+            p = block.find(h, p + 1)
+        f = block[p + HASH_BYTES - 1] if p >= 0 else 0
         self._last = (rel, f)
         return f
 
@@ -185,12 +200,10 @@ class RecordIndex:
 
     def get(self, rel: str) -> str | None:
         """The mask path recorded for ``rel``, if any."""
-        odd = self._odd.get(rel)
+        odd = self._odd.get(rel) if self._odd else None
         if odd:
             return odd
-        from .outputs import mask_rel
-
-        return mask_rel(rel) if self._flag(rel) & DEFAULT_MASK else None
+        return _MASKS + posixpath.splitext(rel)[0] + ".png" if self._flag(rel) & DEFAULT_MASK else None
 
     def reserves(self, path: str) -> bool:
         """Whether ``path`` is a recorded mask path, or a folder of one that ends in ``.png``."""
@@ -205,9 +218,9 @@ class RecordIndex:
         return self._entries.nbytes + self._reserved.nbytes
 
 
-def _flag_bytes(entries: np.ndarray) -> np.ndarray:
-    """The flag byte of each index entry (a view: writing to it sets the flags)."""
-    return entries.view(np.uint8).reshape(-1, HASH_BYTES)[:, -1]
+def _flag_bytes(entries: np.ndarray, at: int = HASH_BYTES - 1) -> np.ndarray:
+    """Byte ``at`` of each index entry, by default the flag byte (a view: writing to it sets them)."""
+    return entries.view(np.uint8).reshape(-1, HASH_BYTES)[:, at]
 
 
 # per-row flags while building
