@@ -414,9 +414,9 @@ class HTTP(Backend):
                     raise
                 err = exc
             if attempt + 1 < HTTP_ATTEMPTS:
-                log.debug("GET %s failed (%s); retrying", path, err)
+                log.debug("GET failed (%s); retrying", err)
                 time.sleep(0.5 * 2**attempt)
-        raise err
+        raise ConnectionError(f"no answer after {HTTP_ATTEMPTS} attempts ({type(err).__name__}: {err})") from err
 
     def get_tagged(self, fs: Any, path: str) -> tuple[bytes | None, str | None]:
         raise NotImplementedError("http(s) URLs are read-only")

@@ -349,10 +349,12 @@ class Storage:
         """botocore/aiohttp errors (not OSErrors: endpoint unreachable, timeouts) as StorageError."""
         try:
             yield
+        except (ConnectionError, TimeoutError) as exc:  # retries spent (HTTP), a stalled server
+            raise StorageError(redact_urls(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})")) from exc
         except (OSError, UnsafePathError, EntryError):  # ours: the caller knows what they mean
             raise
         except Exception as exc:
-            raise StorageError(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})") from exc
+            raise StorageError(redact_urls(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})")) from exc
 
     def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
         """The file's bytes. With ``max_bytes``: an :class:`EntryError`, before reading, for a file
