@@ -3,7 +3,8 @@ emulator, Azurite and the standard library's http.server. No mocks: each request
 socket to a server that stores and answers.
 
 Runs here are small (a handful of 32x32 images), so they are processed in process, with the tiny
-untrained model, as in test_promises_run.
+untrained model, as in test_promises_run. Tests that start a server are in the slow tier (with the
+S3 ones); the URL checks and the missing-extra message are fast.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def gcs(gcs_server, monkeypatch):
     return gcs_server
 
 
+@pytest.mark.slow
 def test_gcs_lists_in_code_point_order_reads_writes_and_refuses_escapes(gcs):
     bucket = gcs.new_bucket("st")
     fs = gcs.fs()
@@ -74,6 +76,7 @@ def test_gcs_lists_in_code_point_order_reads_writes_and_refuses_escapes(gcs):
         StorageSpec("gs://no-such-bucket-batchmask/x").open().ensure_root()
 
 
+@pytest.mark.slow
 def test_gcs_run_in_and_out_then_rerun_does_nothing(gcs, tmp_path, tiny_model_dir, monkeypatch):
     bucket = gcs.new_bucket("run")
     fs = gcs.fs()
@@ -92,6 +95,7 @@ def test_gcs_run_in_and_out_then_rerun_does_nothing(gcs, tmp_path, tiny_model_di
     assert (s2.skipped, s2.ok, s2.failed) == (6, 0, 0)
 
 
+@pytest.mark.slow
 def test_gcs_output_lock_falls_back_to_settle_on_the_emulator(gcs):
     """The emulator ignores ifGenerationMatch: the probe finds out, and the lock still excludes."""
     bucket = gcs.new_bucket("lock")
@@ -115,6 +119,7 @@ def az(azurite, monkeypatch):
     return azurite
 
 
+@pytest.mark.slow
 def test_azure_lists_page_by_page_in_code_point_order_reads_and_writes(az):
     container = az.new_container("st")
     fs = az.fs()
@@ -139,6 +144,7 @@ def test_azure_lists_page_by_page_in_code_point_order_reads_and_writes(az):
         StorageSpec("az://no-such-container/x").open().ensure_root()
 
 
+@pytest.mark.slow
 def test_azure_run_in_and_out_with_a_conditional_lock(az, tmp_path, tiny_model_dir, monkeypatch):
     container = az.new_container("run")
     fs = az.fs()
@@ -172,6 +178,7 @@ def test_azure_run_in_and_out_with_a_conditional_lock(az, tmp_path, tiny_model_d
 
 
 # ----------------------------------------------------------------------------- HTTP
+@pytest.mark.slow
 def test_http_entries_read_through_one_storage_per_host(http_server):
     (http_server.root / "p q").mkdir()
     (http_server.root / "p q" / "x.jpg").write_bytes(b"jpeg bytes")
@@ -192,6 +199,7 @@ def test_http_entries_read_through_one_storage_per_host(http_server):
         StorageSpec(http_server.url + "/out").open().ensure_root()
 
 
+@pytest.mark.slow
 def test_http_retries_a_503_and_times_out_on_a_server_that_never_answers(http_server, monkeypatch):
     (http_server.root / "ok.jpg").write_bytes(b"fine")
     st, rel = open_entry_storage(f"{http_server.url}/fail-once/ok.jpg")

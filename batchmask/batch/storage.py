@@ -1,19 +1,23 @@
-"""Local folders and S3-compatible buckets behind one small interface (fsspec / s3fs).
+"""Local folders and object stores (S3, GCS, Azure Blob, read-only HTTP) behind one small
+interface (fsspec; one backend class per store in :mod:`.backends`).
 
-A :class:`Storage` is a root (a local folder or ``s3://bucket/prefix``) plus a filesystem.
-Paths handed to it are *relative* POSIX paths under the root; they are checked so that
-nothing can be read or written outside it (``..``, absolute paths, empty segments).
+A :class:`Storage` is a root (a local folder, ``s3://bucket/prefix``, ``gs://...``, ``az://container/...``,
+``https://host``) plus a filesystem. Paths handed to it are *relative* POSIX paths under the
+root; they are checked so that nothing can be read or written outside it (``..``, absolute paths,
+empty segments; :mod:`.urls`).
 
-Listing streams: :meth:`Storage.iter_files` yields relative paths one at a time, in
-lexicographic (code point) order of the whole relative path, from one directory (local) or
-one 1000-key page (S3) at a time, so a bucket of a million keys is never held in memory.
+Listing streams: :meth:`Storage.iter_files` yields relative paths one at a time, from one
+directory (local, in code point order of the whole relative path) or one page of keys (S3, GCS,
+Azure: the server's order, code point order on AWS, GCS and Azure) at a time, so a bucket of a
+million keys is never held in memory. HTTP(S) URLs are never listed.
 
 Writes are atomic: a local file is written under a temporary name in the same folder and
-renamed; an S3 object is written with a single PUT.
+renamed; an object is written with a single PUT (upload).
 
-The S3 endpoint comes from ``endpoint_url`` or the environment (``AWS_ENDPOINT_URL_S3``,
-then ``AWS_ENDPOINT_URL``); credentials come from the standard AWS variables, profiles or
-``storage_options`` and are never logged.
+Credentials come from each store's standard environment variables, profiles or
+``storage_options`` and are never logged; the S3 endpoint from ``endpoint_url`` or
+``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``; a GCS emulator from ``STORAGE_EMULATOR_HOST``.
+:func:`open_entry_storage` opens the store of one file's URL (lists of entries).
 """
 
 from __future__ import annotations
@@ -24,14 +28,13 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import stat
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .backends import (  # noqa: F401  (the S3 limits were defined here; kept importable)
     S3,
@@ -43,6 +46,21 @@ from .backends import (  # noqa: F401  (the S3 limits were defined here; kept im
     MissingExtra,
     backend_for,
 )
+from .urls import (  # noqa: F401  (part of this module's interface)
+    _FAMILY,
+    UnsafePathError,
+    _redact,
+    check_rel,
+    check_url_rel,
+    has_userinfo,
+    is_remote,
+    is_url,
+    public_url,
+    redact_urls,
+    resolve_endpoint,
+    split_entry_url,
+    strip_userinfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,60 +69,10 @@ class StorageError(OSError):
     """A storage location cannot be used (bad URL, unreachable endpoint, missing bucket)."""
 
 
-class UnsafePathError(ValueError):
-    """A relative path that would read or write outside the storage root."""
-
-
 class EntryError(ValueError):
     """One listed entry that cannot be an image, whatever the storage's state: not a regular file
     (a FIFO, a device), over ``--max-bytes``, or a mask name longer than the output allows. The
     run records it as that image's error row and goes on."""
-
-
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` locations (s3://, gs://, file://, ...); job files use it too."""
-    return _URL_RE.match(path) is not None
-
-
-def is_remote(url: str) -> bool:
-    """A URL other than ``file://``: read and written through fsspec, not the local filesystem."""
-    return is_url(url) and not url.startswith("file://")
-
-
-def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
-    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def check_url_rel(rel: str) -> str:
-    """``rel`` if it is a safe path below an HTTP(S) root, with an optional ``?query``: the path
-    part (percent-decoded, so ``%2e%2e`` counts as ``..``) must pass :func:`check_rel`; the query is
-    sent as it is. A ``#fragment`` is refused (it is never sent to a server)."""
-    path, sep, query = rel.partition("?")
-    if "#" in rel:
-        raise UnsafePathError(f"refusing {rel!r}: a URL fragment ('#') names no file")
-    try:
-        check_rel(unquote(path, errors="strict"))
-    except UnicodeDecodeError as exc:
-        raise UnsafePathError(f"refusing unsafe path {rel!r} (malformed percent-encoding)") from exc
-    if "%2f" in path.lower() or "%5c" in path.lower():
-        raise UnsafePathError(f"refusing unsafe path {rel!r} (an encoded '/' or '\\')")
-    return rel
-
-
-def check_rel(rel: str) -> str:
-    """Return ``rel`` if it is a safe relative POSIX path, else raise :class:`UnsafePathError`."""
-    # A drive letter ("c:/x.jpg") only means something on Windows; on POSIX and in S3 keys it
-    # is an ordinary name.
-    drive = os.name == "nt" and len(rel) > 1 and rel[1] == ":"
-    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or drive:
-        raise UnsafePathError(f"refusing unsafe path {rel!r} (absolute or malformed)")
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePathError(f"refusing unsafe path {rel!r} (empty, '.' or '..' segment)")
-    return rel
 
 
 @dataclass
@@ -178,46 +146,6 @@ def _resolve_azure(opts: dict[str, Any]) -> None:
     for opt, var in _AZURE_ENV.items():
         if os.environ.get(var):
             opts[opt] = os.environ[var]
-
-
-#: Secrets that travel inside URLs and connection strings: Azure SAS signatures (``sig=``), account
-#: keys, presigned S3/GCS URLs' signatures and session tokens.
-_SECRET_PARAMS = re.compile(r"(?i)\b(sig|AccountKey|SharedAccessSignature|X-Amz-Signature|X-Amz-Credential|"
-                            r"X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential)=[^&;\s'\"]+")
-
-
-def redact_urls(text: str) -> str:
-    """``text`` without any ``user:password@`` in the URLs it contains, nor the secrets that URLs
-    and connection strings carry (``sig=``, ``AccountKey=``, presigned URLs' signatures)."""
-    text = re.sub(r"://[^/\s@]+@", "://", text)
-    return _SECRET_PARAMS.sub(lambda m: f"{m.group(1)}=<redacted>", text)
-
-
-def _redact(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: " + redact_urls(str(exc))
-
-
-def strip_userinfo(url: str | None) -> str | None:
-    """``url`` without a ``user:password@`` part (safe to log or record)."""
-    if not url or "@" not in url or "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("://", 1)[0] + "://<redacted>"
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def public_url(url: str | None) -> str | None:
-    """``url`` without credentials: no ``user:password@``, no SAS signature or presigned-URL secret."""
-    return redact_urls(strip_userinfo(url)) if url else url
-
-
-def has_userinfo(url: str) -> bool:
-    """True for a URL with a ``user:password@`` part (credentials, never to be stored or echoed)."""
-    return is_url(url) and strip_userinfo(url) != url
 
 
 class Storage:
@@ -537,31 +465,8 @@ def matches(rel: str, extensions: tuple[str, ...], glob: str | None) -> bool:
     return fnmatch.fnmatchcase(low, pat) or fnmatch.fnmatchcase(low.rsplit("/", 1)[-1], pat)
 
 
-_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "http": "https"}
 _entry_stores: dict[tuple[str, ...], Storage] = {}
 _entry_lock = threading.Lock()
-
-
-def split_entry_url(url: str) -> tuple[str, str]:
-    """(root URL, relative path) of one file's URL: ``gs://bucket/a/b.jpg`` -> (``gs://bucket``,
-    ``a/b.jpg``); ``https://host/p/x.jpg?q=1`` -> (``https://host``, ``p/x.jpg?q=1``). The relative
-    path is checked (:func:`check_rel`, or :func:`check_url_rel` for HTTP(S)): no ``..`` escapes."""
-    if not is_remote(url):
-        raise ValueError(f"{public_url(url)}: not a URL of an object store or web server")
-    scheme, rest = url.split("://", 1)
-    family = _FAMILY.get(scheme.lower(), scheme.lower())
-    if family == "https":
-        parts = urlsplit(url)
-        if not parts.netloc:
-            raise UnsafePathError(f"{public_url(url)}: no host")
-        rel = parts.path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
-        if parts.fragment:
-            raise UnsafePathError(f"{public_url(url)}: a URL fragment ('#') names no file")
-        return f"{parts.scheme.lower()}://{parts.netloc}", check_url_rel(rel)
-    bucket, _, rel = rest.partition("/")
-    if not bucket:
-        raise UnsafePathError(f"{public_url(url)}: no bucket")
-    return f"{scheme}://{bucket}", check_rel(rel)
 
 
 def open_entry_storage(url: str, defaults: StorageSpec | None = None) -> tuple[Storage, str]:
