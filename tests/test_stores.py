@@ -17,6 +17,7 @@ import textwrap
 import time
 
 import pytest
+from stores import AZ_KEY
 from test_promises_run import images
 
 from batchmask.batch import backends
@@ -160,6 +161,8 @@ def test_azure_run_in_and_out_with_a_conditional_lock(az, tmp_path, tiny_model_d
     fs.pipe_file(f"{container}/incoming/f.jpg", (src / "f.jpg").read_bytes())
     s2 = run(f"az://{container}/incoming", f"az://{container}/masks", str(tiny_model_dir), quiet=True)
     assert (s2.skipped, s2.ok) == (5, 1)
+    record = fs.cat_file(f"{container}/masks/run.json").decode()
+    assert AZ_KEY not in record and "AccountKey" not in record and '"adlfs"' in record
     # Azure honours If-None-Match / If-Match: the lock takes the conditional protocol, and of two
     # takers of a free lock only one wins.
     out = StorageSpec(f"az://{container}/masks").open()
@@ -200,6 +203,16 @@ def test_http_entries_read_through_one_storage_per_host(http_server):
 
 
 @pytest.mark.slow
+def test_a_run_refuses_an_http_input_or_output_before_writing_anything(http_server, tmp_path, tiny_model_dir):
+    images(tmp_path / "in", ["a.jpg"])
+    with pytest.raises(StorageError, match=r"cannot list http\(s\) URLs; use --input-list"):
+        run(f"{http_server.url}/photos/", str(tmp_path / "out"), str(tiny_model_dir), quiet=True)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(StorageError, match="read-only"):
+        run(str(tmp_path / "in"), f"{http_server.url}/out/", str(tiny_model_dir), quiet=True)
+
+
+@pytest.mark.slow
 def test_http_retries_a_503_and_times_out_on_a_server_that_never_answers(http_server, monkeypatch):
     (http_server.root / "ok.jpg").write_bytes(b"fine")
     st, rel = open_entry_storage(f"{http_server.url}/fail-once/ok.jpg")
@@ -237,6 +250,18 @@ def test_secrets_in_urls_and_connection_strings_are_redacted():
     assert "SeCrEt" not in repr(spec) and "SeCrEt" not in str(spec.public())
 
 
+def test_workers_get_the_drivers_azure_and_gcs_emulator_settings(monkeypatch):
+    """Ray workers on other nodes do not share the driver's environment: the spec carries them."""
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountName=a;AccountKey=k")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")
+    az = StorageSpec("az://c/p").resolved()
+    assert az.storage_options == {"connection_string": "AccountName=a;AccountKey=k"}
+    assert "AccountKey" not in repr(az) and "AccountKey" not in str(az.public())
+    assert StorageSpec("az://c/p", storage_options={"account_name": "x", "anon": True}).resolved().storage_options == {
+        "account_name": "x", "anon": True}  # options of the user's own win
+    assert StorageSpec("gs://b/p").resolved().storage_options == {"endpoint_url": "http://127.0.0.1:4443"}
+
+
 @pytest.mark.parametrize(("url", "module", "extra"), [("gs://b/p", "gcsfs", "gcs"), ("az://c/p", "adlfs", "azure"),
                                                       ("abfs://c/p", "adlfs", "azure")])
 def test_a_missing_extra_is_one_line_naming_it(url, module, extra):
@@ -253,3 +278,27 @@ def test_a_missing_extra_is_one_line_naming_it(url, module, extra):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     scheme = url.split("://")[0]
     assert out.stdout == f"{url}: install batchmask[{extra}] ({module}) to read {scheme}:// URLs\n", out.stderr
+
+
+@pytest.mark.slow
+def test_http_entries_in_a_worker_a_404_is_the_images_error_row_a_dead_server_is_the_runs(http_server,
+                                                                                        monkeypatch):
+    """What a run does with URL entries read through :func:`open_entry_storage`: the worker's own
+    load step (the model left out), against the real server."""
+    from types import SimpleNamespace
+
+    from batchmask.batch.worker import MaskWorker, WorkerOptions
+
+    images(http_server.root, ["w/ok.jpg"])
+    monkeypatch.setattr(backends, "HTTP_READ_TIMEOUT_S", 1)
+    w = object.__new__(MaskWorker)
+    w.opts, w.model = WorkerOptions(), SimpleNamespace(image_size=64)
+    w.out = SimpleNamespace(check_name=lambda rel: None)
+    w.inp, rel = open_entry_storage(f"{http_server.url}/w/ok.jpg?v=1", StorageSpec("https://", storage_options={
+        "headers": {"User-Agent": "batchmask-test"}}))  # options of its own: a fresh filesystem, 1 s timeout
+    d = w._load(rel, "masks/ok.png")
+    assert not d.error and (d.width, d.height) == (32, 24) and d.x.shape == (64, 64, 3)
+    gone = w._load("w/gone.jpg", "masks/gone.png")
+    assert "cannot read (FileNotFoundError" in gone.error and "404" in gone.error
+    with pytest.raises(StorageError, match="no answer after 3 attempts"):  # fails the shard, then the run
+        w._load("hang/x.jpg", "masks/x.png")
