@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from stores import AZ_KEY
 from test_promises_run import images
 
 from batchmask.batch import backends
-from batchmask.batch.lock import OutputLock, OutputLocked
+from batchmask.batch.lock import LockLost, OutputLock, OutputLocked
 from batchmask.batch.runner import run
 from batchmask.batch.storage import (
     EntryError,
@@ -175,8 +176,17 @@ def test_azure_run_in_and_out_with_a_conditional_lock(az, tmp_path, tiny_model_d
         with pytest.raises(OutputLocked):
             other.acquire()
         lock.check(renew=True)  # If-Match with our ETag
+        # another run takes the output over (its write changes the ETag): the renewal is refused
+        fs.pipe_file(f"{container}/masks/_lock.json", json.dumps({"token": "other", "pid": 7, "host": "h",
+                                                                   "expires": time.time() + 100}).encode())
+        with pytest.raises(LockLost, match="taken over by pid 7 on h"):
+            lock.check(renew=True)
     finally:
         lock.release()
+    assert fs.exists(f"{container}/masks/_lock.json")  # the other run's, left alone
+    fs.rm_file(f"{container}/masks/_lock.json")
+    lock = OutputLock(out).acquire()
+    lock.release()
     assert not fs.exists(f"{container}/masks/_lock.json")
 
 
@@ -250,6 +260,30 @@ def test_secrets_in_urls_and_connection_strings_are_redacted():
     assert "SeCrEt" not in repr(spec) and "SeCrEt" not in str(spec.public())
 
 
+def test_a_filesystem_without_a_paged_listing_is_listed_whole_with_one_warning(caplog):
+    """fsspec's in-memory filesystem stands for any store this package has no backend class for."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for k in KEYS:
+        fs.pipe_file(f"/whole/in/{k}", k.encode())
+    fs.pipe_file("/whole/inx.jpg", b"not under in/")
+    backends.WholeListing._warned.discard("memory")
+    st = StorageSpec("memory://whole/in").open()
+    assert type(st.backend) is backends.WholeListing
+    with caplog.at_level("WARNING", logger="batchmask.batch.backends"):
+        assert list(st.iter_files()) == list(st.iter_files()) == sorted(KEYS)
+    assert [r.getMessage() for r in caplog.records] == [
+        "memory:// has no paged listing here: listing it whole, in memory"]
+    out = StorageSpec("memory://whole/out").open()
+    out.write_bytes("m/a.png", b"png")
+    lock = OutputLock(out).acquire()  # no conditional writes: the settle protocol
+    try:
+        assert lock._conditional is False
+    finally:
+        lock.release()
+
+
 def test_workers_get_the_drivers_azure_and_gcs_emulator_settings(monkeypatch):
     """Ray workers on other nodes do not share the driver's environment: the spec carries them."""
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountName=a;AccountKey=k")
@@ -302,3 +336,28 @@ def test_http_entries_in_a_worker_a_404_is_the_images_error_row_a_dead_server_is
     assert "cannot read (FileNotFoundError" in gone.error and "404" in gone.error
     with pytest.raises(StorageError, match="no answer after 3 attempts"):  # fails the shard, then the run
         w._load("hang/x.jpg", "masks/x.png")
+
+
+@pytest.mark.slow
+def test_entries_of_every_scheme_read_through_one_storage_per_bucket(s3_server, gcs, az, http_server):
+    """A list mixing s3://, gs://, az:// and http:// entries (what --input-list reads), each read by
+    the helper; the run's S3 endpoint and options go to the S3 entries only."""
+    s3b, gsb, azc = s3_server.new_bucket("mix"), gcs.new_bucket("mix"), az.new_container("mix")
+    s3_server.fs().pipe_file(f"{s3b}/p/1.jpg", b"s3 one")
+    s3_server.fs().pipe_file(f"{s3b}/p/2.jpg", b"s3 two")
+    gcs.fs().pipe_file(f"{gsb}/q/1.jpg", b"gs one")
+    az.fs().pipe_file(f"{azc}/r/1.jpg", b"az one")
+    (http_server.root / "s").mkdir()
+    (http_server.root / "s" / "1.jpg").write_bytes(b"http one")
+    defaults = StorageSpec("", s3_server.endpoint_url, {"key": s3_server.key, "secret": s3_server.secret})
+    entries = {f"s3://{s3b}/p/1.jpg": b"s3 one", f"s3://{s3b}/p/2.jpg": b"s3 two", f"gs://{gsb}/q/1.jpg": b"gs one",
+               f"az://{azc}/r/1.jpg": b"az one", f"{http_server.url}/s/1.jpg": b"http one"}
+    stores = []
+    for url, want in entries.items():
+        st, rel = open_entry_storage(url, defaults)
+        assert st.read_bytes(rel, max_bytes=100) == want
+        stores.append(st)
+    assert stores[0] is stores[1] and len({id(s) for s in stores}) == 4
+    with pytest.raises(FileNotFoundError):
+        st, rel = open_entry_storage(f"gs://{gsb}/q/missing.jpg", defaults)
+        st.read_bytes(rel)
