@@ -303,10 +303,12 @@ class Azure(Backend):
         token: str | None = None
         while True:
             async def one_page(token: str | None = token) -> tuple[list[str], str | None]:
-                it = container.list_blobs(name_starts_with=key_prefix or None,
+                it = container.list_blobs(name_starts_with=key_prefix or None, include=["metadata"],
                                           results_per_page=page_size).by_page(continuation_token=token)
                 page = await it.__anext__()
-                return [b.name async for b in page], it.continuation_token
+                # Folders of accounts with a hierarchical namespace (ADLS Gen2) are blobs too
+                return [b.name async for b in page if (b.metadata or {}).get("hdi_isfolder") != "true"], \
+                    it.continuation_token
 
             try:
                 names, token = self._sync(fs, one_page)

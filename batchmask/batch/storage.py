@@ -151,7 +151,7 @@ def _resolve_azure(opts: dict[str, Any]) -> None:
 class Storage:
     """A root folder or bucket prefix; all paths are relative to it."""
 
-    #: Keys per S3 ListObjectsV2 page (S3's maximum is 1000).
+    #: Keys per listing page (S3's and GCS's maximum is 1000, Azure's 5000).
     page_size = 1000
 
     def __init__(self, spec: StorageSpec):
