@@ -11,7 +11,10 @@ Local outputs: ``fcntl.flock`` on ``<output>/_lock.json`` (the kernel drops it w
 dies, so a crash never leaves a stale lock); the file holds the holder's host, pid and start
 and is emptied, not deleted, on release (deleting a flock'ed file races with the next locker).
 
-S3 outputs: an object ``_lock.json`` with the holder and an expiry ``S3_LOCK_TTL_S`` ahead,
+S3 outputs (and GCS, Azure or any other writable object store, through the same code: each
+backend in :mod:`.backends` reads and writes the object with its version tag, ETag or GCS
+generation, under ``If-None-Match`` / ``If-Match`` or their equivalents): an object
+``_lock.json`` with the holder and an expiry ``S3_LOCK_TTL_S`` ahead,
 renewed every third of that by a thread; an expired lock is taken over, so a crashed holder
 blocks others for at most the TTL. Where the server honours conditional writes (AWS S3, MinIO,
 SeaweedFS >= 3.8x; probed once per acquire with a scratch object), the lock is created with
