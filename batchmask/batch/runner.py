@@ -139,8 +139,8 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     v = {"batchmask": __version__, "python": platform.python_version()}
-    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec", "onnxruntime",
-                 "onnxruntime-gpu"):
+    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "gcsfs", "adlfs", "fsspec",
+                 "onnxruntime", "onnxruntime-gpu"):
         with contextlib.suppress(PackageNotFoundError):
             v[dist] = version(dist)
     return v
@@ -485,7 +485,7 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
     local = [s.spec.url for s in (batch.inp, batch.out) if not s.remote]
     if len(nodes) > 1 and local and not opts.shared_fs:
         raise RunError(f"the Ray cluster has {len(nodes)} nodes but {', '.join(local)} is a local path that "
-                       "workers on other nodes cannot see; use s3:// URLs, or --shared-fs if every node "
+                       "workers on other nodes cannot see; use s3://, gs:// or az:// URLs, or --shared-fs if every node "
                        "mounts it at the same path")
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
     cluster_gpus = sum(float(n["Resources"].get("GPU", 0)) for n in nodes)
