@@ -134,6 +134,15 @@ def test_a_hash_ending_in_zero_bytes_is_found(tmp_path):
     assert read_records(out, retry_errors=True).get(names[0]) is None  # flag byte 0
 
 
+def test_records_of_a_coverage_csv_out_of_order_and_damaged_are_rebuilt(tmp_path):
+    out = _varied(tmp_path)
+    data = out.read_bytes(COVERAGE)
+    out.write_bytes(COVERAGE, data + b'a.jpg,,,,,,,,error,x\n"x.jpg\xff,ok\n')
+    assert len(read_records(out)) == 0
+    assert (tmp_path / (COVERAGE + UNREADABLE)).read_bytes().startswith(data)
+    assert csv_to_rows((tmp_path / COVERAGE).read_bytes(), COVERAGE) == []
+
+
 def test_a_coverage_csv_out_of_order_is_sorted_then_read(tmp_path):
     out = _varied(tmp_path)
     records, _ = load_records(out)
@@ -229,16 +238,19 @@ def test_a_coverage_csv_sorted_by_hand_otherwise_is_merged_in_memory(tmp_path):
     assert [r["image"] for r in csv_to_rows((a / COVERAGE).read_bytes(), COVERAGE)][:2] == ["0.jpg", "a.jpg"]
 
 
-@pytest.mark.parametrize("damage", ["coverage-header", "coverage-body", "results"])
+@pytest.mark.parametrize("damage", ["coverage-header", "coverage-body", "coverage-unsorted-body", "results"])
 def test_damaged_files_are_kept_beside_as_before(tmp_path, damage):
     def make(out):
         _history(out)
+        data = out.read_bytes(COVERAGE)
         if damage == "results":
             out.write_bytes(RESULTS, b"PAR1 not a table")
-        else:
-            data = out.read_bytes(COVERAGE)
-            out.write_bytes(COVERAGE, b"what,is,this\n1,2,3\n" if damage == "coverage-header"
-                            else data + b'"x.jpg\xff,ok\n')
+        elif damage == "coverage-header":
+            out.write_bytes(COVERAGE, b"what,is,this\n1,2,3\n")
+        elif damage == "coverage-body":
+            out.write_bytes(COVERAGE, data + b'"x.jpg\xff,ok\n')
+        else:  # out of order first, then not UTF-8
+            out.write_bytes(COVERAGE, data + b'a.jpg,,,,,,,,error,x\n"x.jpg\xff,ok\n')
 
     a, b = _both(tmp_path, make)
     _same(a, b)

@@ -40,12 +40,13 @@ def merge_parts(out: Storage) -> None:
         return
     fresh, readable = read_parts(out, parts)
     try:
-        _merge(out, fresh, lambda: _sorted_rows(out))
-    except DamagedCsv as exc:
+        try:
+            _merge(out, fresh, lambda: _sorted_rows(out))
+        except Unsorted:
+            _merge_unsorted(out, fresh)
+    except DamagedCsv as exc:  # also found after the order broke: the in-memory read finds it too
         set_aside_coverage(out, exc)
         _merge(out, fresh, lambda: iter(()))
-    except Unsorted:
-        _merge_unsorted(out, fresh)
     for p in readable:  # only now: if the merge stops before this, the next one redoes it
         out.delete(p)
 

@@ -328,11 +328,12 @@ def read_records(out: Storage, retry_errors: bool = False, masks: bool = True) -
     from .merge import set_aside_coverage, sort_coverage
 
     try:
-        return RecordIndex.read(out, retry_errors, masks)
-    except Unsorted:  # edited by hand: sorted once (in memory), then read as usual
-        sort_coverage(out)
+        try:
+            return RecordIndex.read(out, retry_errors, masks)
+        except Unsorted:  # edited by hand: sorted once (in memory), then read as usual
+            sort_coverage(out)
+            return RecordIndex.read(out, retry_errors, masks)
     except DamagedCsv as exc:
         set_aside_coverage(out, exc)
         merge_parts(out)
         return RecordIndex.empty()
-    return RecordIndex.read(out, retry_errors, masks)
