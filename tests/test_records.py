@@ -137,7 +137,7 @@ def test_a_hash_ending_in_zero_bytes_is_found(tmp_path):
 def test_records_of_a_coverage_csv_out_of_order_and_damaged_are_rebuilt(tmp_path):
     out = _varied(tmp_path)
     data = out.read_bytes(COVERAGE)
-    out.write_bytes(COVERAGE, data + b'a.jpg,,,,,,,,error,x\n"x.jpg\xff,ok\n')
+    out.write_bytes(COVERAGE, data + OUT_OF_ORDER_THEN_DAMAGED)
     assert len(read_records(out)) == 0
     assert (tmp_path / (COVERAGE + UNREADABLE)).read_bytes().startswith(data)
     assert csv_to_rows((tmp_path / COVERAGE).read_bytes(), COVERAGE) == []
@@ -238,6 +238,11 @@ def test_a_coverage_csv_sorted_by_hand_otherwise_is_merged_in_memory(tmp_path):
     assert [r["image"] for r in csv_to_rows((a / COVERAGE).read_bytes(), COVERAGE)][:2] == ["0.jpg", "a.jpg"]
 
 
+#: Rows out of order, then, after more than a reader's first pieces (64 KiB), bytes that are not UTF-8.
+OUT_OF_ORDER_THEN_DAMAGED = (b"a.jpg,,,,,,,,error,x\n" + b"".join(b"pad%06d.jpg,,,,,,,,error,x\n" % i for i in range(5000))
+                             + b'"x.jpg\xff,ok\n')
+
+
 @pytest.mark.parametrize("damage", ["coverage-header", "coverage-body", "coverage-unsorted-body", "results"])
 def test_damaged_files_are_kept_beside_as_before(tmp_path, damage):
     def make(out):
@@ -249,8 +254,8 @@ def test_damaged_files_are_kept_beside_as_before(tmp_path, damage):
             out.write_bytes(COVERAGE, b"what,is,this\n1,2,3\n")
         elif damage == "coverage-body":
             out.write_bytes(COVERAGE, data + b'"x.jpg\xff,ok\n')
-        else:  # out of order first, then not UTF-8
-            out.write_bytes(COVERAGE, data + b'a.jpg,,,,,,,,error,x\n"x.jpg\xff,ok\n')
+        else:  # out of order first, then (past the first pieces decoded) not UTF-8
+            out.write_bytes(COVERAGE, data + OUT_OF_ORDER_THEN_DAMAGED)
 
     a, b = _both(tmp_path, make)
     _same(a, b)
