@@ -156,11 +156,14 @@ def test_a_coverage_csv_out_of_order_is_sorted_then_read(tmp_path):
     assert [r["image"] for r in rows] == sorted(records)  # written sorted
 
 
-def test_the_index_names_default_masks_as_outputs_does():
-    from batchmask.batch import records
-    from batchmask.batch.outputs import MASKS, mask_rel
+def test_the_index_names_default_masks_as_outputs_does(tmp_path):
+    from batchmask.batch.outputs import mask_rel
 
-    assert records._MASKS == MASKS and mask_rel("a/b.c.jpg") == "masks/a/b.c.png"
+    out = _out(tmp_path)
+    names = ["a/b.c.jpg", "x.JPEG", "q.png/r.tif"]
+    out.write_bytes(COVERAGE, rows_to_csv([_ok(n, mask_rel(n)) for n in sorted(names)]))
+    index = read_records(out)
+    assert [index.get(n) for n in names] == [mask_rel(n) for n in names] and not index._odd
 
 
 def test_an_empty_or_missing_record_is_empty(tmp_path):

@@ -16,7 +16,18 @@ import io
 import logging
 from collections.abc import Callable, Iterator
 
-from .records import CsvRows, DamagedCsv, Unsorted
+from .records import (
+    COLUMNS,
+    COVERAGE,
+    UNREADABLE,
+    CsvRows,
+    DamagedCsv,
+    Unsorted,
+    copy_file,
+    csv_to_rows,
+    free_name,
+    list_parts,
+)
 from .storage import Storage
 from .table import RESULTS, PreviousTable, new_table
 from .tablerow import TABLE_FIELDS
@@ -33,8 +44,6 @@ def merge_parts(out: Storage) -> None:
     Read-modify-write: callers hold the output lock (:mod:`batchmask.batch.lock`), so two merges
     never run at once on one output.
     """
-    from .outputs import list_parts
-
     parts = list_parts(out)
     if not parts and out.exists(RESULTS) and _header_readable(out):
         return
@@ -54,8 +63,6 @@ def merge_parts(out: Storage) -> None:
 def _merge_unsorted(out: Storage, fresh: dict[str, dict]) -> None:
     """The merge of a coverage.csv that is not in image order (edited by hand): in memory, as
     before, and written sorted, so that the next merges and record reads stream again."""
-    from .outputs import COVERAGE
-
     log.warning("%s is not sorted by image (edited?): merged in memory and written sorted", COVERAGE)
     old = _rows_in_memory(out)
     _merge(out, fresh, lambda: iter(old))
@@ -69,8 +76,6 @@ def sort_coverage(out: Storage) -> None:
 def _header_readable(out: Storage) -> bool:
     """coverage.csv exists and has our header (a file damaged further on is found by the reader of
     the records, :func:`batchmask.batch.outputs.read_records`, which every run calls next)."""
-    from .outputs import COVERAGE
-
     if not out.exists(COVERAGE):
         return False
     try:
@@ -83,8 +88,6 @@ def _header_readable(out: Storage) -> bool:
 def read_parts(out: Storage, parts: list[str]) -> tuple[dict[str, dict], list[str]]:
     """{image: row} of the part files (later files and rows win), and the files that were readable;
     an unreadable one is kept as ``<name>.unreadable`` (its images are processed again)."""
-    from .outputs import COLUMNS, UNREADABLE, csv_to_rows
-
     fresh: dict[str, dict] = {}
     readable = []
     for p in parts:  # run ids sort chronologically
@@ -111,27 +114,15 @@ def read_parts(out: Storage, parts: list[str]) -> tuple[dict[str, dict], list[st
 def set_aside_coverage(out: Storage, exc: Exception) -> None:
     """Keep a damaged coverage.csv beside, never overwritten (rows may be recoverable by hand), and
     delete it: the merge writes a new one; its images are processed again."""
-    from .outputs import COVERAGE, UNREADABLE, free_name
-
     keep = free_name(out, COVERAGE + UNREADABLE)
     log.warning("%s; kept as %s, rebuilt from this run on (its images are processed again)", exc, keep)
-    copy(out, COVERAGE, keep)
+    copy_file(out, COVERAGE, keep)
     out.delete(COVERAGE)
-
-
-def copy(out: Storage, src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` in pieces (a damaged file may be large)."""
-    import shutil
-
-    with out.open_read(src) as f, out.open_write(dst) as g:
-        shutil.copyfileobj(f, g, 1 << 20)
 
 
 def _sorted_rows(out: Storage) -> Iterator[dict]:
     """coverage.csv's rows as dicts, in order, one per image (the last of repeated ones);
     :class:`Unsorted` when they are out of order, :class:`DamagedCsv` when unreadable."""
-    from .outputs import COVERAGE
-
     if not out.exists(COVERAGE):
         return
     with CsvRows.open(out, COVERAGE) as rows:
@@ -148,8 +139,6 @@ def _sorted_rows(out: Storage) -> Iterator[dict]:
 
 
 def _rows_in_memory(out: Storage) -> list[dict]:
-    from .outputs import COVERAGE
-
     with CsvRows.open(out, COVERAGE) as rows:
         records = {r["image"]: r for r in rows.dicts()}
     return [records[k] for k in sorted(records)]
@@ -158,8 +147,6 @@ def _rows_in_memory(out: Storage) -> list[dict]:
 def _merged(old: Iterator[dict], fresh: dict[str, dict]) -> Iterator[tuple[dict, bool]]:
     """(row, from a part file) in image order: ``old`` (sorted) merge-joined with ``fresh``; a
     column of the user's (not ours) stays with the image when its row is replaced."""
-    from .outputs import COLUMNS
-
     new = sorted(fresh)
     j, n = 0, len(new)
     for r in old:
@@ -196,8 +183,6 @@ def _merge(out: Storage, fresh: dict[str, dict], old: Callable[[], Iterator[dict
 def _write_coverage(out: Storage, fresh: dict[str, dict], old: Callable[[], Iterator[dict]]) -> None:
     """coverage.csv as :func:`~batchmask.batch.outputs.rows_to_csv` writes it (our columns, then the
     user's in the order first seen; a row with a carriage return fully quoted), in pieces."""
-    from .outputs import COLUMNS, COVERAGE
-
     extra: dict[str, None] = {}
     if out.exists(COVERAGE):
         try:

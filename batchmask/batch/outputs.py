@@ -36,23 +36,28 @@ from ..inference.pixels import (  # noqa: F401  (the pixel path; re-exported for
     encode_png,
     mask_stats,
 )
-from .records import DamagedCsv, RecordIndex, Unsorted
+from .records import (  # noqa: F401  (the record's format: defined there, part of this module's interface)
+    COLUMNS,
+    COVERAGE,
+    LEGACY_STORAGE_ERROR,
+    MASKS,
+    PARTS,
+    UNREADABLE,
+    DamagedCsv,
+    RecordIndex,
+    Unsorted,
+    csv_to_rows,
+    free_name,
+    list_parts,
+)
+from .records import png_dirs as _png_dirs
 from .storage import Storage
 from .tablerow import TABLE_FIELDS
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["image", "width", "height", "face_pixels", "coverage", "faces", "mean_confidence", "mask", "status", "error"]
-COVERAGE = "coverage.csv"
 RUN_JSON = "run.json"
-PARTS = "_parts/"
-#: Suffix given to a part file that cannot be parsed (kept for inspection, never merged).
-UNREADABLE = ".unreadable"
-MASKS = "masks/"
 OVERLAYS = "overlays/"
-#: Error rows that older versions wrote for disk-full/permission/connection failures while
-#: writing a mask: not a property of the image, so they are always processed again.
-LEGACY_STORAGE_ERROR = "cannot write outputs"
 
 
 def mask_rel(rel: str) -> str:
@@ -118,12 +123,6 @@ class _RecordedDict:
 
     def reserves(self, path: str) -> bool:
         return path in self._reserved
-
-
-def _png_dirs(mask: str) -> list[str]:
-    """The folders of a mask path that end in ``.png``: only these can clash with a mask file."""
-    parts = mask.split("/")
-    return [d for d in ("/".join(parts[:k]) for k in range(2, len(parts))) if d.endswith(".png")]
 
 
 def recorded_masks(records: dict[str, dict]) -> dict[str, str]:
@@ -215,32 +214,8 @@ def rows_to_csv(rows) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def csv_to_rows(data: bytes, where: str) -> list[dict]:
-    """The rows of a coverage or part file (rows without an image or a known status are dropped);
-    :class:`DamagedCsv` (naming ``where``) for a file that is not such a CSV at all."""
-    try:
-        text = data.decode("utf-8")
-        reader = csv.DictReader(io.StringIO(text))
-        rows = list(reader)
-        header = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DamagedCsv(f"{where}: unreadable ({exc})") from None
-    if text.strip() and not {"image", "status"} <= set(header):
-        raise DamagedCsv(f"{where}: no 'image' and 'status' columns in its header")
-    out = []
-    for r in rows:
-        if r.get("image") and r.get("status") in ("ok", "error"):
-            r.pop(None, None)  # fields beyond the header (a stray comma): not a column
-            out.append(r)
-    return out
-
-
 def part_name(run_id: str, shard: int) -> str:
     return f"{PARTS}{run_id}-{shard:07d}.csv"
-
-
-def list_parts(out: Storage) -> list[str]:
-    return [p for p in out.iter_files(PARTS) if p.endswith(".csv")]
 
 
 def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
@@ -283,15 +258,6 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
                 r.update({k: v for k, v in old.items() if k not in COLUMNS and k not in TABLE_FIELDS and k not in r})
             records[r["image"]] = r
     return records, readable
-
-
-def free_name(out: Storage, name: str) -> str:
-    """``name``, or ``name-1``, ``name-2``... the first that does not exist yet."""
-    k, cand = 0, name
-    while out.exists(cand):
-        k += 1
-        cand = f"{name}-{k}"
-    return cand
 
 
 def merge_parts(out: Storage) -> None:

@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import posixpath
+import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -39,8 +40,16 @@ _ZERO = bytes(HASH_BYTES)
 #: Names hashed per NumPy lookup when many are looked up at once (the masks listing).
 CHUNK = 65_536
 
-#: outputs.MASKS (not imported: outputs imports this module); tests/test_records.py checks it.
-_MASKS = "masks/"
+# The record's format (outputs.py re-exports these; README.md, "Files written", describes them).
+COLUMNS = ["image", "width", "height", "face_pixels", "coverage", "faces", "mean_confidence", "mask", "status", "error"]
+COVERAGE = "coverage.csv"
+PARTS = "_parts/"
+#: Suffix given to a part file that cannot be parsed (kept for inspection, never merged).
+UNREADABLE = ".unreadable"
+MASKS = "masks/"
+#: Error rows that older versions wrote for disk-full/permission/connection failures while
+#: writing a mask: not a property of the image, so they are always processed again.
+LEGACY_STORAGE_ERROR = "cannot write outputs"
 
 # flags of a recorded image in the index
 DONE = 1
@@ -77,7 +86,7 @@ class DamagedCsv(ValueError):
 class CsvRows:
     """The rows of a coverage or part file, read in pieces: ``fieldnames`` (the header) and, when
     iterated, the lists of the rows that have an image and a known status (as
-    :func:`batchmask.batch.outputs.csv_to_rows` keeps). :class:`DamagedCsv` (naming ``where``),
+    :func:`csv_to_rows` keeps). :class:`DamagedCsv` (naming ``where``),
     from the constructor or while iterating, for a file that is not such a CSV at all."""
 
     def __init__(self, raw, where: str):
@@ -138,6 +147,51 @@ class CsvRows:
         self.close()
 
 
+def png_dirs(mask: str) -> list[str]:
+    """The folders of a mask path that end in ``.png``: only these can clash with a mask file."""
+    parts = mask.split("/")
+    return [d for d in ("/".join(parts[:k]) for k in range(2, len(parts))) if d.endswith(".png")]
+
+
+def csv_to_rows(data: bytes, where: str) -> list[dict]:
+    """The rows of a coverage or part file (rows without an image or a known status are dropped);
+    :class:`DamagedCsv` (naming ``where``) for a file that is not such a CSV at all."""
+    try:
+        text = data.decode("utf-8")
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+        header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DamagedCsv(f"{where}: unreadable ({exc})") from None
+    if text.strip() and not {"image", "status"} <= set(header):
+        raise DamagedCsv(f"{where}: no 'image' and 'status' columns in its header")
+    out = []
+    for r in rows:
+        if r.get("image") and r.get("status") in ("ok", "error"):
+            r.pop(None, None)  # fields beyond the header (a stray comma): not a column
+            out.append(r)
+    return out
+
+
+def list_parts(out: Storage) -> list[str]:
+    return [p for p in out.iter_files(PARTS) if p.endswith(".csv")]
+
+
+def free_name(out: Storage, name: str) -> str:
+    """``name``, or ``name-1``, ``name-2``... the first that does not exist yet."""
+    k, cand = 0, name
+    while out.exists(cand):
+        k += 1
+        cand = f"{name}-{k}"
+    return cand
+
+
+def copy_file(out: Storage, src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` in pieces (a damaged file kept beside may be large)."""
+    with out.open_read(src) as f, out.open_write(dst) as g:
+        shutil.copyfileobj(f, g, 1 << 20)
+
+
 class RecordIndex:
     """The recorded images of an output: ``rel in index`` says whether ``rel`` needs no work
     (the rule of :func:`batchmask.batch.outputs.done_set`); :meth:`get` and :meth:`reserves`
@@ -164,8 +218,6 @@ class RecordIndex:
         """Build the index from ``coverage.csv`` (streaming) and, when masks are wanted and some
         row is ``ok``, the listing of ``masks/`` (hashed in chunks, never held as names).
         :class:`DamagedCsv` for a coverage.csv that cannot be read."""
-        from .outputs import COVERAGE
-
         if not out.exists(COVERAGE):
             return cls.empty()
         with CsvRows.open(out, COVERAGE) as rows:
@@ -203,7 +255,7 @@ class RecordIndex:
         odd = self._odd.get(rel) if self._odd else None
         if odd:
             return odd
-        return _MASKS + posixpath.splitext(rel)[0] + ".png" if self._flag(rel) & DEFAULT_MASK else None
+        return MASKS + posixpath.splitext(rel)[0] + ".png" if self._flag(rel) & DEFAULT_MASK else None
 
     def reserves(self, path: str) -> bool:
         """Whether ``path`` is a recorded mask path, or a folder of one that ends in ``.png``."""
@@ -241,8 +293,6 @@ class _Builder:
         self.odd: dict[str, str] = {}
 
     def add(self, rows: CsvRows) -> None:
-        from .outputs import COVERAGE, LEGACY_STORAGE_ERROR, MASKS, _png_dirs
-
         if rows.empty:
             return
         ix = rows.index
@@ -273,7 +323,7 @@ class _Builder:
                 else:
                     odd[img] = m
                 if ".png/" in m:
-                    for d in _png_dirs(m):
+                    for d in png_dirs(m):
                         dirs += key(d)
                         prev_dirs += HASH_BYTES
             else:
@@ -325,8 +375,6 @@ def _unique(a: np.ndarray) -> np.ndarray:
 def _listed(out: Storage, recorded: np.ndarray) -> np.ndarray:
     """For each of the ``recorded`` mask hashes (sorted), whether ``masks/`` holds that file;
     the listing is hashed CHUNK names at a time."""
-    from .outputs import MASKS
-
     found = np.zeros(len(recorded), bool)
     batch: list[str] = []
 

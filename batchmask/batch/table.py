@@ -160,7 +160,7 @@ class PreviousTable:
             self._file.close()
 
     def _unreadable(self, exc: Exception) -> None:
-        from .merge import copy
+        from .records import copy_file
 
         self._batches = None
         if self._file is not None:
@@ -168,7 +168,7 @@ class PreviousTable:
             self._file = None
         keep = RESULTS + ".unreadable"
         log.warning("%s: unreadable (%s); kept as %s, rebuilt from coverage.csv", RESULTS, exc, keep)
-        copy(self.out, RESULTS, keep)
+        copy_file(self.out, RESULTS, keep)
 
     def upto(self, last: str) -> pa.Table:
         """The previous rows not handed out yet whose image sorts at or before ``last``."""
