@@ -23,6 +23,7 @@ import numpy as np
 
 from ..data import DataError
 from ..inference.pixels import decode_for_model, encode_overlay, encode_png, measure
+from .entries import ListSource
 from .options import RunOptions
 from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
 from .storage import EntryError, StorageSpec, UnsafePathError, check_rel
@@ -136,7 +137,7 @@ class MaskWorker:
     #: Called at start, per shard, per image and per batch: nothing happens unless a test sets one.
     hooks: NoHooks = NO_HOOKS
 
-    def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions,
+    def __init__(self, model_files, inp: StorageSpec | ListSource, out: StorageSpec, opts: WorkerOptions,
                  hooks: NoHooks | None = None):
         """``model_files``: {file name: bytes} of the model directory, or ``[ray ObjectRef]`` of it.
 
@@ -156,6 +157,10 @@ class MaskWorker:
         self.threshold = opts.threshold if opts.threshold is not None else self.model.threshold
         self.opts = opts
         self.inp = inp.open()
+        # A list run's input (batch/entries.py EntryReader) reads each entry from its own storage, by
+        # its key; a folder's is one Storage, by relative path.
+        self._check_rel = getattr(self.inp, "check_entry", check_rel)
+        self._overlay_rel = getattr(self.inp, "overlay_rel", overlay_rel)
         self.out = out.open()
         self.pool = ThreadPoolExecutor(max(1, opts.io_threads), thread_name_prefix="batchmask-io")
         self.images = 0
@@ -200,12 +205,12 @@ class MaskWorker:
     def _load(self, rel: str, mask: str) -> Decoded:
         d = Decoded(rel, mask)
         try:
-            check_rel(rel)
+            self._check_rel(rel)
             if mask:  # "": --no-masks
                 check_rel(mask)
                 self.out.check_name(mask)
             if self.opts.overlays:
-                self.out.check_name(overlay_rel(rel))
+                self.out.check_name(self._overlay_rel(rel))
             self.hooks.image(rel)
             data = self.inp.read_bytes(rel, self.opts.max_bytes)
             if self.opts.overlays:
@@ -234,7 +239,7 @@ class MaskWorker:
             if d.mask:  # "": --no-masks
                 self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
-                self.out.write_bytes(overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
+                self.out.write_bytes(self._overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
                 d.data = None
         except (MemoryError, DataError) as exc:  # the image's own problem (too big for memory)
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
