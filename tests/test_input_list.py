@@ -86,13 +86,14 @@ def test_csv_and_parquet_lists_with_a_named_column_and_duplicates(tmp_path, tiny
         for i, name in enumerate(["a.jpg", "a.png", "sub/a.jpg", "a.jpg", "", f"{imgs}/a.png"]):
             w.writerow([i, f"imgs/{name}" if name and not name.startswith("/") else name])
     out = tmp_path / "out"
-    s = run(None, str(out), str(tiny_model_dir), input_list=str(lst), list_column="uri", quiet=True)
+    s = run(None, str(out), str(tiny_model_dir), input_list=str(lst), list_column="uri", overlays=True, quiet=True)
     # 5 entries (the empty one skipped); imgs/a.jpg twice: done once, counted as skipped
     assert (s.total, s.ok, s.skipped) == (5, 4, 1)
     got = rows(out)
     masks = [r["mask"] for r in got.values()]
     assert len(set(masks)) == 4 and "masks/relative/imgs/a.jpg.png" in masks and "masks/relative/imgs/a.png.png" in masks
     assert json.loads((out / "run.json").read_text())["input"]["duplicates"] == 1
+    assert (out / "overlays/relative/imgs/sub/a.jpg.jpg").is_file()  # beside its mask's path, not the entry's
 
     pql = tmp_path / "l.parquet"
     pq.write_table(pa.table({"path": [f"{imgs}/a.jpg", None, f"{imgs}/sub/a.jpg", f"{imgs}/a.jpg"]}), pql)

@@ -157,10 +157,6 @@ class MaskWorker:
         self.threshold = opts.threshold if opts.threshold is not None else self.model.threshold
         self.opts = opts
         self.inp = inp.open()
-        # A list run's input (batch/entries.py EntryReader) reads each entry from its own storage, by
-        # its key; a folder's is one Storage, by relative path.
-        self._check_rel = getattr(self.inp, "check_entry", check_rel)
-        self._overlay_rel = getattr(self.inp, "overlay_rel", overlay_rel)
         self.out = out.open()
         self.pool = ThreadPoolExecutor(max(1, opts.io_threads), thread_name_prefix="batchmask-io")
         self.images = 0
@@ -202,10 +198,14 @@ class MaskWorker:
         return d
 
     # ------------------------------------------------------------------ per image
+    def _overlay_rel(self, rel: str) -> str:
+        return getattr(self.inp, "overlay_rel", overlay_rel)(rel)
+
     def _load(self, rel: str, mask: str) -> Decoded:
         d = Decoded(rel, mask)
         try:
-            self._check_rel(rel)
+            # a list run's input (EntryReader) reads each entry from its own storage, by its key
+            getattr(self.inp, "check_entry", check_rel)(rel)
             if mask:  # "": --no-masks
                 check_rel(mask)
                 self.out.check_name(mask)
