@@ -305,3 +305,42 @@ def test_job_file_input_list_problems(tmp_path, extra, expected):
         load_job(_write(tmp_path, JOB.format(model="m") + extra))
     assert expected in str(ei.value), str(ei.value)
     assert "pw" not in str(ei.value)
+
+
+def test_http_entries_with_query_strings_get_masks_of_their_own(tmp_path, tiny_model_dir):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    images(tmp_path / "www", ["a.jpg"])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        lst = tmp_path / "l.txt"
+        lst.write_text(f"{url}/a.jpg\n{url}/a.jpg?size=2\n{url}/gone.jpg\n")
+        s = run(None, str(tmp_path / "out"), str(tiny_model_dir), input_list=str(lst), quiet=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (s.total, s.ok, s.failed) == (3, 2, 1)
+    got = rows(tmp_path / "out")
+    host = f"127.0.0.1%3A{server.server_port}"
+    assert got[f"{url}/a.jpg"]["mask"] == f"masks/http/{host}/a.jpg.png"
+    assert got[f"{url}/a.jpg?size=2"]["mask"].startswith(f"masks/http/{host}/a.jpg~q")
+    assert "cannot read" in got[f"{url}/gone.jpg"]["error"]
+
+
+def test_one_output_holds_a_folder_run_or_a_list_run_not_both(tmp_path, tiny_model_dir):
+    imgs = images(tmp_path / "imgs", ["a.jpg"])
+    (tmp_path / "l.txt").write_text(f"{imgs}/a.jpg\n")
+    run(str(imgs), str(tmp_path / "out"), str(tiny_model_dir), quiet=True)
+    with pytest.raises(RunError, match="holds the results of the folder or prefix .*use another --output"):
+        run(None, str(tmp_path / "out"), str(tiny_model_dir), input_list=str(tmp_path / "l.txt"), quiet=True)
+    run(None, str(tmp_path / "out2"), str(tiny_model_dir), input_list=str(tmp_path / "l.txt"), quiet=True)
+    with pytest.raises(RunError, match="holds the results of the list"):
+        run(str(imgs), str(tmp_path / "out2"), str(tiny_model_dir), quiet=True)

@@ -240,3 +240,22 @@ class EntryReader:
 
     def overlay_rel(self, key: str) -> str:
         return entry_overlay(key)
+
+
+def check_same_input_kind(out: Storage, listed: bool) -> None:
+    """RunError if the output's last run (run.json) read a folder and this one a list, or the other
+    way round: their mask paths are made differently (masks/<path> and masks/<scheme>/...), and one
+    output holds one kind, so that no mask path can be another image's."""
+    import json
+
+    from .options import RunError
+
+    try:
+        prev = json.loads(out.read_bytes("run.json")).get("input") or {}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return
+    if not isinstance(prev, dict) or ("list" in prev) == listed or not ("list" in prev or "url" in prev):
+        return
+    was = f"the list {prev.get('list')}" if "list" in prev else f"the folder or prefix {prev.get('url')}"
+    raise RunError(f"{out.spec.public()['url']} holds the results of {was}; an output holds the images of a "
+                   f"{'list' if 'list' in prev else 'folder or prefix'} only: use another --output")

@@ -28,7 +28,7 @@ from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RunCounts, raise_interrupt
-from .entries import entry_key, entry_mask, entry_problem
+from .entries import check_same_input_kind, entry_key, entry_mask, entry_problem
 from .lock import LockLost, OutputLock
 from .manifest import EntryList
 from .modelcheck import check_model, check_same_model
@@ -230,6 +230,7 @@ class _BatchRun:
         self.lock = OutputLock(self.out).acquire(wait=opts.wait, wait_timeout=opts.wait_timeout)
         try:
             self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
+            check_same_input_kind(self.out, self.in_list is not None)
             records = merge_parts(self.out)  # leftovers of an interrupted run first
             self.done = set() if opts.overwrite else done_set(self.out, records, opts.retry_errors, masks=not opts.no_masks)
             self.names = MaskNames(recorded_masks(records))  # an image keeps its mask path; no new image takes one
