@@ -344,3 +344,13 @@ def test_one_output_holds_a_folder_run_or_a_list_run_not_both(tmp_path, tiny_mod
     run(None, str(tmp_path / "out2"), str(tiny_model_dir), input_list=str(tmp_path / "l.txt"), quiet=True)
     with pytest.raises(RunError, match="holds the results of the list"):
         run(str(imgs), str(tmp_path / "out2"), str(tiny_model_dir), quiet=True)
+
+
+def test_the_probe_of_a_listed_image_reads_it_from_its_own_storage(tmp_path):
+    from batchmask.batch.probe import probe_image
+
+    images(tmp_path / "imgs", ["a.jpg"])
+    src = ListSource(str(tmp_path / "l.txt"), str(tmp_path))
+    settings = {"max_bytes": 1 << 20, "max_pixels": 10**6, "draft": True, "image_size": 64}
+    assert probe_image(src, "imgs/a.jpg", settings) == {"crashed": False, "how": "decoded alone without a crash"}
+    assert probe_image(src, f"file://{tmp_path}/imgs/a.jpg", settings)["crashed"] is False
