@@ -196,11 +196,12 @@ def test_hostile_local_file_names_run_and_stay_under_masks(tmp_path, tiny_model_
     names = ["a\\..\\b.jpg", "%2e%2e.jpg", ".hidden.jpg", "~x.jpg", "q?x=1.jpg", "x" * 240 + ".jpg", "é ü.jpg"]
     imgs = images(tmp_path / "imgs", names)
     lst = tmp_path / "imgs" / "l.parquet"
-    pq.write_table(pa.table({"path": names + ["../" * 40 + "etc/passwd"]}), lst)
+    pq.write_table(pa.table({"path": names + ["../" * 40 + "etc/passwd", "a\x00b.jpg"]}), lst)
     out = tmp_path / "out"
     s = run(None, str(out), str(tiny_model_dir), input_list=str(lst), quiet=True)
-    assert (s.total, s.ok, s.failed) == (8, 6, 2)
+    assert (s.total, s.ok, s.failed) == (9, 6, 3)
     got = rows(out)
+    assert "a NUL in the entry" in got["a\x00b.jpg"]["error"]  # kept in the image column, never read
     assert "refusing unsafe path" in got["a\\..\\b.jpg"]["error"]  # a backslash is refused, as in a folder run
     assert got["../" * 40 + "etc/passwd"]["status"] == "error"  # read (the list may name any file), not an image
     written = files_under(out)
