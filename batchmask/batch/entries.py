@@ -197,15 +197,23 @@ class ListSource:
                 "endpoint_url": strip_userinfo(self.endpoint_url)}
 
 
-def open_entry_storage(root: str, source: ListSource) -> Storage:
-    """The storage of one root (scheme and bucket or host, or "/"), with the run's S3 settings.
+def open_entry_storage(loc: str, endpoint_url: str | None = None, storage_options: dict | None = None,
+                       cache: dict[str, Storage] | None = None) -> tuple[Storage, str]:
+    """(the storage, the relative path in it) of one located entry (a URL or an absolute local path,
+    :func:`locate`): one :class:`Storage` per scheme and bucket or host (or "/"), kept in ``cache``.
+    ``storage_options`` (S3 settings and credentials) go to s3:// storages only.
 
-    The one place that knows how an entry's storage is opened; the per-scheme storage layer
-    replaces it."""
-    if root == "/":
-        return StorageSpec("/").open()
-    opts = dict(source.storage_options or {}) if root.startswith(("s3://", "s3a://")) else {}
-    return StorageSpec(root, source.endpoint_url, opts).open()
+    The one place that knows how an entry's storage is opened; the per-scheme storage layer's own
+    function of this shape replaces it."""
+    root, rel = split_location(loc)
+    check_rel(rel)
+    st = None if cache is None else cache.get(root)
+    if st is None:
+        opts = dict(storage_options or {}) if root.startswith(("s3://", "s3a://")) else {}
+        st = StorageSpec(root, endpoint_url, opts).open() if root != "/" else StorageSpec("/").open()
+        if cache is not None:
+            cache[root] = st
+    return st, rel
 
 
 class EntryReader:
@@ -219,16 +227,11 @@ class EntryReader:
     def storage_of(self, key: str) -> tuple[Storage, str]:
         """(the storage, the path in it) of ``key``; UnsafePathError as :func:`locate`."""
         loc = locate(key, self.source.base)
-        root, rel = split_location(loc)
-        check_rel(rel)
-        if root == "/" and not self.source.local_entries:
+        if not is_url(loc) and not self.source.local_entries:
             raise StorageError(f"{key}: a local path that workers on other nodes cannot see; list URLs, or "
                                "use --shared-fs if every node mounts it at the same path")
         with self._lock:
-            st = self._storages.get(root)
-            if st is None:
-                st = self._storages[root] = open_entry_storage(root, self.source)
-        return st, rel
+            return open_entry_storage(loc, self.source.endpoint_url, self.source.storage_options, self._storages)
 
     def check_entry(self, key: str) -> str:
         self.storage_of(key)
