@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import string
 import threading
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ _KEEP = frozenset(string.ascii_letters + string.digits + "-_.+=,@ ()")
 #: A segment escaped longer than this (bytes) is folded to a prefix and a hash of the whole.
 SEGMENT_MAX = 200
 _FOLD_PREFIX = 100
+_PLAIN = re.compile(r"[A-Za-z0-9\-_.+=,@ ()]*\Z")
 
 
 def _hash(text: str) -> str:
@@ -64,6 +66,8 @@ def _segment(seg: str, last: bool) -> str:
     over the file system's name limit, or (a folder) ending in ".png" like a mask file."""
     if seg == "":
         return "~e"
+    if _PLAIN.match(seg) and not seg.startswith(".") and len(seg) <= SEGMENT_MAX and (last or not seg.endswith(".png")):
+        return seg  # the common case, without a Python loop over its characters
     chars = _escaped_chars(seg)
     out = "".join(chars)
     if len(out.encode()) > SEGMENT_MAX:
