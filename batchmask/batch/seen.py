@@ -22,7 +22,8 @@ class SeenKeys:
     def __init__(self, buffer: int = BUFFER):
         self._buffer: set[int] = set()
         self._limit = buffer
-        # sorted by (hi, lo): the digest's two 64-bit halves; sizes decreasing
+        # (hi, lo): the digest's two 64-bit halves, sorted by hi (a key with an equal hi, 1 in 2^64,
+        # is found by looking at the few lo of that run of equal hi); sizes decreasing
         self._levels: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
@@ -49,13 +50,16 @@ class SeenKeys:
         self._levels.append(_sorted(np.array([d >> 64 for d in ds], np.uint64),
                                     np.array([d & _LOW for d in ds], np.uint64)))
         while len(self._levels) > 1 and self._levels[-2][0].size <= 2 * self._levels[-1][0].size:
-            (h2, l2), (h1, l1) = self._levels.pop(), self._levels.pop()
-            self._levels.append(_sorted(np.concatenate([h1, h2]), np.concatenate([l1, l2])))
+            b, a = self._levels.pop(), self._levels.pop()
+            hi, lo = np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
+            del a, b  # the merge peaks at 32 bytes a key: both halves, the order, one half reordered
+            self._levels.append(_sorted(hi, lo))
 
 
 _LOW = (1 << 64) - 1
 
 
 def _sorted(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((lo, hi))
-    return hi[order], lo[order]
+    order = np.argsort(hi)
+    hi = hi[order]
+    return hi, lo[order]
