@@ -40,7 +40,7 @@ def test_parquet_list_on_s3_mixing_buckets_and_local_files_then_grown(s3_server,
     fs.pipe_file(f"{b1}/x/a.jpg", _jpeg((30, 20), (200, 30, 30)))
     fs.pipe_file(f"{b2}/x/a.jpg", _jpeg((16, 40), (30, 200, 30)))
     fs.pipe_file(f"{b1}/lists/imgs/c.jpg", _jpeg((24, 24), (30, 30, 200)))
-    imgs = images(tmp_path / "imgs", ["d.jpg", "e.jpg", "f.jpg", "g.jpg"])
+    imgs = images(tmp_path / "imgs", ["d.jpg", "e.jpg", "f.jpg", "h %~é.jpg"])
     entries = [f"s3://{b1}/x/a.jpg", f"s3://{b2}/x/a.jpg", "imgs/c.jpg", f"{imgs}/d.jpg", f"file://{imgs}/e.jpg",
                f"s3://{b1}/x/missing.jpg"]
     fs.pipe_file(f"{b1}/lists/new.parquet", _parquet(entries))
@@ -64,14 +64,17 @@ def test_parquet_list_on_s3_mixing_buckets_and_local_files_then_grown(s3_server,
             assert fs.exists(f"{b1}/out/{r['mask']}")
 
     # grown by two, run from the CLI (credentials from the environment) by a Ray actor
-    fs.pipe_file(f"{b1}/lists/new.parquet", _parquet([*entries, f"{imgs}/f.jpg", f"s3://{b1}/lists/imgs/c.jpg"]))
+    fs.pipe_file(f"{b1}/lists/new.parquet", _parquet([*entries, f"{imgs}/f.jpg", f"s3://{b1}/lists/imgs/c.jpg",
+                                                      f"{imgs}/h %~é.jpg"]))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
     res = CliRunner().invoke(main, ["run", "--input-list", f"s3://{b1}/lists/new.parquet", "-o", out, "-m",
                                     str(tiny_model_dir), "--endpoint-url", s3_server.endpoint_url,
                                     "--in-process-max", "0", "--workers", "1"])
     assert res.exit_code == 0, res.output
-    assert "2 ok, 0 failed, 6 skipped (already done) of 8 images" in res.output
+    assert "3 ok, 0 failed, 6 skipped (already done) of 9 images" in res.output
     got = rows()
-    assert len(got) == 8 and got[f"s3://{b1}/lists/imgs/c.jpg"]["mask"] == f"masks/s3/{b1}/lists/imgs/c.jpg.png"
+    assert len(got) == 9 and got[f"s3://{b1}/lists/imgs/c.jpg"]["mask"] == f"masks/s3/{b1}/lists/imgs/c.jpg.png"
+    odd = got[f"{imgs}/h %~é.jpg"]["mask"]
+    assert odd.endswith("/h %25%7Eé.jpg.png") and fs.exists(f"{b1}/out/{odd}")  # "%" and "~" escaped
     assert s3_server.secret not in fs.cat_file(f"{b1}/out/run.json").decode()
