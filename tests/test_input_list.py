@@ -25,7 +25,7 @@ from batchmask.batch.manifest import EntryList, ListError
 from batchmask.batch.options import RunError
 from batchmask.batch.runner import run
 from batchmask.batch.seen import SeenKeys
-from batchmask.batch.storage import StorageError, check_rel
+from batchmask.batch.storage import EntryError, StorageError, check_rel
 from batchmask.cli import main
 from batchmask.jobs.spec import JobError, load_job
 
@@ -214,6 +214,8 @@ def test_reader_refuses_local_entries_where_workers_cannot_see_them(tmp_path):
     images(tmp_path, ["a.jpg"])
     src = ListSource(str(tmp_path / "l.txt"), str(tmp_path))
     assert EntryReader(src).read_bytes("a.jpg")[:2] == b"\xff\xd8"
+    with pytest.raises(EntryError, match=f"^{tmp_path}/a.jpg: .* bytes, over the limit of 10 "):
+        EntryReader(src).read_bytes(f"{tmp_path}/a.jpg", max_bytes=10)  # the entry, not a path under "/"
     remote_only = ListSource(str(tmp_path / "l.txt"), str(tmp_path), local_entries=False)
     with pytest.raises(StorageError, match="--shared-fs"):  # fails the shard and the run, not an error row
         EntryReader(remote_only).read_bytes("a.jpg")

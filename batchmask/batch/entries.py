@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .storage import (
+    EntryError,
     Storage,
     StorageError,
     StorageSpec,
@@ -243,7 +244,11 @@ class EntryReader:
 
     def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         st, rel = self.storage_of(key)
-        return st.read_bytes(rel, max_bytes)
+        try:
+            return st.read_bytes(rel, max_bytes)
+        except EntryError as exc:  # "<rel>: over --max-bytes": the error row names the entry instead
+            text = str(exc)
+            raise EntryError(key + text[len(rel):] if text.startswith(rel) else text) from exc
 
     def overlay_rel(self, key: str) -> str:
         return entry_overlay(key)
