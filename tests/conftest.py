@@ -393,3 +393,4 @@ def ray_head(tmp_path_factory) -> RayHead:
 
 
 from s3server import s3_server  # noqa: E402,F401  (SeaweedFS fixture, tests/s3server.py)
+from stores import azurite, gcs_server, http_server  # noqa: E402,F401  (GCS, Azure, HTTP: tests/stores.py)

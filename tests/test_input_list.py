@@ -357,3 +357,15 @@ def test_the_probe_of_a_listed_image_reads_it_from_its_own_storage(tmp_path):
     settings = {"max_bytes": 1 << 20, "max_pixels": 10**6, "draft": True, "image_size": 64}
     assert probe_image(src, "imgs/a.jpg", settings) == {"crashed": False, "how": "decoded alone without a crash"}
     assert probe_image(src, f"file://{tmp_path}/imgs/a.jpg", settings)["crashed"] is False
+
+
+def test_an_entry_whose_store_is_not_installed_stops_the_run_with_the_pip_line(tmp_path, monkeypatch):
+    from batchmask.batch.backends import BACKENDS
+    from batchmask.batch.entries import require_store
+
+    monkeypatch.setattr(BACKENDS["gs"], "package", "batchmask_no_such_module")  # as without gcsfs
+    checked: set[str] = set()
+    require_store("s3://b/a.jpg", checked)
+    require_store("/data/a.jpg", checked)
+    with pytest.raises(RunError, match=r"^gs://b/a.jpg: install batchmask\[gcs\]"):
+        require_store("gs://b/a.jpg", checked)

@@ -146,6 +146,8 @@ def test_missing_fields_secrets_in_urls_and_all_problems_listed(tmp_path):
     # profile is fine with an s3:// input; endpoint_url/profile on a purely local job are not
     p2 = write(tmp_path, GOOD + 'profile = "p"\n', "local.toml")
     assert "field 'profile' = 'p': only used with s3://" in problems(p2)
+    p2 = write(tmp_path, GOOD.replace('output = "../out"', 'output = "gs://b/out"') + 'profile = "p"\n', "gs.toml")
+    assert "field 'profile' = 'p': only used with s3://" in problems(p2)
     p3 = write(tmp_path, "name = [", "broken.toml")
     assert "invalid TOML" in problems(p3)
 

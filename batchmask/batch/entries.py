@@ -20,11 +20,12 @@ import os
 import posixpath
 import re
 import string
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backends import BACKENDS, MissingExtra, backend_for
 from .storage import (
+    _FAMILY,
     EntryError,
     Storage,
     StorageError,
@@ -33,12 +34,15 @@ from .storage import (
     check_rel,
     has_userinfo,
     is_url,
+    open_entry_storage,
+    public_url,
     redact_urls,
+    split_entry_url,
     strip_userinfo,
 )
 
-#: URL schemes an entry may use (exactly as written: lowercase).
-SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "file")
+#: URL schemes an entry may use (exactly as written: lowercase): the stores with a backend, and file://.
+SCHEMES = (*BACKENDS, "file")
 #: Mask namespaces of local paths; no scheme above is named so.
 LOCAL_NS, RELATIVE_NS = "local", "relative"
 #: Characters kept as they are in a mask path's segment (besides printable non-ASCII); every other
@@ -159,38 +163,51 @@ def locate(key: str, base: str) -> str:
 
 
 def split_location(loc: str) -> tuple[str, str]:
-    """(storage root, relative path) of a :func:`locate` result: "/" for local paths, the
-    scheme and bucket (or host) for URLs."""
-    if not is_url(loc):
-        return "/", loc.lstrip("/")
-    scheme, rest = loc.split("://", 1)
-    if scheme in ("http", "https"):
-        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-        return f"{scheme}://{rest[:cut]}", rest[cut:].removeprefix("/")
-    bucket, _, rel = rest.partition("/")
-    return f"{scheme}://{bucket}", rel
+    """(storage root, relative path, checked) of a :func:`locate` result: "/" for local paths, the
+    scheme and bucket (or host) for URLs (:func:`~batchmask.batch.storage.split_entry_url`)."""
+    if is_url(loc):
+        return split_entry_url(loc)
+    return "/", check_rel(loc.lstrip("/"))
 
 
 def entry_problem(raw: str, base: str) -> str | None:
     """Why an entry as read from the list cannot be an image (its error row), or None."""
     try:
-        _, rel = split_location(locate(raw, base))
-        check_rel(rel)
+        split_location(locate(raw, base))
     except UnsafePathError as exc:
         return redact_urls(str(exc))
     return None
 
 
+def require_store(key: str, checked: set[str]) -> None:
+    """RunError with the pip line when the library of a URL entry's store is not installed (once per
+    scheme, in ``checked``): the run stops at the first such entry, before any worker meets it."""
+    scheme = key.split("://", 1)[0] if is_url(key) else ""
+    if scheme in checked:
+        return
+    checked.add(scheme)
+    if scheme in BACKENDS:
+        from .options import RunError
+
+        try:
+            backend_for(scheme).require(public_url(key), scheme)
+        except MissingExtra as exc:
+            raise RunError(str(exc)) from None
+
+
 @dataclass
 class ListSource:
-    """What a worker needs to read a list run's entries (picklable; the driver fills in the S3
+    """What a worker needs to read a list run's entries (picklable; the driver fills in the
     credentials of its environment, as :meth:`StorageSpec.resolved` does for ``--input``)."""
 
     url: str
     base: str
     column: str | None = None
+    #: the run's S3 endpoint (S3 entries only)
     endpoint_url: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
+    #: per scheme family ("s3", "az", "gs"): the options its entries get, with the driver's
+    #: environment credentials resolved (StorageSpec.resolved); may hold credentials
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     #: False on a multi-node cluster without --shared-fs: a local entry fails the run (not an error row).
     local_entries: bool = True
 
@@ -198,45 +215,34 @@ class ListSource:
         return EntryReader(self)
 
     def public(self) -> dict[str, Any]:
-        return {"list": strip_userinfo(self.url), "list_column": self.column, "base": strip_userinfo(self.base),
-                "endpoint_url": strip_userinfo(self.endpoint_url)}
-
-
-def open_entry_storage(loc: str, endpoint_url: str | None = None, storage_options: dict | None = None,
-                       cache: dict[str, Storage] | None = None) -> tuple[Storage, str]:
-    """(the storage, the relative path in it) of one located entry (a URL or an absolute local path,
-    :func:`locate`): one :class:`Storage` per scheme and bucket or host (or "/"), kept in ``cache``.
-    ``storage_options`` (S3 settings and credentials) go to s3:// storages only.
-
-    The one place that knows how an entry's storage is opened; the per-scheme storage layer's own
-    function of this shape replaces it."""
-    root, rel = split_location(loc)
-    check_rel(rel)
-    st = None if cache is None else cache.get(root)
-    if st is None:
-        opts = dict(storage_options or {}) if root.startswith(("s3://", "s3a://")) else {}
-        st = StorageSpec(root, endpoint_url, opts).open() if root != "/" else StorageSpec("/").open()
-        if cache is not None:
-            cache[root] = st
-    return st, rel
+        return {"list": public_url(self.url), "list_column": self.column, "base": public_url(self.base),
+                "endpoint_url": public_url(self.endpoint_url)}
 
 
 class EntryReader:
-    """A worker's reader of list entries: :meth:`read_bytes` like a Storage's, by key."""
+    """A worker's reader of list entries: :meth:`read_bytes` like a Storage's, by key. URL entries
+    open through :func:`~batchmask.batch.storage.open_entry_storage` (one Storage per bucket or host
+    in the process); local ones through one Storage rooted at "/"."""
 
     def __init__(self, source: ListSource):
         self.source = source
-        self._storages: dict[str, Storage] = {}
-        self._lock = threading.Lock()  # the worker reads on a thread pool
+        self._local: Storage | None = None
 
     def storage_of(self, key: str) -> tuple[Storage, str]:
         """(the storage, the path in it) of ``key``; UnsafePathError as :func:`locate`."""
         loc = locate(key, self.source.base)
-        if not is_url(loc) and not self.source.local_entries:
+        root, rel = split_location(loc)
+        if root != "/":
+            family = _FAMILY.get(root.split("://", 1)[0], root.split("://", 1)[0])
+            defaults = StorageSpec(f"{family}://-", self.source.endpoint_url if family == "s3" else None,
+                                   self.source.options.get(family, {}))
+            return open_entry_storage(loc, defaults)
+        if not self.source.local_entries:
             raise StorageError(f"{key}: a local path that workers on other nodes cannot see; list URLs, or "
                                "use --shared-fs if every node mounts it at the same path")
-        with self._lock:
-            return open_entry_storage(loc, self.source.endpoint_url, self.source.storage_options, self._storages)
+        if self._local is None:  # one Storage object: threads that race here make equal ones
+            self._local = StorageSpec("/").open()
+        return self._local, rel
 
     def check_entry(self, key: str) -> str:
         self.storage_of(key)

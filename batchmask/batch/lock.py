@@ -11,7 +11,10 @@ Local outputs: ``fcntl.flock`` on ``<output>/_lock.json`` (the kernel drops it w
 dies, so a crash never leaves a stale lock); the file holds the holder's host, pid and start
 and is emptied, not deleted, on release (deleting a flock'ed file races with the next locker).
 
-S3 outputs: an object ``_lock.json`` with the holder and an expiry ``S3_LOCK_TTL_S`` ahead,
+S3 outputs (and GCS, Azure or any other writable object store, through the same code: each
+backend in :mod:`.backends` reads and writes the object with its version tag, ETag or GCS
+generation, under ``If-None-Match`` / ``If-Match`` or their equivalents): an object
+``_lock.json`` with the holder and an expiry ``S3_LOCK_TTL_S`` ahead,
 renewed every third of that by a thread; an expired lock is taken over, so a crashed holder
 blocks others for at most the TTL. Where the server honours conditional writes (AWS S3, MinIO,
 SeaweedFS >= 3.8x; probed once per acquire with a scratch object), the lock is created with
@@ -44,6 +47,7 @@ import uuid
 from typing import Any
 
 from ..exits import EXIT_LOCK_LOST, EXIT_LOCKED
+from .backends import PreconditionFailed
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,8 @@ def _s3_code(exc: BaseException) -> tuple[str, int]:
 
 
 def _precondition_failed(exc: BaseException) -> bool:
+    if isinstance(exc, PreconditionFailed):
+        return True
     code, status = _s3_code(exc)
     return code == "PreconditionFailed" or status == 412
 
@@ -157,28 +163,13 @@ class OutputLock:
         return None
 
     # ------------------------------------------------------------------ S3 objects
-    def _key(self, rel: str = LOCK_FILE) -> tuple[str, str]:
-        bucket, _, key = self.out.full(rel).partition("/")
-        return bucket, key
-
     def _get_s3(self) -> tuple[dict[str, Any] | None, str | None]:
-        """(record, ETag) of the lock object in one GET; (None, None) when there is none. A record
-        that is not a JSON object counts as free (garbage), with its ETag (to be replaced)."""
-        from fsspec.asyn import sync
-
-        bucket, key = self._key()
-        fs = self.out.fs
-
-        async def get() -> tuple[bytes, str]:
-            r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            async with r["Body"] as body:
-                return await body.read(), r.get("ETag")
-
+        """(record, version tag) of the lock object in one GET; (None, None) when there is none. A
+        record that is not a JSON object counts as free (garbage), with its tag (to be replaced)."""
         with self.out._remote_errors("read", LOCK_FILE):
-            try:
-                data, etag = sync(fs.loop, get)
-            except FileNotFoundError:
-                return None, None
+            data, etag = self.out.backend.get_tagged(self.out.fs, self.out.full(LOCK_FILE))
+        if data is None:
+            return None, None
         try:
             rec = json.loads(data)
         except ValueError:
@@ -193,9 +184,11 @@ class OutputLock:
         return json.dumps(dict(self.info, expires=time.time() + S3_LOCK_TTL_S, seq=self._seq)).encode()
 
     def _put(self, body: bytes, rel: str = LOCK_FILE, **cond: str) -> str | None:
-        bucket, key = self._key(rel)
+        """One write of ``rel``; ``IfNoneMatch="*"`` / ``IfMatch=<tag>`` as in S3, whatever the store."""
         with self.out._remote_errors("write", rel):
-            return self.out.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond).get("ETag")
+            return self.out.backend.put_tagged(self.out.fs, self.out.full(rel), body,
+                                               if_none_match=cond.get("IfNoneMatch") == "*",
+                                               if_match=cond.get("IfMatch"))
 
     def _write_s3(self) -> None:
         """An unconditional write of our record (the settle protocol; tests)."""
@@ -229,7 +222,7 @@ class OutputLock:
     def _try_s3(self) -> dict[str, Any] | None:
         if self._conditional is None:
             self._conditional = self._probe()
-            log.info("S3 lock of %s: %s", self._where(),
+            log.info("%s lock of %s: %s", self.out.backend.name, self._where(),
                      "conditional writes" if self._conditional else f"settle protocol ({S3_LOCK_SETTLE_S:g} s)")
         cur, etag = self._get_s3()
         if cur and cur.get("token") != self.token and float(cur.get("expires", 0)) > time.time():

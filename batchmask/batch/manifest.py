@@ -21,7 +21,7 @@ from typing import IO
 
 from .entries import ListSource, list_base
 from .options import RunError
-from .storage import StorageSpec, is_remote, is_url, redact_urls, strip_userinfo
+from .storage import _FAMILY, StorageSpec, is_remote, is_url, redact_urls, resolve_endpoint, strip_userinfo
 
 FORMATS = (".txt", ".csv", ".parquet")
 DEFAULT_COLUMN = "path"
@@ -49,10 +49,15 @@ class EntryList:
             raise ListError(f"{self.where}: --list-column applies to .csv and .parquet lists, not .txt")
 
     def source(self) -> ListSource:
-        """What workers need to read the entries, with the driver's S3 settings resolved."""
+        """What workers need to read the entries: per scheme family, the options its entries get
+        (the run's ``storage_options`` go to the family of the list's own URL, S3 for a local
+        list, as for an input), with the driver's environment credentials resolved."""
         endpoint, opts = self.spec_args
-        s3 = StorageSpec("s3://x", endpoint, opts).resolved()
-        return ListSource(self.url, list_base(self.url), self.column, s3.endpoint_url, s3.storage_options)
+        mine = self.url.split("://", 1)[0].lower() if is_remote(self.url) else "s3"
+        mine = _FAMILY.get(mine, mine)
+        options = {f: StorageSpec(f"{f}://-", endpoint if f == "s3" else None, opts if f == mine else {})
+                   .resolved().storage_options for f in ("s3", "gs", "az")}
+        return ListSource(self.url, list_base(self.url), self.column, resolve_endpoint(endpoint), options)
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[IO[bytes]]:

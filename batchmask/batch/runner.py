@@ -28,7 +28,7 @@ from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RunCounts, raise_interrupt
-from .entries import check_same_input_kind, entry_key, entry_mask, entry_problem
+from .entries import check_same_input_kind, entry_key, entry_mask, entry_problem, require_store
 from .lock import LockLost, OutputLock
 from .manifest import EntryList
 from .modelcheck import check_model, check_same_model
@@ -143,8 +143,8 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     v = {"batchmask": __version__, "python": platform.python_version()}
-    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "fsspec", "onnxruntime",
-                 "onnxruntime-gpu"):
+    for dist in ("ray", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "s3fs", "gcsfs", "adlfs", "fsspec",
+                 "onnxruntime", "onnxruntime-gpu"):
         with contextlib.suppress(PackageNotFoundError):
             v[dist] = version(dist)
     return v
@@ -291,7 +291,7 @@ class _BatchRun:
     def _pending_listed(self) -> Iterator[tuple[str, str]]:
         """(key, mask path) of each entry of the input list to do, in the list's order; counts the others.
         A key is the entry without credentials (batch/entries.py); its mask path depends on it alone."""
-        c, base, seen, twice = self.counts, self.in_spec.base, SeenKeys(), 0
+        c, base, seen, twice, schemes = self.counts, self.in_spec.base, SeenKeys(), 0, set()
         for raw in self.in_list:
             self.n_images += 1
             c.total += 1
@@ -305,6 +305,7 @@ class _BatchRun:
                 c.rows.append(error_row(key, problem))
                 c.failed += 1
                 continue
+            require_store(key, schemes)  # "install batchmask[gcs]" before any worker meets one
             yield key, "" if self.opts.no_masks else entry_mask(key)
         self.info["input"]["duplicates"] = twice  # counted as skipped
         c.listed_all = True
@@ -537,7 +538,7 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
         batch.in_spec = dataclasses.replace(batch.in_spec, local_entries=False)
     if len(nodes) > 1 and local and not opts.shared_fs:
         raise RunError(f"the Ray cluster has {len(nodes)} nodes but {', '.join(local)} is a local path that "
-                       "workers on other nodes cannot see; use s3:// URLs, or --shared-fs if every node "
+                       "workers on other nodes cannot see; use s3://, gs:// or az:// URLs, or --shared-fs if every node "
                        "mounts it at the same path")
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
     cluster_gpus = sum(float(n["Resources"].get("GPU", 0)) for n in nodes)

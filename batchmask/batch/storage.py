@@ -1,19 +1,23 @@
-"""Local folders and S3-compatible buckets behind one small interface (fsspec / s3fs).
+"""Local folders and object stores (S3, GCS, Azure Blob, read-only HTTP) behind one small
+interface (fsspec; one backend class per store in :mod:`.backends`).
 
-A :class:`Storage` is a root (a local folder or ``s3://bucket/prefix``) plus a filesystem.
-Paths handed to it are *relative* POSIX paths under the root; they are checked so that
-nothing can be read or written outside it (``..``, absolute paths, empty segments).
+A :class:`Storage` is a root (a local folder, ``s3://bucket/prefix``, ``gs://...``, ``az://container/...``,
+``https://host``) plus a filesystem. Paths handed to it are *relative* POSIX paths under the
+root; they are checked so that nothing can be read or written outside it (``..``, absolute paths,
+empty segments; :mod:`.urls`).
 
-Listing streams: :meth:`Storage.iter_files` yields relative paths one at a time, in
-lexicographic (code point) order of the whole relative path, from one directory (local) or
-one 1000-key page (S3) at a time, so a bucket of a million keys is never held in memory.
+Listing streams: :meth:`Storage.iter_files` yields relative paths one at a time, from one
+directory (local, in code point order of the whole relative path) or one page of keys (S3, GCS,
+Azure: the server's order, code point order on AWS, GCS and Azure) at a time, so a bucket of a
+million keys is never held in memory. HTTP(S) URLs are never listed.
 
 Writes are atomic: a local file is written under a temporary name in the same folder and
-renamed; an S3 object is written with a single PUT.
+renamed; an object is written with a single PUT (upload).
 
-The S3 endpoint comes from ``endpoint_url`` or the environment (``AWS_ENDPOINT_URL_S3``,
-then ``AWS_ENDPOINT_URL``); credentials come from the standard AWS variables, profiles or
-``storage_options`` and are never logged.
+Credentials come from each store's standard environment variables, profiles or
+``storage_options`` and are never logged; the S3 endpoint from ``endpoint_url`` or
+``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``; a GCS emulator from ``STORAGE_EMULATOR_HOST``.
+:func:`open_entry_storage` opens the store of one file's URL (lists of entries).
 """
 
 from __future__ import annotations
@@ -21,15 +25,42 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import json
 import logging
 import os
-import re
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from .backends import (  # noqa: F401  (the S3 limits were defined here; kept importable)
+    S3,
+    S3_CONNECT_TIMEOUT_S,
+    S3_MAX_ATTEMPTS,
+    S3_READ_TIMEOUT_S,
+    S3FS_RETRIES,
+    Backend,
+    MissingExtra,
+    backend_for,
+)
+from .urls import (  # noqa: F401  (part of this module's interface)
+    _FAMILY,
+    UnsafePathError,
+    _redact,
+    check_rel,
+    check_url_rel,
+    has_userinfo,
+    is_remote,
+    is_url,
+    public_url,
+    redact_urls,
+    resolve_endpoint,
+    split_entry_url,
+    strip_userinfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,58 +69,10 @@ class StorageError(OSError):
     """A storage location cannot be used (bad URL, unreachable endpoint, missing bucket)."""
 
 
-#: S3 client limits (botocore): seconds to connect, seconds a socket read may stall, attempts per
-#: request; s3fs retries a timed-out request ``S3FS_RETRIES`` times in all. Together they bound a
-#: call to a stalled endpoint to about 2 minutes instead of hanging. ``storage_options``
-#: (``config_kwargs``) may override the botocore values.
-S3_CONNECT_TIMEOUT_S = 5
-S3_READ_TIMEOUT_S = 20
-S3_MAX_ATTEMPTS = 2
-S3FS_RETRIES = 3
-
-
-class UnsafePathError(ValueError):
-    """A relative path that would read or write outside the storage root."""
-
-
 class EntryError(ValueError):
     """One listed entry that cannot be an image, whatever the storage's state: not a regular file
     (a FIFO, a device), over ``--max-bytes``, or a mask name longer than the output allows. The
     run records it as that image's error row and goes on."""
-
-
-#: Longest object key S3 accepts (bytes, UTF-8).
-S3_MAX_KEY = 1024
-
-
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` locations (s3://, gs://, file://, ...); job files use it too."""
-    return _URL_RE.match(path) is not None
-
-
-def is_remote(url: str) -> bool:
-    """A URL other than ``file://``: read and written through fsspec, not the local filesystem."""
-    return is_url(url) and not url.startswith("file://")
-
-
-def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
-    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def check_rel(rel: str) -> str:
-    """Return ``rel`` if it is a safe relative POSIX path, else raise :class:`UnsafePathError`."""
-    # A drive letter ("c:/x.jpg") only means something on Windows; on POSIX and in S3 keys it
-    # is an ordinary name.
-    drive = os.name == "nt" and len(rel) > 1 and rel[1] == ":"
-    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or drive:
-        raise UnsafePathError(f"refusing unsafe path {rel!r} (absolute or malformed)")
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePathError(f"refusing unsafe path {rel!r} (empty, '.' or '..' segment)")
-    return rel
 
 
 @dataclass
@@ -101,120 +84,112 @@ class StorageSpec:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
 
     def __repr__(self) -> str:  # no credentials, no user:password@ in the endpoint
-        return f"StorageSpec(url={strip_userinfo(self.url)!r}, endpoint_url={strip_userinfo(self.endpoint_url)!r})"
+        return f"StorageSpec(url={public_url(self.url)!r}, endpoint_url={public_url(self.endpoint_url)!r})"
 
     def open(self) -> Storage:
         return Storage(self)
 
     def resolved(self) -> StorageSpec:
-        """A copy with the endpoint and the driver's AWS environment credentials filled in.
+        """A copy with the endpoint and the driver's environment credentials filled in.
 
         Ray workers (possibly on other machines) do not share the driver's environment, so the
-        driver captures ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``
-        and the region here, unless ``storage_options`` already name credentials. They travel
-        in the actors' constructor arguments, never in logs, run.json or Ray's runtime_env.
+        driver captures the store's standard variables here (S3: ``AWS_ACCESS_KEY_ID`` /
+        ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the region; Azure:
+        ``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_NAME`` with
+        ``AZURE_STORAGE_ACCOUNT_KEY`` or ``AZURE_STORAGE_SAS_TOKEN``; GCS: ``STORAGE_EMULATOR_HOST``),
+        unless ``storage_options`` already name credentials. They travel in the actors'
+        constructor arguments, never in logs, run.json or Ray's runtime_env. (GCS credentials
+        come from each node's own Application Default Credentials.)
         """
-        if not is_remote(self.url) or not self.url.startswith(("s3://", "s3a://")):
+        if not is_remote(self.url):
             return self
+        scheme = self.url.split("://", 1)[0].lower()
         opts = dict(self.storage_options or {})
-        env = os.environ
-        if not any(k in opts for k in ("key", "secret", "token", "profile", "anon")):
-            if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-                opts["key"], opts["secret"] = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
-                if env.get("AWS_SESSION_TOKEN"):
-                    opts["token"] = env["AWS_SESSION_TOKEN"]
-            elif env.get("AWS_PROFILE"):
-                opts["profile"] = env["AWS_PROFILE"]
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-        if region:
-            ck = dict(opts.get("client_kwargs") or {})
-            ck.setdefault("region_name", region)
-            opts["client_kwargs"] = ck
-        return StorageSpec(self.url, resolve_endpoint(self.endpoint_url), opts)
+        if scheme in ("s3", "s3a"):
+            _resolve_s3(opts)
+            return StorageSpec(self.url, resolve_endpoint(self.endpoint_url), opts)
+        if scheme in ("az", "abfs"):
+            _resolve_azure(opts)
+        elif scheme in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
+            host = os.environ["STORAGE_EMULATOR_HOST"]
+            opts.setdefault("endpoint_url", host if "://" in host else f"http://{host}")
+        return StorageSpec(self.url, self.endpoint_url, opts)
 
     def public(self) -> dict[str, Any]:
         """What may be written to run.json / logs: no credentials."""
-        return {"url": strip_userinfo(self.url), "endpoint_url": strip_userinfo(resolve_endpoint(self.endpoint_url))}
+        return {"url": public_url(self.url), "endpoint_url": public_url(resolve_endpoint(self.endpoint_url))}
 
 
-def redact_urls(text: str) -> str:
-    """``text`` without any ``user:password@`` in the URLs it contains."""
-    return re.sub(r"://[^/\s@]+@", "://", text)
+def _resolve_s3(opts: dict[str, Any]) -> None:
+    env = os.environ
+    if not any(k in opts for k in ("key", "secret", "token", "profile", "anon")):
+        if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+            opts["key"], opts["secret"] = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+            if env.get("AWS_SESSION_TOKEN"):
+                opts["token"] = env["AWS_SESSION_TOKEN"]
+        elif env.get("AWS_PROFILE"):
+            opts["profile"] = env["AWS_PROFILE"]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        ck = dict(opts.get("client_kwargs") or {})
+        ck.setdefault("region_name", region)
+        opts["client_kwargs"] = ck
 
 
-def _redact(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: " + redact_urls(str(exc))
+_AZURE_ENV = {"connection_string": "AZURE_STORAGE_CONNECTION_STRING", "account_name": "AZURE_STORAGE_ACCOUNT_NAME",
+              "account_key": "AZURE_STORAGE_ACCOUNT_KEY", "sas_token": "AZURE_STORAGE_SAS_TOKEN"}
 
 
-def strip_userinfo(url: str | None) -> str | None:
-    """``url`` without a ``user:password@`` part (safe to log or record)."""
-    if not url or "@" not in url or "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("://", 1)[0] + "://<redacted>"
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def has_userinfo(url: str) -> bool:
-    """True for a URL with a ``user:password@`` part (credentials, never to be stored or echoed)."""
-    return is_url(url) and strip_userinfo(url) != url
+def _resolve_azure(opts: dict[str, Any]) -> None:
+    if any(k in opts for k in (*_AZURE_ENV, "credential", "anon", "client_secret")):
+        return
+    for opt, var in _AZURE_ENV.items():
+        if os.environ.get(var):
+            opts[opt] = os.environ[var]
 
 
 class Storage:
     """A root folder or bucket prefix; all paths are relative to it."""
 
-    #: Keys per S3 ListObjectsV2 page (S3's maximum is 1000).
+    #: Keys per listing page (S3's and GCS's maximum is 1000, Azure's 5000).
     page_size = 1000
 
     def __init__(self, spec: StorageSpec):
         self.spec = spec
         url = spec.url
         self.remote = is_remote(url)
-        if self.remote:
-            import fsspec
-
-            proto = url.split("://", 1)[0]
-            opts = dict(spec.storage_options or {})
-            if "@" in urlsplit(url).netloc:  # s3fs would take "KEY:SECRET@bucket" as the bucket name
-                raise StorageError(f"{self._where()}: credentials in the URL are not supported; use "
-                                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
-            if proto in ("s3", "s3a"):
-                cfg = dict(opts.get("config_kwargs") or {})
-                cfg.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
-                cfg.setdefault("read_timeout", S3_READ_TIMEOUT_S)
-                cfg.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
-                opts["config_kwargs"] = cfg
-                endpoint = resolve_endpoint(spec.endpoint_url)
-                if endpoint:
-                    ck = dict(opts.get("client_kwargs") or {})
-                    ck.setdefault("endpoint_url", endpoint)
-                    opts["client_kwargs"] = ck
-                url = "s3://" + url.split("://", 1)[1]
-            try:
-                self.fs, root = fsspec.core.url_to_fs(url, **opts)
-            except Exception as exc:  # unknown protocol, missing s3fs, bad options
-                raise StorageError(f"{self._where()}: cannot open storage ({_redact(exc)})") from exc
-            if hasattr(self.fs, "retries"):
-                self.fs.retries = S3FS_RETRIES
-            self.root = root.rstrip("/")
-            if not self.root:
-                raise StorageError(f"{spec.url}: no bucket in URL")
-        else:
-            self.fs = None
+        self._exclude: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders never listed
+        if not self.remote:
+            self.fs, self.backend = None, None
             path = url[len("file://") :] if url.startswith("file://") else url
             self.root = os.path.abspath(os.path.expanduser(path))
-        self._exclude: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders never listed
+            return
+        scheme = url.split("://", 1)[0].lower()
+        self.backend = backend_for(scheme)
+        if "@" in urlsplit(url).netloc:  # s3fs would take "KEY:SECRET@bucket" as the bucket name
+            raise StorageError(f"{self._where()}: credentials in the URL are not supported; use "
+                               "the store's environment variables, a profile or storage_options")
+        try:
+            self.backend.require(self._where(), scheme)
+            endpoint = resolve_endpoint(spec.endpoint_url) if isinstance(self.backend, S3) else None
+            self.fs, root = self.backend.open_fs(url, dict(spec.storage_options or {}), endpoint)
+        except MissingExtra as exc:
+            raise StorageError(str(exc)) from None
+        except Exception as exc:  # unknown protocol, bad options
+            raise StorageError(f"{self._where()}: cannot open storage ({_redact(exc)})") from exc
+        self.root = root.rstrip("/")
+        if not self.root:
+            raise StorageError(f"{self._where()}: no bucket in URL")
 
     def _where(self) -> str:
-        return strip_userinfo(self.spec.url) or ""
+        return public_url(self.spec.url) or ""
 
     # ------------------------------------------------------------------ paths
     def full(self, rel: str) -> str:
-        check_rel(rel)
+        if self.remote and not self.backend.listable:
+            check_url_rel(rel)
+        else:
+            check_rel(rel)
         return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, *rel.split("/"))
 
     def relative_prefix_of(self, other: Storage) -> str | None:
@@ -233,7 +208,7 @@ class Storage:
     def iter_files(self, prefix: str = "") -> Iterator[str]:
         """Yield relative paths of all files under the root (or ``prefix``), sorted by code point."""
         if self.remote:
-            yield from self._iter_s3(prefix)
+            yield from self._iter_remote(prefix)
         else:
             start = self.root if not prefix else os.path.join(self.root, *prefix.rstrip("/").split("/"))
             if os.path.isdir(start):
@@ -263,6 +238,8 @@ class Storage:
             if not os.path.isdir(self.root):
                 raise StorageError(f"{self._where()}: no such directory")
             return
+        if not self.backend.listable:
+            raise StorageError(f"{self._where()}: cannot list http(s) URLs; use --input-list")
         if "/" not in self.root:
             return
         try:
@@ -272,30 +249,27 @@ class Storage:
         if is_file:
             raise StorageError(f"{self._where()}: is an object, not a prefix; --input must be a folder or prefix")
 
-    def _iter_s3(self, prefix: str) -> Iterator[str]:
+    def _iter_remote(self, prefix: str) -> Iterator[str]:
+        if not self.backend.listable:
+            raise StorageError(f"{self._where()}: cannot list http(s) URLs; use --input-list")
         bucket, _, key_root = self.root.partition("/")
         key_prefix = (key_root + "/" if key_root else "") + prefix
-        token = None
         n0 = len(key_root) + 1 if key_root else 0
+        pages = self.backend.pages(self.fs, bucket, key_prefix, self.page_size)
         while True:
-            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": self.page_size}
-            if token:
-                kwargs["ContinuationToken"] = token
             try:
-                page = self.fs.call_s3("list_objects_v2", **kwargs)
+                page = next(pages, None)
             except FileNotFoundError as exc:
                 raise StorageError(f"{self._where()}: bucket not found") from exc
             except PermissionError as exc:
                 raise StorageError(f"{self._where()}: access denied listing the bucket") from exc
             except Exception as exc:  # endpoint unreachable, bad profile (botocore), ...
                 raise StorageError(f"{self._where()}: cannot list ({_redact(exc)})") from exc
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
+            if page is None:
+                return
+            for key in page:
                 if not key.endswith("/"):
                     yield key[n0:]
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
 
     # ------------------------------------------------------------ read/write
     @contextlib.contextmanager
@@ -303,19 +277,22 @@ class Storage:
         """botocore/aiohttp errors (not OSErrors: endpoint unreachable, timeouts) as StorageError."""
         try:
             yield
+        except (ConnectionError, TimeoutError) as exc:  # retries spent (HTTP), a stalled server
+            raise StorageError(redact_urls(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})")) from exc
         except (OSError, UnsafePathError, EntryError):  # ours: the caller knows what they mean
             raise
         except Exception as exc:
-            raise StorageError(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})") from exc
+            raise StorageError(redact_urls(f"{self._where().rstrip('/')}/{rel}: cannot {what} ({_redact(exc)})")) from exc
 
     def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
         """The file's bytes. With ``max_bytes``: an :class:`EntryError`, before reading, for a file
         over that size or (locally) one that is not a regular file; a FIFO is never waited on."""
         if self.remote:
             with self._remote_errors("read", rel):
-                if max_bytes is not None:  # the object's size first: a HEAD, never the body
-                    _check_size(rel, int(self.fs.info(self.full(rel)).get("size") or 0), max_bytes)
-                data = self.fs.cat_file(self.full(rel))
+                # with max_bytes, the object's size first (a HEAD, or the GET's Content-Length)
+                data, size = self.backend.read(self.fs, self.full(rel), max_bytes)
+            if max_bytes is not None and size is not None:
+                _check_size(rel, size, max_bytes)
         else:
             path = self.full(rel)
             if max_bytes is not None:  # a FIFO or a device is never opened (opening one has effects)
@@ -338,9 +315,10 @@ class Storage:
         system's limit (locally, usually 255 bytes), or a key over S3's 1024 bytes."""
         if self.remote:
             key = f"{self.root.partition('/')[2]}/{rel}".lstrip("/")
-            if len(key.encode()) > S3_MAX_KEY:
-                raise EntryError(f"{rel}: the object key would be {len(key.encode())} bytes, over S3's "
-                                 f"{S3_MAX_KEY}")
+            limit = self.backend.max_key_bytes
+            if limit is not None and len(key.encode()) > limit:
+                raise EntryError(f"{rel}: the object key would be {len(key.encode())} bytes, over "
+                                 f"{self.backend.name}'s {limit}")
             return
         name_max = self._name_max()
         for part in rel.split("/"):
@@ -358,8 +336,9 @@ class Storage:
         return self._name_max_cached
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomic write: temp file + rename locally, a single PUT on S3."""
+        """Atomic write: temp file + rename locally, a single PUT (upload) to an object store."""
         if self.remote:
+            self._check_writable()
             with self._remote_errors("write", rel):
                 self.fs.pipe_file(self.full(rel), data)
             return
@@ -377,6 +356,10 @@ class Storage:
                 os.unlink(tmp)
             raise
 
+    def _check_writable(self) -> None:
+        if not self.backend.writable:
+            raise StorageError(f"{self._where()}: http(s) URLs are read-only (inputs only)")
+
     def exists(self, rel: str) -> bool:
         if self.remote:
             with self._remote_errors("check", rel):
@@ -386,22 +369,24 @@ class Storage:
     def delete(self, rel: str) -> None:
         with contextlib.suppress(OSError):
             if self.remote:
+                self._check_writable()
                 with self._remote_errors("delete", rel):
                     self.fs.rm_file(self.full(rel))
             else:
                 os.unlink(self.full(rel))
 
     def ensure_root(self) -> None:
-        """Create the local output folder; on S3 check that the bucket is reachable."""
+        """Create the local output folder; in an object store, check that the bucket is reachable."""
         if not self.remote:
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as exc:
                 raise StorageError(f"{self._where()}: cannot create ({exc.strerror or exc})") from exc
             return
+        self._check_writable()
         bucket = self.root.split("/", 1)[0]
         try:
-            self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+            self.backend.ping(self.fs, bucket)
         except FileNotFoundError as exc:
             raise StorageError(f"{self._where()}: bucket {bucket!r} not found") from exc
         except PermissionError as exc:
@@ -478,3 +463,33 @@ def matches(rel: str, extensions: tuple[str, ...], glob: str | None) -> bool:
         return True
     pat = glob.lower()
     return fnmatch.fnmatchcase(low, pat) or fnmatch.fnmatchcase(low.rsplit("/", 1)[-1], pat)
+
+
+_entry_stores: dict[tuple[str, ...], Storage] = {}
+_entry_lock = threading.Lock()
+
+
+def open_entry_storage(url: str, defaults: StorageSpec | None = None) -> tuple[Storage, str]:
+    """The :class:`Storage` of one file's bucket (or web server) and the file's path in it.
+
+    ``defaults`` carries the run's ``endpoint_url`` and ``storage_options``: they are given to
+    entries of the scheme family of ``defaults.url`` (S3 when that is local or empty; the endpoint
+    only ever to S3), other schemes get their standard environment. One :class:`Storage` (one
+    filesystem, its connection pool) serves every entry of the same bucket or host, per process.
+    Raises :class:`UnsafePathError` for a path that escapes its root, :class:`StorageError` when
+    the store cannot be opened (a missing extra, bad options).
+    """
+    root, rel = split_entry_url(url)
+    family = _FAMILY.get(root.split("://", 1)[0].lower(), root.split("://", 1)[0].lower())
+    endpoint, opts = None, {}
+    if defaults is not None:
+        d_scheme = defaults.url.split("://", 1)[0].lower() if is_remote(defaults.url) else "s3"
+        if _FAMILY.get(d_scheme, d_scheme) == family:
+            opts = dict(defaults.storage_options or {})
+            endpoint = defaults.endpoint_url if family == "s3" else None
+    key = (family, root, endpoint or "", json.dumps(opts, sort_keys=True, default=repr))
+    with _entry_lock:
+        store = _entry_stores.get(key)
+        if store is None:
+            store = _entry_stores[key] = StorageSpec(root, endpoint, opts).resolved().open()
+    return store, rel

@@ -14,14 +14,14 @@ log = logging.getLogger(__name__)
 
 
 @click.command("run")
-@click.option("-i", "--input", "input_", default=None, metavar="PATH|s3://BUCKET/PREFIX",
-              help="Folder or bucket prefix; all images below it (recursively) are processed.")
+@click.option("-i", "--input", "input_", default=None, metavar="PATH|URL",
+              help="Folder or bucket prefix (s3://, gs://, az://); all images below it (recursively) are processed.")
 @click.option("--input-list", default=None, metavar="LIST",
               help="Instead of --input: a .txt (one entry per line), .csv or .parquet file (local or URL) "
                    "listing the images, as local paths or URLs (s3://, gs://, az://, http(s)://).")
 @click.option("--list-column", default=None, metavar="NAME",
               help="The column of --input-list's entries in a .csv or .parquet list [default: path].")
-@click.option("-o", "--output", required=True, metavar="PATH|s3://BUCKET/PREFIX",
+@click.option("-o", "--output", required=True, metavar="PATH|URL",
               help="Where masks/, coverage.csv, results.parquet and run.json go. Rerunning with the same output resumes.")
 @click.option("-m", "--model", default=None, metavar="DIR", help="Model directory (default: the packaged model).")
 @click.option("-w", "--workers", default=RunOptions.workers, show_default=True, type=click.IntRange(min=1),

@@ -281,7 +281,8 @@ def _value_problems(ok: dict[str, Any], path: Path) -> list[str]:
                 "in job files (use the environment or `profile`)"
             )
     if "input" in ok and "output" in ok:  # only judged when both locations are known (a list's entries may be URLs)
-        remote = [k for k in ("input", "output") if is_remote(ok[k])]
+        # the S3 endpoint and profile: gs:// and az:// take their settings from their own variables
+        remote = [k for k in ("input", "output") if is_remote(ok[k]) and ok[k].lower().startswith(("s3://", "s3a://"))]
         for key in ("endpoint_url", "profile"):
             if key in ok and not remote:
                 problems.append(f"field '{key}' = {_shown(ok[key])}: only used with s3:// input or output")
