@@ -1,7 +1,8 @@
-"""``--input-list`` with S3: a Parquet list in a bucket naming objects of two buckets (same base
+"""``--input-list`` with object stores: a Parquet list in a bucket naming objects of two buckets (same base
 name), a key relative to the list's prefix, local files and a missing object; then the list grown
 by two, done by Ray actors (the list's source pickled to them) from the CLI with credentials from
-the environment. Slow: the SeaweedFS server and a local Ray."""
+the environment; and a list mixing every store (S3, GCS, Azure, HTTP emulators) grown by five.
+Slow: the servers and a local Ray."""
 
 from __future__ import annotations
 
@@ -78,3 +79,57 @@ def test_parquet_list_on_s3_mixing_buckets_and_local_files_then_grown(s3_server,
     odd = got[f"{imgs}/h %~é.jpg"]["mask"]
     assert odd.endswith("/h %25%7Eé.jpg.png") and fs.exists(f"{b1}/out/{odd}")  # "%" and "~" escaped
     assert s3_server.secret not in fs.cat_file(f"{b1}/out/run.json").decode()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    return gcs_server
+
+
+@pytest.fixture
+def az(azurite, monkeypatch):
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    return azurite
+
+
+def test_a_parquet_list_of_every_store_then_grown_by_five(s3_server, gcs, az, http_server, tiny_model_dir, tmp_path):
+    """A local Parquet list mixing local files, s3://, gs://, az:// and http:// entries (the
+    emulators); then the same list grown by five, done by a Ray actor: only those five are done."""
+    from stores import AZ_KEY
+
+    s3b, gsb, azc = s3_server.new_bucket("ms"), gcs.new_bucket("mg"), az.new_container("ma")
+    s3fs_, gcsfs_, azfs = s3_server.fs(), gcs.fs(), az.fs()
+    imgs = images(tmp_path / "imgs", [f"l{i}.jpg" for i in range(3)])
+    entries = []
+    for i in range(3):
+        s3fs_.pipe_file(f"{s3b}/p/{i}.jpg", _jpeg((20 + i, 16), (200, 30, 30)))
+        gcsfs_.pipe_file(f"{gsb}/p/{i}.jpg", _jpeg((24 + i, 16), (30, 200, 30)))
+        azfs.pipe_file(f"{azc}/p/{i}.jpg", _jpeg((28 + i, 16), (30, 30, 200)))
+        (http_server.root / "m").mkdir(exist_ok=True)
+        (http_server.root / "m" / f"{i}.jpg").write_bytes(_jpeg((32 + i, 16), (90, 90, 90)))
+        entries += [f"{imgs}/l{i}.jpg", f"s3://{s3b}/p/{i}.jpg", f"gs://{gsb}/p/{i}.jpg", f"az://{azc}/p/{i}.jpg",
+                    f"{http_server.url}/m/{i}.jpg"]
+    first, later = entries[:10], entries[10:]  # two of each kind, then one of each
+    lst = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": first}), lst)
+    out = tmp_path / "out"
+    kw = {"endpoint_url": s3_server.endpoint_url, "storage_options": s3_server.storage_options, "quiet": True}
+    s = run(None, str(out), str(tiny_model_dir), input_list=str(lst), **kw)
+    assert (s.total, s.ok, s.failed) == (10, 10, 0)
+
+    pq.write_table(pa.table({"path": first + later}), lst)
+    s = run(None, str(out), str(tiny_model_dir), input_list=str(lst), in_process_max=0, workers=1, **kw)
+    assert (s.total, s.ok, s.failed, s.skipped) == (15, 5, 0, 10)
+    with open(out / "coverage.csv", newline="") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(entries) and all(r["status"] == "ok" for r in rows.values())
+    widths = {e: int(rows[e]["width"]) for e in entries}
+    assert [widths[f"s3://{s3b}/p/{i}.jpg"] for i in range(3)] == [20, 21, 22]
+    assert [widths[f"gs://{gsb}/p/{i}.jpg"] for i in range(3)] == [24, 25, 26]
+    assert [widths[f"az://{azc}/p/{i}.jpg"] for i in range(3)] == [28, 29, 30]
+    assert [widths[f"{http_server.url}/m/{i}.jpg"] for i in range(3)] == [32, 33, 34]
+    assert {rows[e]["mask"].split("/")[1] for e in entries} == {"local", "s3", "gs", "az", "http"}
+    assert all((out / r["mask"]).is_file() for r in rows.values())
+    written = (out / "run.json").read_text() + (out / "coverage.csv").read_text()
+    assert AZ_KEY not in written and s3_server.secret not in written
