@@ -369,3 +369,43 @@ def test_an_entry_whose_store_is_not_installed_stops_the_run_with_the_pip_line(t
     require_store("/data/a.jpg", checked)
     with pytest.raises(RunError, match=r"^gs://b/a.jpg: install batchmask\[gcs\]"):
         require_store("gs://b/a.jpg", checked)
+
+
+def test_signed_urls_are_read_with_their_signature_which_is_never_stored(tmp_path, tiny_model_dir):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Signed(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            if "X-Amz-Signature=s3cr3t" not in self.path and "sig=s3cr3t" not in self.path:
+                self.send_error(403, "no signature")
+                return
+            self.path = self.path.split("?", 1)[0]
+            super().do_GET()
+
+    images(tmp_path / "www", ["a.jpg"])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Signed, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        lst = tmp_path / "l.txt"
+        lst.write_text(f"{url}/a.jpg?X-Amz-Date=1&X-Amz-Signature=s3cr3t\n{url}/gone.jpg?sv=1&sig=s3cr3t\n")
+        s = run(None, str(tmp_path / "out"), str(tiny_model_dir), input_list=str(lst), quiet=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (s.total, s.ok, s.failed) == (2, 1, 1)
+    assert any("X-Amz-Signature=s3cr3t" in p for p in asked)  # read with it
+    got = rows(tmp_path / "out")
+    assert set(got) == {f"{url}/a.jpg?X-Amz-Date=1&X-Amz-Signature=<redacted>", f"{url}/gone.jpg?sv=1&sig=<redacted>"}
+    assert "cannot read" in got[f"{url}/gone.jpg?sv=1&sig=<redacted>"]["error"]
+    for name in ("coverage.csv", "run.json"):
+        assert "s3cr3t" not in (tmp_path / "out" / name).read_text()
+    assert b"s3cr3t" not in (tmp_path / "out" / "results.parquet").read_bytes()

@@ -38,7 +38,6 @@ from .storage import (
     public_url,
     redact_urls,
     split_entry_url,
-    strip_userinfo,
 )
 
 #: URL schemes an entry may use (exactly as written: lowercase): the stores with a backend, and file://.
@@ -126,8 +125,9 @@ def entry_overlay(key: str) -> str:
 
 
 def entry_key(raw: str) -> str:
-    """The image column's value for an entry: as written, without ``user:password@``."""
-    return strip_userinfo(raw) or raw
+    """The image column's value for an entry: as written, without ``user:password@`` and without
+    the secrets URLs carry (a presigned URL's ``X-Amz-Signature=``, a SAS ``sig=``: ``<redacted>``)."""
+    return (public_url(raw) or raw) if is_url(raw) else raw
 
 
 def list_base(list_url: str) -> str:

@@ -288,9 +288,10 @@ class _BatchRun:
             yield rel, mask
         c.listed_all = True
 
-    def _pending_listed(self) -> Iterator[tuple[str, str]]:
+    def _pending_listed(self) -> Iterator[tuple[str, ...]]:
         """(key, mask path) of each entry of the input list to do, in the list's order; counts the others.
-        A key is the entry without credentials (batch/entries.py); its mask path depends on it alone."""
+        A key is the entry without credentials (batch/entries.py); its mask path depends on it alone.
+        An entry whose key is not what it says (a signed URL) comes as (key, mask path, entry)."""
         c, base, seen, twice, schemes = self.counts, self.in_spec.base, SeenKeys(), 0, set()
         for raw in self.in_list:
             self.n_images += 1
@@ -306,7 +307,8 @@ class _BatchRun:
                 c.failed += 1
                 continue
             require_store(key, schemes)  # "install batchmask[gcs]" before any worker meets one
-            yield key, "" if self.opts.no_masks else entry_mask(key)
+            mask = "" if self.opts.no_masks else entry_mask(key)
+            yield (key, mask) if key == raw else (key, mask, raw)  # the worker reads the URL with its secret
         self.info["input"]["duplicates"] = twice  # counted as skipped
         c.listed_all = True
 

@@ -26,7 +26,7 @@ from ..inference.pixels import decode_for_model, encode_overlay, encode_png, mea
 from .entries import ListSource
 from .options import RunOptions
 from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
-from .storage import EntryError, StorageSpec, UnsafePathError, check_rel
+from .storage import EntryError, StorageSpec, UnsafePathError, check_rel, redact_urls
 from .tablerow import table_fields
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
@@ -201,18 +201,20 @@ class MaskWorker:
     def _overlay_rel(self, rel: str) -> str:
         return getattr(self.inp, "overlay_rel", overlay_rel)(rel)
 
-    def _load(self, rel: str, mask: str) -> Decoded:
+    def _load(self, rel: str, mask: str, src: str | None = None) -> Decoded:
+        """``src``: where to read ``rel`` when it is not ``rel`` itself (a listed URL whose secret,
+        a signature, is kept out of the image column and out of error rows)."""
         d = Decoded(rel, mask)
         try:
             # a list run's input (EntryReader) reads each entry from its own storage, by its key
-            getattr(self.inp, "check_entry", check_rel)(rel)
+            getattr(self.inp, "check_entry", check_rel)(src or rel)
             if mask:  # "": --no-masks
                 check_rel(mask)
                 self.out.check_name(mask)
             if self.opts.overlays:
                 self.out.check_name(self._overlay_rel(rel))
             self.hooks.image(rel)
-            data = self.inp.read_bytes(rel, self.opts.max_bytes)
+            data = self.inp.read_bytes(src or rel, self.opts.max_bytes)
             if self.opts.overlays:
                 d.data = data
             d.x, d.width, d.height = decode_for_model(
@@ -230,6 +232,8 @@ class MaskWorker:
         # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors, and bugs: a
         # ValueError from our own code) fails the shard, and then the run, instead of recording
         # every image as a permanent error row.
+        if src is not None and d.error:
+            d.error = redact_urls(d.error.replace(src, rel))
         return d
 
     def _finish(self, d: Decoded, prob: np.ndarray) -> dict:
@@ -255,7 +259,7 @@ class MaskWorker:
     def process(self, shard: int, items: list[tuple[str, str]]) -> dict:
         t0 = time.time()
         self.hooks.shard(shard)
-        loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
+        loads = [self.pool.submit(self._load, *item) for item in items]
         rows: list[dict] = []
         writes = []
         bs = max(1, self.opts.batch_size)
