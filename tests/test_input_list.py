@@ -98,9 +98,13 @@ def test_csv_and_parquet_lists_with_a_named_column_and_duplicates(tmp_path, tiny
     pql = tmp_path / "l.parquet"
     pq.write_table(pa.table({"path": [f"{imgs}/a.jpg", None, f"{imgs}/sub/a.jpg", f"{imgs}/a.jpg"]}), pql)
     out2 = tmp_path / "out2"
-    s = run(None, str(out2), str(tiny_model_dir), input_list=str(pql), quiet=True)
+    s = run(None, str(out2), str(tiny_model_dir), input_list=str(pql), no_masks=True, quiet=True)
     assert (s.total, s.ok, s.skipped) == (3, 2, 1)
-    assert set(rows(out2)) == {f"{imgs}/a.jpg", f"{imgs}/sub/a.jpg"}
+    got = rows(out2)
+    assert set(got) == {f"{imgs}/a.jpg", f"{imgs}/sub/a.jpg"} and {r["mask"] for r in got.values()} == {""}
+    assert not (out2 / "masks").exists()
+    s = run(None, str(out2), str(tiny_model_dir), input_list=str(pql), quiet=True)  # now with masks: redone
+    assert (s.ok, s.skipped) == (2, 1) and (out2 / rows(out2)[f"{imgs}/a.jpg"]["mask"]).is_file()
 
 
 @pytest.mark.parametrize("name,content,column,expected", [
