@@ -61,9 +61,9 @@ def test_shipped_examples_validate_with_the_cli():
     jobs, errors = load_jobs([JOBS])
     assert not errors
     assert len(jobs) >= 2
-    local = [j for j in jobs if not j.input.startswith("s3://")]
-    remote = [j for j in jobs if j.input.startswith("s3://") and j.output.startswith("s3://")]
-    assert local and remote
+    local = [j for j in jobs if not j.input_where.startswith("s3://")]
+    remote = [j for j in jobs if j.input_where.startswith("s3://") and j.output.startswith("s3://")]
+    assert local and remote and any(j.input_list for j in remote)
     # the local example points at the demo images, relative to the job file
     demo = next(j for j in local if j.name == "demo-wider")
     assert demo.input == str(REPO / "demo" / "wider" / "images")

@@ -111,8 +111,8 @@ def test_repo_jobs_render_to_valid_kubernetes(tmp_path):
     exe = shutil.which("kubernetes-validate", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     need(exe, "kubernetes-validate is not installed (pip install kubernetes-validate)")
     text, docs = render(str(REPO / "jobs"))
-    assert set(docs) == {"batchmask-demo-wider", "batchmask-nightly-uploads"}
+    assert set(docs) == {"batchmask-demo-wider", "batchmask-nightly-uploads", "batchmask-nightly-export"}
     (tmp_path / "cronjobs.yaml").write_text(text)
     r = subprocess.run([exe, "--strict", str(tmp_path / "cronjobs.yaml")], capture_output=True, text=True)
     print(text, r.stdout, r.stderr, sep="\n")
-    assert r.returncode == 0 and r.stdout.count("INFO") == 2 and "ERROR" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.count("INFO") == 3 and "ERROR" not in r.stdout + r.stderr, r.stdout + r.stderr

@@ -98,7 +98,8 @@ def test_job_fields_are_run_options():
 
     assert set(JOB_FIELDS) <= set(_FIELDS)
     assert set(JOB_FIELDS) == {"model", "workers", "batch_size", "endpoint_url", "threshold", "glob", "overlays",
-                               "max_bytes", "runtime", "precision", "gpus_per_worker", "no_masks"}
+                               "max_bytes", "runtime", "precision", "gpus_per_worker", "no_masks", "input_list",
+                               "list_column"}
     job = parse_job({"name": "n", "schedule": "0 2 * * *", "input": "s3://b/in", "output": "s3://b/out",
                      "workers": 3, "gpus_per_worker": 1, "profile": "p"})
     assert isinstance(job.run, RunOptions) and job.run.workers == job.workers == 3

@@ -67,3 +67,28 @@ def test_local_paths_on_multi_node_cluster_fail_early(two_nodes, demo_wider, tin
     with pytest.raises(RunError, match="--shared-fs"):
         run(str(demo_wider / "images"), str(tmp_path / "out"), str(tiny_model_dir), quiet=True)
     assert not (tmp_path / "out" / "masks").exists()
+
+
+def test_a_list_run_on_two_nodes_reads_urls_and_refuses_local_entries(s3_server, two_nodes, demo_wider,
+                                                                      tiny_model_dir, tmp_path):
+    """--input-list on a 2-node cluster: S3 entries are read by actors on both nodes; a local entry
+    (which the other node cannot see) fails the run instead of becoming an error row."""
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket("lst2")
+    files = sorted((demo_wider / "images").rglob("*.jpg"))[:4]
+    for f in files:
+        fs.put_file(str(f), f"{bucket}/in/{f.name}")
+    urls = [f"s3://{bucket}/in/{f.name}" for f in files]
+    fs.pipe_file(f"{bucket}/l.txt", "\n".join(urls).encode())
+    kw = {"endpoint_url": s3_server.endpoint_url, "storage_options": s3_server.storage_options, "quiet": True,
+          "workers": 2, "shard_size": 1, "in_process_max": 0}
+    s = run(None, f"s3://{bucket}/out/", str(tiny_model_dir), input_list=f"s3://{bucket}/l.txt", **kw)
+    assert (s.total, s.ok) == (4, 4)
+    assert len(set(s.run_json["nodes_used"])) == 2
+
+    fs.pipe_file(f"{bucket}/l.txt", "\n".join([*urls, str(files[0])]).encode())
+    with pytest.raises(RunError, match="--shared-fs"):
+        run(None, f"s3://{bucket}/out/", str(tiny_model_dir), input_list=f"s3://{bucket}/l.txt", **kw)
+    fs.invalidate_cache()
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{bucket}/out/coverage.csv").decode())))
+    assert str(files[0]) not in {r["image"] for r in rows}  # no error row: the next run (with --shared-fs) does it

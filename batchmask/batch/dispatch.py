@@ -389,7 +389,9 @@ class Dispatcher:
             self.counts.retried_shards += 1
             self.retry.extend((self._new_id(), [item], MAX_SHARD_ATTEMPTS) for item in task.items)
         elif action is Action.PROBE:  # the image, or the machine? (batchmask.batch.probe)
-            self.probes[self.pool.probe(task.items[0][0])] = _Probe(task.sid, task.items, last_line(exc, 120))
+            item = task.items[0]  # (image, mask) or, for a listed URL with a secret, (image, mask, URL)
+            self.probes[self.pool.probe(item[2] if len(item) > 2 else item[0])] = _Probe(task.sid, task.items,
+                                                                                      last_line(exc, 120))
         elif action is Action.LEAVE:
             self.leave(task.items, f"the machine failed ({last_line(exc, 120)})")
         else:  # an exception, e.g. storage unreachable or access denied
@@ -414,7 +416,7 @@ class Dispatcher:
 
     def leave(self, items: list, why: str) -> None:
         """No row for these images: the next run does them (the run fails at its end, saying so)."""
-        for rel, _ in items:
+        for rel, *_ in items:
             log.warning("left for the next run: %s: %s", rel, why)
             self.left.append(rel)
         self.counts.left += len(items)
@@ -422,7 +424,7 @@ class Dispatcher:
 
     def fail_images(self, sid: int, items: list, reason: str) -> None:
         """The images of a (one-image) shard that crashes its decoder become error rows (driver-side part)."""
-        rows = [error_row(rel, reason) for rel, _ in items]
+        rows = [error_row(rel, reason) for rel, *_ in items]
         self.info.setdefault("failed_shards", []).append(sid)
         self.counts.failed += len(rows)
         self.counts.rows.extend(rows)

@@ -85,6 +85,11 @@ class RunOptions:
     #: No PNG masks: results.parquet (mask_rle) and coverage.csv only.
     no_masks: bool = _opt(False, recorded=True, job=(bool,))
     # Not in run.json's options (where the model and storage are recorded otherwise, or not at all).
+    #: A .txt, .csv or .parquet list of images to do (local paths or URLs) instead of run()'s input;
+    #: recorded as run.json's "input".
+    input_list: str | None = _opt(None, job=(str,))
+    #: The list's column of entries (.csv, .parquet; None: "path").
+    list_column: str | None = _opt(None, job=(str,))
     #: Model directory (None: the packaged model).
     model: str | None = _opt(None, job=(str,))
     #: S3 endpoint.
@@ -131,6 +136,12 @@ class RunOptions:
         check("in_process_max", lambda v: v >= 0, "must be 0 or more")
         check("runtime", lambda v: v in RUNTIMES, "must be auto, keras or onnx")
         check("precision", lambda v: v in PRECISIONS, "must be auto, fp32 or int8")
+        check("input_list", lambda v: bool(v.strip()), "must not be empty")
+        check("list_column", lambda v: bool(v.strip()), "must not be empty")
+        if values.get("list_column") is not None and not values.get("input_list"):
+            out.append(("list_column", "is the column of --input-list's entries; give --input-list too"))
+        if values.get("input_list") is not None and values.get("glob") is not None:
+            out.append(("glob", "filters a folder's listing; with --input-list, filter the list instead"))
         return out
 
     def recorded(self) -> dict[str, Any]:

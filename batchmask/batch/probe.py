@@ -27,6 +27,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .entries import ListSource
 from .storage import StorageSpec
 
 #: Signals a process gets from its own failing code: a death by one of these is a crash.
@@ -48,12 +49,12 @@ def verdict_of(returncode: int, stderr: str = "") -> dict:
     return {"crashed": False, "how": f"exit code {returncode}" + (f": {last}" if last else "")}
 
 
-def probe_image(spec: StorageSpec, rel: str, settings: dict, timeout: float = PROBE_TIMEOUT_S) -> dict:
+def probe_image(spec: StorageSpec | ListSource, rel: str, settings: dict, timeout: float = PROBE_TIMEOUT_S) -> dict:
     """Read and decode ``rel`` alone in a child process; a :func:`verdict_of` its end.
 
     ``settings``: ``max_bytes``, ``max_pixels``, ``image_size``, ``draft`` (as the worker has them).
     """
-    request = json.dumps({"spec": asdict(spec), "rel": rel, **settings}).encode()
+    request = json.dumps({"spec": asdict(spec), "list": isinstance(spec, ListSource), "rel": rel, **settings}).encode()
     try:
         p = subprocess.run([sys.executable, "-m", "batchmask.batch.probe"], input=request, capture_output=True,
                            timeout=timeout)
@@ -78,7 +79,7 @@ def _child() -> None:
     set_pixel_limit(req["max_pixels"])
     try:
         hooks_from_env().image(rel)
-        data = StorageSpec(**req["spec"]).open().read_bytes(rel, req["max_bytes"])
+        data = (ListSource if req.get("list") else StorageSpec)(**req["spec"]).open().read_bytes(rel, req["max_bytes"])
         decode_for_model(data, req["image_size"], req["max_pixels"], rel, req["draft"])
     except IMAGE_ERRORS:  # a bad image, but one the worker survives: its death was not this
         pass

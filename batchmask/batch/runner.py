@@ -28,7 +28,9 @@ from ..exits import EXIT_FAILED, EXIT_IMAGES_FAILED, EXIT_OK
 from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import Dispatcher, RunCounts, raise_interrupt
+from .entries import check_same_input_kind, entry_key, entry_mask, entry_problem, require_store
 from .lock import LockLost, OutputLock
+from .manifest import EntryList
 from .modelcheck import check_model, check_same_model
 from .options import RunError, RunOptions
 from .outputs import (
@@ -59,6 +61,7 @@ from .policy import INFLIGHT_PER_ACTOR
 from .probe import probe_image
 from .quiet import ray_output_hidden
 from .raypool import RayPool
+from .seen import SeenKeys
 from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .testhooks import TEST_HOOKS
 from .worker import MaskWorker, WorkerOptions
@@ -157,8 +160,12 @@ def _as_options(options: RunOptions | str | os.PathLike | None, kwargs: dict) ->
     return RunOptions(**kwargs)
 
 
-def run(input: str, output: str, options: RunOptions | str | os.PathLike | None = None, **kwargs) -> RunSummary:
+def run(input: str | None, output: str, options: RunOptions | str | os.PathLike | None = None,
+        **kwargs) -> RunSummary:
     """Predict masks for every image under ``input``; write masks, coverage.csv and run.json to ``output``.
+
+    ``input`` None and the option ``input_list`` (a .txt, .csv or .parquet file of local paths and
+    URLs, :mod:`batchmask.batch.manifest`): the images listed there instead.
 
     ``options``: a :class:`~batchmask.batch.options.RunOptions`; or, for convenience, the model
     directory, with any other option as a keyword (``run(inp, out, "models/m", workers=4)``);
@@ -177,6 +184,9 @@ def run(input: str, output: str, options: RunOptions | str | os.PathLike | None 
     ``in_process_max`` images to do are processed in this process, without Ray (0: always Ray).
     """
     opts = _as_options(options, kwargs)
+    if bool(input) == bool(opts.input_list):
+        raise RunError("--input and --input-list are mutually exclusive" if input else
+                       "give an input: --input (a folder or prefix) or --input-list (a list of images)")
     from ..inference.backends import RuntimeUnavailableError, check_runtime
 
     try:
@@ -190,28 +200,36 @@ def run(input: str, output: str, options: RunOptions | str | os.PathLike | None 
 class _BatchRun:
     """One ``run()``: the refusals, the lock and the resume state when built; :meth:`execute` does the rest."""
 
-    def __init__(self, input: str, output: str, opts: RunOptions):
+    def __init__(self, input: str | None, output: str, opts: RunOptions):
         self.opts, self.output = opts, output
         self.t0 = time.time()
         started = _now()
         self.run_id = (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.t0))
                        + f"{int(self.t0 * 1e6) % 1_000_000:06d}-{uuid.uuid4().hex[:6]}")
-        self.in_spec = StorageSpec(input, opts.endpoint_url, dict(opts.storage_options or {})).resolved()
         self.out_spec = StorageSpec(output, opts.endpoint_url, dict(opts.storage_options or {})).resolved()
-        self.inp, self.out = self.in_spec.open(), self.out_spec.open()
+        self.out = self.out_spec.open()
         # Refusals first: nothing is written to --output before these checks.
-        self.skip_prefix = self.inp.relative_prefix_of(self.out)
-        if self.skip_prefix == "":
-            raise RunError("--output must not be the same location as --input")
-        self.inp.check_input()
+        self.in_list = None if input else EntryList(opts.input_list, opts.list_column, opts.endpoint_url,
+                                                    opts.storage_options)
+        if self.in_list is not None:
+            self.in_spec, self.inp, self.skip_prefix = self.in_list.source(), None, None
+            self.in_list.check()  # opens the list and reads its header or schema
+        else:
+            self.in_spec = StorageSpec(input, opts.endpoint_url, dict(opts.storage_options or {})).resolved()
+            self.inp = self.in_spec.open()
+            self.skip_prefix = self.inp.relative_prefix_of(self.out)
+            if self.skip_prefix == "":
+                raise RunError("--output must not be the same location as --input")
+            self.inp.check_input()
         self.model_dir = resolve_model_dir(opts.model)
         check_model(self.model_dir)  # a corrupt or mismatched model: one line, before anything is written
         self.out.ensure_root()
-        if not self.inp.remote and not self.out.remote:
+        if self.inp is not None and not self.inp.remote and not self.out.remote:
             self.inp.exclude_dir(self.out.root)  # the output, also where a symlink inside the input leads to it
         self.lock = OutputLock(self.out).acquire(wait=opts.wait, wait_timeout=opts.wait_timeout)
         try:
             self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
+            check_same_input_kind(self.out, self.in_list is not None)
             merge_parts(self.out)  # leftovers of an interrupted run first
             records = read_records(self.out, opts.retry_errors, masks=not opts.no_masks)
             self.done: Container[str] = set() if opts.overwrite else records
@@ -240,6 +258,9 @@ class _BatchRun:
 
     def _pending(self) -> Iterator[tuple[str, str]]:
         """(relative path, mask path) of each image to do, in listing order; counts the others."""
+        if self.in_list is not None:
+            yield from self._pending_listed()
+            return
         c = self.counts
         for rel in self.inp.iter_files():
             if self.skip_prefix and rel.startswith(self.skip_prefix):
@@ -264,6 +285,30 @@ class _BatchRun:
                 c.skipped += 1
                 continue
             yield rel, mask
+        c.listed_all = True
+
+    def _pending_listed(self) -> Iterator[tuple[str, ...]]:
+        """(key, mask path) of each entry of the input list to do, in the list's order; counts the others.
+        A key is the entry without credentials (batch/entries.py); its mask path depends on it alone.
+        An entry whose key is not what it says (a signed URL) comes as (key, mask path, entry)."""
+        c, base, seen, twice, schemes = self.counts, self.in_spec.base, SeenKeys(), 0, set()
+        for raw in self.in_list:
+            self.n_images += 1
+            c.total += 1
+            key = entry_key(raw)
+            if key in self.done or not seen.add(key):  # done before, or listed twice (done once)
+                twice += key not in self.done
+                c.skipped += 1
+                continue
+            problem = entry_problem(raw, base)
+            if problem is not None:
+                c.rows.append(error_row(key, problem))
+                c.failed += 1
+                continue
+            require_store(key, schemes)  # "install batchmask[gcs]" before any worker meets one
+            mask = "" if self.opts.no_masks else entry_mask(key)
+            yield (key, mask) if key == raw else (key, mask, raw)  # the worker reads the URL with its secret
+        self.info["input"]["duplicates"] = twice  # counted as skipped
         c.listed_all = True
 
     def execute(self) -> RunSummary:
@@ -313,9 +358,15 @@ class _BatchRun:
     def _warn_if_empty(self) -> None:
         """Nothing to do: normal for an incremental run (all done), but a listing without images, or
         a --glob that matched none of them, usually means a wrong path, prefix or pattern."""
-        where = self.in_spec.public()["url"]
         if not self.counts.listed_all:
             return
+        if self.in_list is not None:
+            if self.n_images == 0:
+                log.warning("the input list %s has no entries", self.in_list.where)
+            else:
+                log.info("nothing new: all %d listed images are done", self.counts.total)
+            return
+        where = self.in_spec.public()["url"]
         if self.n_images == 0:
             log.warning("no images found under %s (extensions %s); is the path or prefix right?", where,
                         " ".join(RUN_EXTENSIONS))
@@ -482,7 +533,10 @@ def _start_actors(batch: _BatchRun, files: dict[str, bytes], wopts: WorkerOption
 
     opts, info = batch.opts, batch.info
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    local = [s.spec.url for s in (batch.inp, batch.out) if not s.remote]
+    local = [s.spec.url for s in (batch.inp, batch.out) if s is not None and not s.remote]
+    if len(nodes) > 1 and batch.in_list is not None and not opts.shared_fs:
+        # which entries are local shows only as they are read: a worker given one fails the run
+        batch.in_spec = dataclasses.replace(batch.in_spec, local_entries=False)
     if len(nodes) > 1 and local and not opts.shared_fs:
         raise RunError(f"the Ray cluster has {len(nodes)} nodes but {', '.join(local)} is a local path that "
                        "workers on other nodes cannot see; use s3://, gs:// or az:// URLs, or --shared-fs if every node "

@@ -23,9 +23,10 @@ import numpy as np
 
 from ..data import DataError
 from ..inference.pixels import decode_for_model, encode_overlay, encode_png, measure
+from .entries import ListSource
 from .options import RunOptions
 from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
-from .storage import EntryError, StorageSpec, UnsafePathError, check_rel
+from .storage import EntryError, StorageSpec, UnsafePathError, check_rel, redact_urls
 from .tablerow import table_fields
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
 
@@ -136,7 +137,7 @@ class MaskWorker:
     #: Called at start, per shard, per image and per batch: nothing happens unless a test sets one.
     hooks: NoHooks = NO_HOOKS
 
-    def __init__(self, model_files, inp: StorageSpec, out: StorageSpec, opts: WorkerOptions,
+    def __init__(self, model_files, inp: StorageSpec | ListSource, out: StorageSpec, opts: WorkerOptions,
                  hooks: NoHooks | None = None):
         """``model_files``: {file name: bytes} of the model directory, or ``[ray ObjectRef]`` of it.
 
@@ -197,17 +198,23 @@ class MaskWorker:
         return d
 
     # ------------------------------------------------------------------ per image
-    def _load(self, rel: str, mask: str) -> Decoded:
+    def _overlay_rel(self, rel: str) -> str:
+        return getattr(self.inp, "overlay_rel", overlay_rel)(rel)
+
+    def _load(self, rel: str, mask: str, src: str | None = None) -> Decoded:
+        """``src``: where to read ``rel`` when it is not ``rel`` itself (a listed URL whose secret,
+        a signature, is kept out of the image column and out of error rows)."""
         d = Decoded(rel, mask)
         try:
-            check_rel(rel)
+            # a list run's input (EntryReader) reads each entry from its own storage, by its key
+            getattr(self.inp, "check_entry", check_rel)(src or rel)
             if mask:  # "": --no-masks
                 check_rel(mask)
                 self.out.check_name(mask)
             if self.opts.overlays:
-                self.out.check_name(overlay_rel(rel))
+                self.out.check_name(self._overlay_rel(rel))
             self.hooks.image(rel)
-            data = self.inp.read_bytes(rel, self.opts.max_bytes)
+            data = self.inp.read_bytes(src or rel, self.opts.max_bytes)
             if self.opts.overlays:
                 d.data = data
             d.x, d.width, d.height = decode_for_model(
@@ -225,6 +232,8 @@ class MaskWorker:
         # Anything else (PermissionError, e.g. S3 AccessDenied, connection errors, and bugs: a
         # ValueError from our own code) fails the shard, and then the run, instead of recording
         # every image as a permanent error row.
+        if src is not None and d.error:
+            d.error = redact_urls(d.error.replace(src, rel))
         return d
 
     def _finish(self, d: Decoded, prob: np.ndarray) -> dict:
@@ -234,7 +243,7 @@ class MaskWorker:
             if d.mask:  # "": --no-masks
                 self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
-                self.out.write_bytes(overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
+                self.out.write_bytes(self._overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
                 d.data = None
         except (MemoryError, DataError) as exc:  # the image's own problem (too big for memory)
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)
@@ -250,7 +259,7 @@ class MaskWorker:
     def process(self, shard: int, items: list[tuple[str, str]]) -> dict:
         t0 = time.time()
         self.hooks.shard(shard)
-        loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
+        loads = [self.pool.submit(self._load, *item) for item in items]
         rows: list[dict] = []
         writes = []
         bs = max(1, self.opts.batch_size)

@@ -53,7 +53,7 @@ def validate_cmd(paths: tuple[str, ...]) -> None:
         model = f" (model {job.model})" if job.model else ""
         click.echo(
             f"ok {job.source}: {job.name}, '{job.schedule}' {job.timezone}{state}: "
-            f"{job.input} -> {job.output}{model}"
+            f"{'' if job.input else 'list '}{job.input_where} -> {job.output}{model}"
         )
     if errors:
         click.echo(f"{len(errors)} invalid, {len(jobs)} valid", err=True)
@@ -84,6 +84,7 @@ def list_cmd(paths: tuple[str, ...], n_next: int, as_json: bool) -> None:
                 "timezone": job.timezone,
                 "next": [t.isoformat() for t in nxt],
                 "input": job.input,
+                "input_list": job.input_list,
                 "output": job.output,
                 "model": job.model,
                 "source": job.source,
@@ -97,7 +98,7 @@ def list_cmd(paths: tuple[str, ...], n_next: int, as_json: bool) -> None:
         click.echo(f"  schedule  {job.schedule}  ({job.timezone})")
         if nxt:
             click.echo(f"  next      {', '.join(t.strftime('%Y-%m-%d %H:%M %Z') for t in nxt)}")
-        click.echo(f"  input     {job.input}")
+        click.echo(f"  input     {job.input}" if job.input else f"  list      {job.input_list}")
         click.echo(f"  output    {job.output}")
         if job.model:
             click.echo(f"  model     {job.model}")

@@ -1,4 +1,4 @@
-"""`batchmask run`: face masks for every image under a folder or S3 prefix, with Ray."""
+"""`batchmask run`: face masks for every image under a folder or S3 prefix, or in a list, with Ray."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ log = logging.getLogger(__name__)
 
 
 @click.command("run")
-@click.option("-i", "--input", "input_", required=True, metavar="PATH|URL",
+@click.option("-i", "--input", "input_", default=None, metavar="PATH|URL",
               help="Folder or bucket prefix (s3://, gs://, az://); all images below it (recursively) are processed.")
+@click.option("--input-list", default=None, metavar="LIST",
+              help="Instead of --input: a .txt (one entry per line), .csv or .parquet file (local or URL) "
+                   "listing the images, as local paths or URLs (s3://, gs://, az://, http(s)://).")
+@click.option("--list-column", default=None, metavar="NAME",
+              help="The column of --input-list's entries in a .csv or .parquet list [default: path].")
 @click.option("-o", "--output", required=True, metavar="PATH|URL",
               help="Where masks/, coverage.csv, results.parquet and run.json go. Rerunning with the same output resumes.")
 @click.option("-m", "--model", default=None, metavar="DIR", help="Model directory (default: the packaged model).")
@@ -59,8 +64,8 @@ log = logging.getLogger(__name__)
 @click.option("--shard-timeout", default=RunOptions.shard_timeout, type=click.FloatRange(min=0, min_open=True),
               metavar="S", help="A shard that makes no progress for S seconds is stopped and retried; twice fails "
                                 f"the run [default: {RunOptions.shard_timeout:g}].")
-def run_cmd(input_: str, output: str, **options) -> None:
-    """Predict face masks for every image under --input and write them to --output.
+def run_cmd(input_: str | None, output: str, **options) -> None:
+    """Predict face masks for every image under --input (or listed in --input-list) and write them to --output.
 
     Exit codes: 0 all images ok, 3 some images failed (see coverage.csv), 1 the run failed,
     4 another run holds the output's lock, 5 this run lost the output's lock midway.
@@ -71,6 +76,11 @@ def run_cmd(input_: str, output: str, **options) -> None:
     from ..inference import ModelNotFoundError
 
     quiet = options["quiet"]
+    if bool(input_) == bool(options["input_list"]):
+        raise click.UsageError("--input and --input-list are mutually exclusive" if input_ else
+                               "give --input (a folder or prefix) or --input-list (a list of images)")
+    if options["list_column"] is not None and not options["input_list"]:
+        raise click.UsageError("--list-column names the column of --input-list's entries; give --input-list too")
     try:
         if not options["wait"]:
             options["wait_timeout"] = None  # --wait-timeout means nothing without --wait

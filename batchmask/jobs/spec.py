@@ -5,7 +5,7 @@ validates definitions; scheduling and rendering live in :mod:`batchmask.jobs.sch
 running (lock, timeout, history) in :mod:`batchmask.jobs.execute`, Ray Jobs submission in
 :mod:`batchmask.jobs.submit`.
 
-Relative local paths in a job file (``input``, ``output``, ``model``) resolve against the
+Relative local paths in a job file (``input``, ``input_list``, ``output``, ``model``) resolve against the
 directory holding the job file, never against the current directory, so cron, systemd and
 a shell give the same result.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..batch.manifest import list_location_problem
 from ..batch.options import JOB_FIELDS, RunOptions
 from ..batch.storage import has_userinfo, is_remote, is_url
 from .schedule import validate_cron, validate_timezone
@@ -63,7 +64,8 @@ class JobSpec:
 
     name: str
     schedule: str
-    input: str
+    #: None for a job whose images come from ``input_list`` (a run option: ``job.input_list``)
+    input: str | None
     output: str
     timezone: str = "UTC"
     run: RunOptions = field(default_factory=RunOptions)
@@ -79,6 +81,11 @@ class JobSpec:
         if name in JOB_FIELDS:  # only called for names that are not fields: the run's options
             return getattr(self.run, name)
         raise AttributeError(name)
+
+    @property
+    def input_where(self) -> str:
+        """The folder or prefix read, or the list of images."""
+        return self.input or self.run.input_list or ""
 
     def runner_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`batchmask.batch.runner.run`: input, output and every run option."""
@@ -154,7 +161,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "name": ((str,), True),
     "schedule": ((str,), True),
     "timezone": ((str,), False),
-    "input": ((str,), True),
+    "input": ((str,), False),  # or input_list: one of them (_value_problems)
     "output": ((str,), True),
     **{k: (types, False) for k, types in JOB_FIELDS.items()},
     "profile": ((str,), False),
@@ -235,6 +242,8 @@ def _typed_fields(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         ok[key] = value
     problems += [f"missing required field '{key}'" for key, (_, required) in _FIELDS.items()
                  if required and key not in data]
+    if "input" not in data and "input_list" not in data:
+        problems.append("missing required field 'input' (a folder or prefix) or 'input_list' (a list of images)")
     return ok, problems
 
 
@@ -253,9 +262,10 @@ def _value_problems(ok: dict[str, Any], path: Path) -> list[str]:
                 check(ok[key])
             except ValueError as exc:
                 problems.append(f"field '{key}' = {ok[key]!r}: {exc}")
-    for key in ("input", "output", "model"):
+    for key in ("input", "input_list", "output", "model"):
         if key in ok:
             _check_location(key, ok[key], problems)
+    problems += _input_problems(ok)
     run_fields = {k: v for k, v in ok.items() if k in JOB_FIELDS}
     problems += [f"field '{key}' = {_shown(ok[key])}: {why}" for key, why in RunOptions.problems(run_fields)]
     if "max_failures" in ok and ok["max_failures"] < 0:
@@ -270,7 +280,7 @@ def _value_problems(ok: dict[str, Any], path: Path) -> list[str]:
                 "field 'endpoint_url' = <redacted>: credentials in the URL; secrets are never stored "
                 "in job files (use the environment or `profile`)"
             )
-    if "input" in ok and "output" in ok:  # only judged when both locations are known
+    if "input" in ok and "output" in ok:  # only judged when both locations are known (a list's entries may be URLs)
         # the S3 endpoint and profile: gs:// and az:// take their settings from their own variables
         remote = [k for k in ("input", "output") if is_remote(ok[k]) and ok[k].lower().startswith(("s3://", "s3a://"))]
         for key in ("endpoint_url", "profile"):
@@ -285,12 +295,24 @@ def _value_problems(ok: dict[str, Any], path: Path) -> list[str]:
     return problems
 
 
+def _input_problems(ok: dict[str, Any]) -> list[str]:
+    """Exactly one of ``input`` and ``input_list``; a list's name says its format."""
+    if "input" in ok and "input_list" in ok:
+        return ["fields 'input' and 'input_list' are mutually exclusive: a job reads a folder or a list"]
+    if "input_list" in ok and ok["input_list"].strip():
+        why = list_location_problem(ok["input_list"])
+        if why:
+            return [f"field 'input_list' = {_shown(ok['input_list'])}: {why}"]
+    return []
+
+
 def _job_spec(ok: dict[str, Any], path: Path, timeout: float | None) -> JobSpec:
     """The JobSpec of a valid definition: local paths resolved against the job file's directory."""
     base = path.parent.resolve() if path.name != "<job>" else Path.cwd()
     run = {k: v for k, v in ok.items() if k in JOB_FIELDS}
-    if run.get("model"):
-        run["model"] = resolve_path(run["model"], base)
+    for key in ("model", "input_list"):
+        if run.get(key):
+            run[key] = resolve_path(run[key], base)
     if "threshold" in run:
         run["threshold"] = float(run["threshold"])
     if ok.get("profile"):
@@ -299,7 +321,7 @@ def _job_spec(ok: dict[str, Any], path: Path, timeout: float | None) -> JobSpec:
         name=ok["name"],
         schedule=" ".join(ok["schedule"].split()),
         timezone=ok.get("timezone", "UTC"),
-        input=resolve_path(ok["input"], base),
+        input=resolve_path(ok["input"], base) if "input" in ok else None,
         output=resolve_path(ok["output"], base),
         run=RunOptions(**run),
         profile=ok.get("profile"),

@@ -94,7 +94,8 @@ def submit_job(
     elif not is_slot(job.schedule, job.timezone, slot):
         raise ValueError(f"{slot.isoformat()} is not a scheduled time of job '{job.name}' ('{job.schedule}' {job.timezone})")
     sid = submission_id(job, slot)
-    local = [k for k in ("input", "output") if not is_url(getattr(job, k))]
+    local = [k for k, v in (("input_list" if job.input_list else "input", job.input_where), ("output", job.output))
+             if not is_url(v)]
     if local:
         log.warning(
             "job %s: %s %s local path(s); they must exist on the cluster's nodes (shared file system)",
