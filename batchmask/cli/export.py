@@ -21,7 +21,7 @@ from .common import user_errors
 @click.option("--calibrate", "method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="onnx-int8: how activation ranges are chosen.")
 @click.option("--float-ends", is_flag=True,
-              help="onnx-int8: keep the first convolution and the output head in float.")
+              help="onnx-int8: also keep the first convolution in float.")
 @click.option("--float-node", "float_nodes", multiple=True, metavar="NAME",
               help="onnx-int8: also keep this node in float (repeatable; names as in the ONNX file, e.g. from "
                    "scripts/int8_sweep.py --debug).")

@@ -44,8 +44,8 @@ class QuantSettings:
     images: int = 200
     #: "minmax", "entropy" or "percentile" (ONNX Runtime's CalibrationMethod).
     method: str = "minmax"
-    #: Keep the first convolution and the output head in float (measured on the default model: no
-    #: Dice gain, so off by default; docs/benchmarks.md).
+    #: Keep the first convolution (and the last) in float (measured on the default model: no Dice
+    #: gain, so off by default; docs/benchmarks.md).
     float_ends: bool = False
     #: Keep the last convolution (the logits) and everything after it (upsampling, sigmoid) in
     #: float: quantized, the probabilities took ~50 values, 0.9 logit apart near the threshold.
