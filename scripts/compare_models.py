@@ -4,10 +4,13 @@
     python scripts/compare_models.py --split-of /tmp/new --data ../shared/data/widerface-dev \
         --data ../shared/data/widerface-pool --model old=batchmask/default_model --model new=/tmp/new \
         --json /tmp/compare.json
+    python scripts/compare_models.py --split-of batchmask/default_model --data ... \
+        --model fp32=batchmask/default_model --model int8=batchmask/default_model@int8 --no-speed
 
 The images are the validation split recorded in the model given by ``--split-of`` (its
 ``model.json``), restricted to the ``--data`` sources given; without ``--split-of`` every image
-of ``--data``. Each model is scored at its own stored threshold, at original image size, as
+of ``--data``. ``DIR@int8`` scores the model's int8 file (``DIR@fp32`` its ONNX fp32 export), else
+Keras runs it. Each model is scored at its own stored threshold, at original image size, as
 ``batchmask evaluate`` does. Also printed: multiply-adds per image at the model's input size
 (``batchmask.model.count_macs``) and model-only predict speed on this machine (images/s,
 batches of 8 after a warm-up batch; say what else was running when you quote it). Every model
@@ -28,6 +31,8 @@ from size_sweep import predict_speed  # scripts/ is on sys.path when this script
 
 from batchmask.results import paired_difference
 
+PRECISIONS = ("@fp32", "@int8")
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,6 +51,7 @@ def main() -> int:
     from batchmask.model import count_macs
 
     models = [(m.split("=", 1) if "=" in m else (m, m)) for m in args.model]
+    models = [(label, *(path.rsplit("@", 1) if path.endswith(PRECISIONS) else (path, None))) for label, path in models]
     ref = load_model(args.split_of) if args.split_of else None
     samples, where = load_samples(args.data, "val" if ref else None, ref, args.limit)
     samples = [dataclasses.replace(s, image=s.load_image()) for s in samples]  # decode once for all models
@@ -53,16 +59,18 @@ def main() -> int:
     print(f"{len(samples)} images, {sum(len(s.boxes) for s in samples)} faces, {len(groups)} events, from {where}"
           + (f" (validation split of {args.split_of})" if ref else ""))
     rows = []
-    for label, path in models:
-        m = load_model(path)
+    for label, path, precision in models:
+        # DIR@int8: the model's int8 file under ONNX Runtime (DIR@fp32: its ONNX fp32 export); else Keras
+        m = load_model(path, runtime="onnx", precision=precision) if precision else load_model(path)
+        keras = m.keras_model if m.keras_model is not None else load_model(path).keras_model
         res = evaluate(m, samples)
         by_size = {b["bucket"]: b for b in res.by_face_size}
         by_group = {g["group"]: g for g in res.by_group}
         row = {
             "label": label, "model": path, "image_size": m.image_size, "threshold": m.threshold,
             "decoder": f"{m.config.decoder_block} {list(m.config.decoder_filters)} proj {m.config.decoder_projection}",
-            "gmacs": round(count_macs(m.keras_model) / 1e9, 2),
-            "params_m": round(m.keras_model.count_params() / 1e6, 2),
+            "precision": precision or "fp32 (Keras)",
+            "gmacs": round(count_macs(keras) / 1e9, 2), "params_m": round(keras.count_params() / 1e6, 2),
             "dice": round(res.metrics["dice"], 4), "iou": round(res.metrics["iou"], 4),
             "face_coverage": res.metrics["face_coverage"],
             "event_mean_dice": round(float(np.mean([g["dice"] for g in res.by_group])), 4),

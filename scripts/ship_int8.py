@@ -6,8 +6,10 @@ shipped default model, so that ``--precision int8`` keeps working and its cost s
     python scripts/ship_int8.py --model DIR --data ../shared/data/widerface-dev --data ../shared/data/widerface-pool
 
 The same as ``batchmask export DIR --format onnx-int8 -o DIR/model.int8.onnx`` with the shipped
-settings (64 calibration images from the training sources, never the validation images; min/max
-calibration; every convolution quantized), then prints the decision rule of docs/benchmarks.md:
+settings (:class:`batchmask.inference.quantize.QuantSettings`: 200 calibration images from the
+training sources, never the validation images; min/max calibration; every convolution quantized
+but the last, whose logits, upsampling and sigmoid stay float, with the logit shift fitted on the
+calibration images), then prints the decision rule of docs/benchmarks.md:
 int8 may become the default precision only if its mean per-image Dice on the model's validation
 images is within ``--max-loss`` (0.003) of fp32's. Needs the validation images in ``--data``
 (default: the sources recorded in model.json, resolved from the current folder).
@@ -22,19 +24,22 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from batchmask.inference.quantize import QuantSettings  # noqa: E402
+
+QUANT_DEFAULTS = QuantSettings()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "batchmask" / "default_model"))
     ap.add_argument("--data", action="append", default=[], help="calibration and validation sources, repeatable")
-    ap.add_argument("--images", type=int, default=64, help="calibration images")
+    ap.add_argument("--images", type=int, default=QUANT_DEFAULTS.images, help="calibration images")
     ap.add_argument("--max-loss", type=float, default=0.003, help="largest Dice loss for int8 to be the default")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, str(REPO))
     from batchmask.inference.int8 import INT8_FILE
-    from batchmask.inference.quantize import QuantSettings, export_model
+    from batchmask.inference.quantize import export_model
 
     model = Path(args.model)
     rec = export_model(model, "onnx-int8", model / INT8_FILE, args.data, QuantSettings(images=args.images))

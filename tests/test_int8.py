@@ -133,3 +133,72 @@ def test_cli_has_precision_and_export():
     for cmd in ("run", "evaluate"):
         assert "--precision [auto|fp32|int8]" in CliRunner().invoke(main, [cmd, "--help"]).output
     assert "--format [onnx|onnx-int8]" in CliRunner().invoke(main, ["export", "--help"]).output
+
+
+def _conv_weights_are_float(model, conv) -> bool:
+    return conv.input[1] in {t.name for t in model.graph.initializer}
+
+
+def test_int8_output_stays_float_with_its_fitted_shift(bright_int8_model):
+    """The logits, their upsampling and the sigmoid are not rounded to 8 bits (quantized, the default
+    model's probabilities took ~50 values near the threshold), and the fitted shift is recorded."""
+    import onnx
+
+    cal = read_meta(bright_int8_model)["int8"]["calibration"]
+    model = onnx.load(str(bright_int8_model / INT8_FILE))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert producer[model.graph.output[0].name].op_type != "DequantizeLinear"
+    assert _conv_weights_are_float(model, convs[-1]) and not _conv_weights_are_float(model, convs[0])
+    assert convs[-1].name in cal["float_nodes"] and any("Sigmoid" in n for n in cal["float_nodes"])
+    assert isinstance(cal["output_shift"], float) and -2 <= cal["output_shift"] <= 2
+
+
+def test_fitted_output_shift_undoes_a_known_shift(tmp_path, bright_int8_model):
+    """shift_output moves every logit by exactly the shift; fit_output_shift finds a shift it is given back."""
+    from batchmask.inference.backends import cached_onnx, make_session, run_session
+    from batchmask.inference.quantize import fit_output_shift, shift_output
+
+    fp32 = cached_onnx(bright_int8_model)[0]
+    moved = tmp_path / "moved.onnx"
+    shutil.copyfile(fp32, moved)
+    shift_output(moved, -0.5)
+    rng = np.random.default_rng(3)
+    x = np.clip(np.kron(rng.uniform(60, 200, (16, 8, 8, 3)), np.ones((1, 8, 8, 1))), 0, 255).astype(np.float32)
+    p, q = (run_session(make_session(str(f), 1), x)[..., 0].astype(np.float64) for f in (fp32, moved))
+    mid = (p > 0.02) & (p < 0.98)
+    assert mid.mean() > 0.1 and (p >= 0.5).any(axis=(1, 2)).all()  # a boundary in every image
+    np.testing.assert_allclose((np.log(q / (1 - q)) - np.log(p / (1 - p)))[mid], -0.5, atol=1e-3)
+    assert fit_output_shift(fp32, moved, x, 0.5) == 0.5
+    assert fit_output_shift(fp32, fp32, x, 0.5) == 0.0
+
+
+def test_export_keeps_the_named_nodes_float(tmp_path, bright_int8_model):
+    """--float-node NAME: that node's weights stay float in the file, and the record lists it;
+    --no-output-shift: no shift fitted."""
+    import onnx
+
+    convs = [n for n in onnx.load(str(bright_int8_model / INT8_FILE)).graph.node if n.op_type == "Conv"]
+    name = convs[len(convs) // 2].name
+    out = tmp_path / "x.onnx"
+    res = CliRunner().invoke(main, ["export", str(bright_int8_model), "--format", "onnx-int8", "--float-node", name,
+                                    "--no-output-shift", "--calibration-images", "4", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    cal = json.loads(res.output)["calibration"]
+    assert name in cal["float_nodes"] and cal["output_shift"] is None and cal["images"] == 4
+    model = onnx.load(str(out))
+    assert _conv_weights_are_float(model, next(n for n in model.graph.node if n.name == name))
+    assert not _conv_weights_are_float(model, [n for n in model.graph.node if n.op_type == "Conv"][0])
+
+
+def test_shipped_default_model_runs_int8_by_default():
+    """The shipped int8 file is intact, made from the shipped model.keras, and its recorded validation
+    loss is within the 0.003 that makes ``--precision auto`` choose it on CPU (fp32 on a GPU)."""
+    from batchmask.inference import default_model_dir
+    from batchmask.inference.int8 import MAX_INT8_LOSS, auto_precision
+
+    meta = read_meta(default_model_dir())
+    v = meta["int8"]["validation"]
+    assert v["images"] == meta["data"]["val_images"] and -v["dice_diff"] <= MAX_INT8_LOSS
+    assert auto_precision(default_model_dir(), meta, onnx_on_cpu=True) == "int8"
+    assert auto_precision(default_model_dir(), meta, onnx_on_cpu=False) == "fp32"
