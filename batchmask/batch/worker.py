@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,18 @@ def _set_threads(n: int, tf_too: bool = True) -> None:
         pass
 
 
+def onnx_streams(threads: int, gpu: bool) -> int:
+    """Batches ONNX Runtime predicts at once on the CPU, each with ``threads // streams`` threads.
+
+    Two single-threaded streams instead of one stream on two threads: ONNX Runtime's threads
+    meet after every operator, so when decode or PNG work takes one core, the other waits;
+    two independent streams keep both cores busy and spend 7% less CPU per image (int8, 2 cores;
+    docs/benchmarks.md). The masks are the same: each image's probabilities do not depend on its
+    batch or on the thread count (checked bit for bit).
+    """
+    return 2 if threads >= 2 and not gpu else 1
+
+
 def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
     from ..inference import META_FILE, FaceMaskModel, load_model
@@ -96,7 +110,8 @@ def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     int8 = opts.precision == "int8"  # int8 runs on ONNX Runtime, on the CPU if CUDA is missing
     if ONNX_FILE in model_files and (int8 or wants_onnx(opts.runtime, gpu) and (not gpu or cuda_provider_available())):
         meta = json.loads(model_files[META_FILE])
-        m = FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], opts.threads, gpu))
+        threads = max(1, opts.threads // onnx_streams(opts.threads, gpu))
+        m = FaceMaskModel(None, meta, None, make_session(model_files[ONNX_FILE], threads, gpu))
         m.precision = opts.precision
         return m
     if gpu:
@@ -154,6 +169,8 @@ class MaskWorker:
         set_pixel_limit(opts.max_pixels)
         self.model = _load_worker_model(model_files, opts)
         self.threshold = opts.threshold if opts.threshold is not None else self.model.threshold
+        #: Batches predicted at once (:func:`onnx_streams`); Keras predicts one at a time.
+        self.streams = onnx_streams(opts.threads, opts.gpus > 0) if self.model.session is not None else 1
         self.opts = opts
         self.inp = inp.open()
         self.out = out.open()
@@ -252,19 +269,21 @@ class MaskWorker:
         self.hooks.shard(shard)
         loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
         rows: list[dict] = []
-        writes = []
-        bs = max(1, self.opts.batch_size)
-        for i in range(0, len(loads), bs):
-            ds = [f.result() for f in loads[i : i + bs]]
-            good = [d for d in ds if not d.error]
-            rows += [error_row(d.rel, d.error, d.width, d.height) for d in ds if d.error]
-            if good:
-                probs = self.model.predict_batch(np.stack([d.x for d in good]))
-                for d, p in zip(good, probs, strict=True):
-                    d.x = None
-                    writes.append(self.pool.submit(self._finish, d, p))
-            self.images += len(ds)
-            self.hooks.batch_done(self.images)
+        writes: list[Future] = []
+        # With several streams, each predicts a part of a batch: as many images in flight as one batch
+        step = math.ceil(max(1, self.opts.batch_size) / self.streams)
+        with ThreadPoolExecutor(self.streams, thread_name_prefix="batchmask-predict") as predictor:
+            inflight: deque[tuple[list[Decoded], list[Decoded], Future | None]] = deque()
+            for i in range(0, len(loads), step):
+                ds = [f.result() for f in loads[i : i + step]]
+                good = [d for d in ds if not d.error]
+                rows += [error_row(d.rel, d.error, d.width, d.height) for d in ds if d.error]
+                x = np.stack([d.x for d in good]) if good else None
+                inflight.append((ds, good, None if x is None else predictor.submit(self.model.predict_batch, x)))
+                if len(inflight) >= self.streams:
+                    writes += self._predicted(*inflight.popleft())
+            while inflight:
+                writes += self._predicted(*inflight.popleft())
         rows += [f.result() for f in writes]
         self.out.write_bytes(part_name(self.opts.run_id, shard), rows_to_csv(rows))
         self.hooks.shard_done(shard)
@@ -273,6 +292,17 @@ class MaskWorker:
         ok = sum(r["status"] == "ok" for r in rows)
         return {"shard": shard, "n": len(rows), "ok": ok, "failed": len(rows) - ok, "start": t0, "end": t1,
                 "errors": [(r["image"], r["error"]) for r in rows if r["status"] != "ok"][:5], **self._ident()}
+
+    def _predicted(self, ds: list[Decoded], good: list[Decoded], probs: Future | None) -> list[Future]:
+        """Hand a predicted batch's images to the I/O pool (mask, statistics, files)."""
+        writes = []
+        if probs is not None:
+            for d, p in zip(good, probs.result(), strict=True):
+                d.x = None
+                writes.append(self.pool.submit(self._finish, d, p))
+        self.images += len(ds)
+        self.hooks.batch_done(self.images)
+        return writes
 
     def stats(self) -> dict:
         return {"images": self.images, "busy_s": round(self.busy_s, 3), **self._ident()}
