@@ -201,7 +201,8 @@ class MaskWorker:
 
             gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
         d = {"runtime": self.model.runtime, "precision": self.model.precision, "device": f"gpu:{','.join(gpu_ids)}" if self.opts.gpus > 0 else "cpu",
-             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads}
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": self.opts.threads,
+             "streams": self.streams}
         if self.model.session is not None:
             from ..inference.backends import onnxruntime_version
 
