@@ -95,6 +95,21 @@ def onnx_streams(threads: int, gpu: bool) -> int:
     return 2 if threads >= 2 and not gpu else 1
 
 
+def prediction_chunks(n: int, batch_size: int, streams: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each prediction of a shard of ``n`` images.
+
+    With several streams each predicts ``batch_size / streams`` images at a time (as many in
+    flight as one batch). The shard's last ``batch_size`` images go in chunks half that size:
+    the streams do not finish together, and while the last one runs the others have nothing
+    to do until the next shard; smaller last chunks shorten that wait.
+    """
+    step = max(1, math.ceil(max(1, batch_size) / streams))
+    tail = max(0, n - step * streams) if streams > 1 else n
+    small = max(1, math.ceil(step / 2))
+    bounds = list(range(0, tail, step)) + list(range(tail, n, small))
+    return list(zip(bounds, [*bounds[1:], n], strict=True)) if n else []
+
+
 def _load_worker_model(model_files: dict[str, bytes], opts: WorkerOptions):
     """The model from its shipped files: an ONNX Runtime session when asked for and possible, else Keras."""
     from ..inference import META_FILE, FaceMaskModel, load_model
@@ -271,12 +286,10 @@ class MaskWorker:
         loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
         rows: list[dict] = []
         writes: list[Future] = []
-        # With several streams, each predicts a part of a batch: as many images in flight as one batch
-        step = math.ceil(max(1, self.opts.batch_size) / self.streams)
         with ThreadPoolExecutor(self.streams, thread_name_prefix="batchmask-predict") as predictor:
             inflight: deque[tuple[list[Decoded], list[Decoded], Future | None]] = deque()
-            for i in range(0, len(loads), step):
-                ds = [f.result() for f in loads[i : i + step]]
+            for i, j in prediction_chunks(len(loads), self.opts.batch_size, self.streams):
+                ds = [f.result() for f in loads[i:j]]
                 good = [d for d in ds if not d.error]
                 rows += [error_row(d.rel, d.error, d.width, d.height) for d in ds if d.error]
                 x = np.stack([d.x for d in good]) if good else None
