@@ -106,7 +106,8 @@ class Measured:
     #: One ``(x, y, w, h, score)`` per region counted in ``faces``: the region's bounding box in
     #: image pixels (COCO's bbox convention) and its mean face probability.
     boxes: list[tuple[int, int, int, int, float]] = field(default_factory=list)
-    #: The face pixels' bounding box as ``(y, x, bool crop)``: all of the mask outside it is 0.
+    #: The face pixels' bounding box as ``(y, x, bool crop)``: all of the mask outside it is 0
+    #: (None: not known, ``rle()`` reads the whole mask).
     face_box: tuple[int, int, np.ndarray] | None = None
 
     def rle(self) -> str:
@@ -183,7 +184,7 @@ def measure(prob_small: np.ndarray, width: int, height: int, threshold: float, i
     """
     from scipy import ndimage
 
-    out = Measured(np.zeros((height, width), np.uint8))
+    out = Measured(np.zeros((height, width), np.uint8), face_box=(0, 0, np.zeros((0, 0), bool)))
     found = upsample_where(prob_small, width, height, threshold)
     if found is None:
         return out
