@@ -16,8 +16,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,20 +284,24 @@ class MaskWorker:
         self.hooks.shard(shard)
         loads = [self.pool.submit(self._load, rel, mask) for rel, mask in items]
         rows: list[dict] = []
-        writes: list[Future] = []
+        chunks = prediction_chunks(len(loads), self.opts.batch_size, self.streams)
+        writes: list[list[Future]] = [[] for _ in chunks]  # per chunk: the part file keeps the shard's order
         with ThreadPoolExecutor(self.streams, thread_name_prefix="batchmask-predict") as predictor:
-            inflight: deque[tuple[list[Decoded], list[Decoded], Future | None]] = deque()
-            for i, j in prediction_chunks(len(loads), self.opts.batch_size, self.streams):
+            running: dict[Future, tuple[int, list[Decoded], list[Decoded]]] = {}
+            for k, (i, j) in enumerate(chunks):
                 ds = [f.result() for f in loads[i:j]]
                 good = [d for d in ds if not d.error]
                 rows += [error_row(d.rel, d.error, d.width, d.height) for d in ds if d.error]
-                x = np.stack([d.x for d in good]) if good else None
-                inflight.append((ds, good, None if x is None else predictor.submit(self.model.predict_batch, x)))
-                if len(inflight) >= self.streams:
-                    writes += self._predicted(*inflight.popleft())
-            while inflight:
-                writes += self._predicted(*inflight.popleft())
-        rows += [f.result() for f in writes]
+                if good:
+                    running[predictor.submit(self.model.predict_batch, np.stack([d.x for d in good]))] = (k, ds, good)
+                else:
+                    self._predicted(ds)
+                # One chunk more than streams: a stream that finishes takes the next at once
+                while len(running) > self.streams:
+                    self._collect(running, writes)
+            while running:
+                self._collect(running, writes)
+        rows += [f.result() for ws in writes for f in ws]
         self.out.write_bytes(part_name(self.opts.run_id, shard), rows_to_csv(rows))
         self.hooks.shard_done(shard)
         t1 = time.time()
@@ -307,16 +310,19 @@ class MaskWorker:
         return {"shard": shard, "n": len(rows), "ok": ok, "failed": len(rows) - ok, "start": t0, "end": t1,
                 "errors": [(r["image"], r["error"]) for r in rows if r["status"] != "ok"][:5], **self._ident()}
 
-    def _predicted(self, ds: list[Decoded], good: list[Decoded], probs: Future | None) -> list[Future]:
-        """Hand a predicted batch's images to the I/O pool (mask, statistics, files)."""
-        writes = []
-        if probs is not None:
+    def _collect(self, running: dict, writes: list[list[Future]]) -> None:
+        """Hand the images of the predictions done first (any order) to the I/O pool."""
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for probs in done:
+            k, ds, good = running.pop(probs)
             for d, p in zip(good, probs.result(), strict=True):
                 d.x = None
-                writes.append(self.pool.submit(self._finish, d, p))
+                writes[k].append(self.pool.submit(self._finish, d, p))
+            self._predicted(ds)
+
+    def _predicted(self, ds: list[Decoded]) -> None:
         self.images += len(ds)
         self.hooks.batch_done(self.images)
-        return writes
 
     def stats(self) -> dict:
         return {"images": self.images, "busy_s": round(self.busy_s, 3), **self._ident()}
