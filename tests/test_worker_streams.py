@@ -17,16 +17,17 @@ def test_streams_are_two_on_two_cpus_and_one_on_a_gpu_or_one_cpu():
     assert onnx_streams(4, True) == 1
 
 
-def test_prediction_chunks_cover_the_shard_once_with_half_chunks_at_its_end():
+def test_prediction_chunks_cover_the_shard_once_one_image_at_a_time_at_its_ends():
     assert prediction_chunks(20, 8, 1) == [(0, 8), (8, 16), (16, 20)]  # one stream: plain batches
-    assert prediction_chunks(30, 8, 2) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 22), (22, 24),
-                                           (24, 26), (26, 28), (28, 30)]
+    ones = [(i, i + 1) for i in range(22, 30)]
+    assert prediction_chunks(30, 8, 2) == [(0, 1), (1, 2), (2, 6), (6, 10), (10, 14), (14, 18), (18, 22), *ones]
     assert prediction_chunks(0, 8, 2) == [] and prediction_chunks(1, 8, 2) == [(0, 1)]
     for n in range(0, 40):
         for bs in (1, 3, 8):
             c = prediction_chunks(n, bs, 2)
             assert [i for a, b in c for i in range(a, b)] == list(range(n))
             assert all(0 < b - a <= max(1, -(-bs // 2)) for a, b in c)
+            assert all(b - a == 1 for a, b in c[:2] + c[-bs:])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
