@@ -89,11 +89,14 @@ def pil_to_rgb(im: Image.Image, where: str = "image") -> np.ndarray:
 
 
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+#: EXIF orientations that ImageOps.exif_transpose turns (1 and unknown values: none).
+_TRANSPOSED = (2, 3, 4, 5, 6, 7, 8)
 
 
 def pil_rgb_image(im: Image.Image, where: str = "image") -> Image.Image:
     """:func:`pil_to_rgb`, but kept as a PIL RGB image (a resize can follow without a copy)."""
-    im = ImageOps.exif_transpose(im) or im
+    if im.getexif().get(0x0112, 1) in _TRANSPOSED:  # else exif_transpose only copies (1 ms for a 1024-px photo)
+        im = ImageOps.exif_transpose(im) or im
     if im.mode in _WIDE_MODES:
         a = np.asarray(im, dtype=np.float64)
         if a.ndim == 3:

@@ -231,7 +231,9 @@ def test_small_ray_run_gives_every_actor_work(tmp_path, demo_wider, tiny_model_d
     assert s.ok == 10 and info["plan"]["mode"] == "ray" and info["plan"]["shard_size"] == 3
     assert len(info["actors"]) == 2 and all(a["images"] > 0 for a in info["actors"]), info["actors"]
     assert (tmp_path / "late-marker.go").exists()  # the late actor really waited for the other's shard
-    assert all(a["runtime"] == "onnx" and a["device"] == "cpu" and a["threads"] == 1 for a in info["actors"])
+    assert all(a["runtime"] == "onnx" and a["device"] == "cpu" and a["threads"] == 1 and a["streams"] == 1
+               and a["precision"] == "fp32"
+               for a in info["actors"])
 
 
 @pytest.mark.slow  # Ray in this process

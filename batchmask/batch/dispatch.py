@@ -43,7 +43,7 @@ POLL_S = 5.0
 STATS_WAIT_S = 10.0
 STATS_WAIT_STOPPING_S = 2.0
 #: Keys of an actor's ready() answer recorded in run.json's ``actors``.
-DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads")
+DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads", "streams", "precision")
 
 
 # ---------------------------------------------------------------- counts and helpers

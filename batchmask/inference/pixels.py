@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 import zlib
@@ -105,48 +106,113 @@ class Measured:
     #: One ``(x, y, w, h, score)`` per region counted in ``faces``: the region's bounding box in
     #: image pixels (COCO's bbox convention) and its mean face probability.
     boxes: list[tuple[int, int, int, int, float]] = field(default_factory=list)
+    #: The face pixels' bounding box as ``(y, x, bool crop)``: all of the mask outside it is 0
+    #: (None: not known, ``rle()`` reads the whole mask).
+    face_box: tuple[int, int, np.ndarray] | None = None
 
     def rle(self) -> str:
-        return rle_counts(self.mask)
+        if self.face_box is None:
+            return rle_counts(self.mask)
+        from pycocotools import mask as cocomask
+
+        # Column-major (COCO's order) written straight from the face box: no full-size transpose
+        y, x, crop = self.face_box
+        fortran = np.zeros(self.mask.shape, np.uint8, order="F")
+        fortran[y : y + crop.shape[0], x : x + crop.shape[1]] = crop
+        return cocomask.encode(fortran)["counts"].decode("ascii")
 
 
 def min_face_area(width: int, height: int, image_size: int) -> float:
     return max(MIN_FACE_PIXELS, MIN_FACE_NET_PIXELS * width * height / image_size**2)
 
 
+def _reach(lo: int, hi: int, n_in: int, n_out: int) -> tuple[int, int, int, int]:
+    """For one axis of a bilinear resize ``n_in -> n_out`` (PIL's filter): the outputs ``[o0, o1)``
+    whose filter window can touch the inputs ``[lo, hi]``, and the inputs ``[i0, i1)`` those
+    outputs read. Both are supersets (one extra input pixel each side): only these matter."""
+    scale = n_in / n_out
+    reach = max(scale, 1.0) + 1.0  # PIL's window is the filter support (scale when shrinking) + 1/2 pixel
+    o0 = max(0, math.floor((lo - reach) / scale - 0.5))
+    o1 = min(n_out, math.ceil((hi + 1 + reach) / scale - 0.5) + 1)
+    i0 = max(0, math.floor((o0 + 0.5) * scale - reach))
+    i1 = min(n_in, math.ceil((o1 - 0.5) * scale + reach) + 1)
+    return o0, o1, i0, i1
+
+
+def upsample_where(prob: np.ndarray, width: int, height: int, threshold: float):
+    """The part of ``upsample_probs(prob, width, height)`` that can be ``>= threshold``, exactly.
+
+    Returns ``(box, y, x)``, ``box`` being ``upsample_probs(...)[y : y + h, x : x + w]``, bit for
+    bit, and every pixel outside it ``< threshold``; None when no pixel reaches the threshold.
+    Why it is exact: a bilinear output is a convex combination of the inputs in its window (PIL's
+    weights are >= 0 and sum to 1, each pass rounds once to float32), so it cannot exceed their
+    maximum; outputs whose windows hold no input ``>= threshold`` stay below it. Inside the box PIL
+    does the arithmetic: its resize is two passes (horizontal, then vertical, for growing images),
+    each line of a pass computed alone with coefficients that depend only on the sizes, so the
+    input rows the box needs, resized horizontally at full width, then the box's columns (padded
+    to full height) resized vertically, are the same numbers. PIL >= 11 runs the vertical pass
+    first when the height shrinks much more than the width; then the whole map is resized.
+    ``tests/test_pixels_fast.py`` checks it against the full resize.
+    """
+    hot = prob >= threshold
+    rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+    if not rows.size:
+        return None
+    ih, iw = prob.shape
+    y0, y1, r0, r1 = _reach(int(rows[0]), int(rows[-1]), ih, height)
+    x0, x1, _, _ = _reach(int(cols[0]), int(cols[-1]), iw, width)
+    if ih - height > 0 and ih - height > 2 * (iw - width):  # PIL's vertical-first case
+        return upsample_probs(prob, width, height)[y0:y1, x0:x1], y0, x0
+    band = np.ascontiguousarray(prob[r0:r1], np.float32)
+    if width != iw:
+        band = np.asarray(Image.fromarray(band, "F").resize((width, r1 - r0), Image.BILINEAR), np.float32)
+    if height == ih:
+        return band[y0 - r0 : y1 - r0, x0:x1], y0, x0
+    cols_full = np.zeros((ih, x1 - x0), np.float32)  # rows outside [r0, r1) reach no output in the box
+    cols_full[r0:r1] = band[:, x0:x1]
+    up = Image.fromarray(cols_full, "F").resize((x1 - x0, height), Image.BILINEAR)
+    return np.asarray(up.crop((0, y0, x1 - x0, y1)), np.float32), y0, x0
+
+
 def measure(prob_small: np.ndarray, width: int, height: int, threshold: float, image_size: int) -> Measured:
     """The full-size mask of a network probability map, its face pixels, regions and confidence.
 
-    One pass: the probabilities are upsampled once, thresholded and the face regions labelled
-    (8-connectivity, only within the faces' bounding box), so ``faces``, the ``boxes`` (one per
-    counted region) and the mask always agree.
+    One pass: the probabilities are upsampled once, only where they can reach the threshold
+    (:func:`upsample_where`; the same numbers as upsampling all of it), thresholded and the face
+    regions labelled (8-connectivity, only within the faces' bounding box), so ``faces``, the
+    ``boxes`` (one per counted region) and the mask always agree.
     """
     from scipy import ndimage
 
-    prob = upsample_probs(prob_small, width, height)
+    out = Measured(np.zeros((height, width), np.uint8), face_box=(0, 0, np.zeros((0, 0), bool)))
+    found = upsample_where(prob_small, width, height, threshold)
+    if found is None:
+        return out
+    prob, by, bx = found
     face = prob >= threshold
-    out = Measured(face.view(np.uint8) * np.uint8(255), int(np.count_nonzero(face)))
+    out.face_pixels = int(np.count_nonzero(face))
     if not out.face_pixels:
         return out
-    out.mean_conf = float(prob[face].mean())
     rows, cols = np.flatnonzero(face.any(axis=1)), np.flatnonzero(face.any(axis=0))
-    y0, x0 = int(rows[0]), int(cols[0])
-    crop = face[y0 : rows[-1] + 1, x0 : cols[-1] + 1]  # label only the faces' bounding box
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    crop = face[y0:y1, x0:x1]  # label only the faces' bounding box
+    by, bx = by + y0, bx + x0
+    out.face_box = (by, bx, crop)
+    out.mask[by : by + crop.shape[0], bx : bx + crop.shape[1]] = crop.view(np.uint8) * np.uint8(255)
+    values = prob[y0:y1, x0:x1][crop]  # the face pixels' probabilities, in the mask's row order
+    out.mean_conf = float(values.mean())
     labels, n = ndimage.label(crop, structure=np.ones((3, 3), bool))
-    if not n:
-        return out
     region = labels[crop]
     sizes = np.bincount(region, minlength=n + 1)
     counted = np.flatnonzero(sizes[1:] >= min_face_area(width, height, image_size)) + 1
     out.faces = int(counted.size)
     if counted.size:
-        pcrop = prob[y0 : rows[-1] + 1, x0 : cols[-1] + 1]
-        sums = np.bincount(region, weights=pcrop[crop], minlength=n + 1)  # 20x faster than ndimage.mean
+        sums = np.bincount(region, weights=values, minlength=n + 1)  # 20x faster than ndimage.mean
         slices = ndimage.find_objects(labels)
         for lab in counted:
             sy, sx = slices[lab - 1]
             score = float(sums[lab] / sizes[lab])
-            out.boxes.append((x0 + sx.start, y0 + sy.start, sx.stop - sx.start, sy.stop - sy.start, score))
+            out.boxes.append((bx + sx.start, by + sy.start, sx.stop - sx.start, sy.stop - sy.start, score))
     return out
 
 
