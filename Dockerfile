@@ -21,6 +21,13 @@ COPY docker/pip.sh docker/slim.sh docker/requirements-runtime.txt /tmp/build/
 COPY docker/wheels/ /tmp/build/wheels/
 RUN sh /tmp/build/pip.sh install -r /tmp/build/requirements-runtime.txt "${ONNXRUNTIME}>=1.18" "dumb-init>=1.2.5" \
     && sh /tmp/build/slim.sh /opt/batchmask/venv
+# gs:// and az:// stores (batchmask[gcs], [azure]): build_image.sh --extras gcs,azure passes their
+# requirements here. Empty by default: the image reads local folders, S3 and http(s) only, and this
+# layer of its own leaves the one above cached either way.
+ARG EXTRA_REQUIREMENTS=""
+# hadolint ignore=SC2086
+RUN if [ -n "${EXTRA_REQUIREMENTS}" ]; then \
+      sh /tmp/build/pip.sh install ${EXTRA_REQUIREMENTS} && sh /tmp/build/slim.sh /opt/batchmask/venv; fi
 
 # ---- batchmask's wheel (without dependencies: they are the requirements above)
 FROM venv AS wheel

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Build batchmask's run-time image (Dockerfile) with whichever of docker, podman or buildah works.
 #
-#   scripts/build_image.sh [--base IMAGE] [--tag TAG] [--gpu] [--wheels] [--tool docker|podman|buildah]
+#   scripts/build_image.sh [--base IMAGE] [--tag TAG] [--gpu] [--extras gcs,azure] [--wheels]
+#                          [--tool docker|podman|buildah]
 #
 #   --base IMAGE  the base (ARG BASE; default python:3.12-slim); with --gpu, the CUDA base
 #                 (default in docker/cuda-base.Dockerfile) that python3 and venv are added to
 #   --tag TAG     default batchmask:latest (batchmask:latest-gpu with --gpu): the image name that
 #                 `batchmask jobs crontab --format k8s` writes unless given --image
 #   --gpu         onnxruntime-gpu on a CUDA + cuDNN base instead of onnxruntime
+#   --extras LIST the optional stores to add (pyproject's extras: gcs for gs://, azure for az://);
+#                 by default the image reads local folders, s3:// and http(s):// only
 #   --wheels      download the wheels with this machine's pip (its index, proxy and CA settings)
 #                 and install only those in the image (pip --no-index): for machines whose builds
 #                 cannot reach the package index by themselves. The base's Python must then be the
@@ -20,19 +23,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-base="" tag="" gpu=0 wheels=0 tool=""
+base="" tag="" gpu=0 wheels=0 tool="" extras=""
 while (($#)); do
   case "$1" in
     --base) base=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
     --gpu) gpu=1; shift ;;
     --wheels) wheels=1; shift ;;
+    --extras) extras=$2; shift 2 ;;
     --tool) tool=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build_image.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-tag=${tag:-batchmask:latest$( ((gpu)) && echo -gpu)}
+if [[ -z $tag ]]; then  # (a failing $( ((gpu)) ... ) in the assignment would end the script under set -e)
+  if ((gpu)); then tag=batchmask:latest-gpu; else tag=batchmask:latest; fi
+fi
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -62,11 +68,27 @@ if ((gpu)); then
 fi
 [[ -n $base ]] && args+=(--build-arg "BASE=$base")
 args+=(--build-arg "ONNXRUNTIME=$ort")
+# --extras: each extra's requirements as pyproject.toml lists them (one source of truth)
+extra_reqs=()
+if [[ -n $extras ]]; then
+  for e in ${extras//,/ }; do
+    [[ $e == gcs || $e == azure ]] || { echo "build_image.sh: --extras takes gcs and azure, not $e" >&2; exit 2; }
+  done
+  mapfile -t extra_reqs < <("$PYTHON" - "$extras" <<'PY'
+import sys, tomllib
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+for name in filter(None, sys.argv[1].replace(",", " ").split()):
+    print("\n".join(extras[name]))
+PY
+  )
+  args+=(--build-arg "EXTRA_REQUIREMENTS=${extra_reqs[*]}")
+fi
 
 find docker/wheels -name '*.whl' -delete
 if ((wheels)); then
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: -d docker/wheels \
-    -r docker/requirements-runtime.txt "$ort>=1.18" "dumb-init>=1.2.5" "setuptools>=68" wheel
+    -r docker/requirements-runtime.txt ${extra_reqs[@]+"${extra_reqs[@]}"} "$ort>=1.18" "dumb-init>=1.2.5" \
+    "setuptools>=68" wheel
 fi
 
 if "$PYTHON" -c "import batchmask, keras, tf2onnx" 2>/dev/null; then

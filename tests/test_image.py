@@ -197,3 +197,13 @@ def _find_process(exe: str, containing: str) -> int:
                 found.append(int(d.name))
     assert len(found) == 1, seen
     return found[0]
+
+
+def test_build_script_refuses_an_unknown_extra_before_building():
+    """--extras takes pyproject's store extras only, refused (exit 2, one line) before any build
+    starts; without --tag the script gets as far as that check (the default tag is set first)."""
+    r = subprocess.run(["bash", "scripts/build_image.sh", "--extras", "gcs,bogus", "--tool", "buildah"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "build_image.sh: --extras takes gcs and azure, not bogus"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"gcs", "azure"} <= set(extras)  # the names the script reads its requirements from
