@@ -201,16 +201,16 @@ def test_without_an_address_run_starts_a_ray_of_its_own(monkeypatch):
     (seen: "When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
     import ray
 
-    from batchmask.batch.runner import _start_ray
+    from batchmask.batch.rayexec import start_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert _start_ray(None) is True
+    assert start_ray(None) is True
     assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] >= 1
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    _start_ray(None)
+    start_ray(None)
     assert calls[-1]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[-1]
 
 

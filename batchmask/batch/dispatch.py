@@ -9,7 +9,7 @@
   workers through a pool (:class:`~batchmask.batch.raypool.RayPool` for Ray actors; the tests
   use fakes), so its behaviour is tested without Ray.
 
-The policy is described in :mod:`batchmask.batch.policy`. A dead actor is restarted by Ray (``ACTOR_MAX_RESTARTS`` in :mod:`batchmask.batch.runner`); the dispatcher
+The policy is described in :mod:`batchmask.batch.policy`. A dead actor is restarted by Ray (``ACTOR_MAX_RESTARTS`` in :mod:`batchmask.batch.rayexec`); the dispatcher
 waits for it with ``ready()`` and then gives it work again.
 """
 
