@@ -59,7 +59,7 @@ def test_default_images_are_what_build_image_sh_tags(tmp_path):
     job_file(tmp_path, "gpu", gpus_per_worker=1)
     _, docs = render(str(tmp_path))
     script = (REPO / "scripts" / "build_image.sh").read_text()
-    assert 'tag=${tag:-batchmask:latest$( ((gpu)) && echo -gpu)}' in script
+    assert "if ((gpu)); then tag=batchmask:latest-gpu; else tag=batchmask:latest; fi" in script
     assert pod_of(docs["batchmask-cpu"])["containers"][0]["image"] == "batchmask:latest"
     assert pod_of(docs["batchmask-gpu"])["containers"][0]["image"] == "batchmask:latest-gpu"
 

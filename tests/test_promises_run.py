@@ -288,7 +288,7 @@ def test_small_runs_use_ray_when_told_where_or_how(tmp_path, tiny_model_dir, mon
 def test_more_workers_than_cpus_get_fractional_cpus_that_fit():
     """README: with more workers than CPUs, actors get fractional CPUs; the run never waits for
     CPUs that do not exist (every actor fits on the nodes at once)."""
-    from batchmask.batch.runner import _plan_cpus
+    from batchmask.batch.rayexec import plan_cpus
 
     for workers, nodes, expected in [
         (1, [2.0], (2.0, 2)),
@@ -299,7 +299,7 @@ def test_more_workers_than_cpus_get_fractional_cpus_that_fit():
         (3, [1.0, 1.0], (0.5, 1)),
         (4, [3.0, 1.0], (1.0, 1)),
     ]:
-        per, threads = _plan_cpus(workers, nodes)
+        per, threads = plan_cpus(workers, nodes)
         assert (per, threads) == pytest.approx(expected), (workers, nodes)
         assert sum(int(c / per + 1e-9) for c in nodes) >= workers  # all of them can be placed
 
@@ -322,7 +322,7 @@ def test_more_workers_than_cpus_start_every_actor_with_a_fraction_and_a_warning(
     once with 0.5 CPU each, and a warning says so. Ray itself is replaced (no cluster starts)."""
     import ray
 
-    import batchmask.batch.runner as runner
+    import batchmask.batch.rayexec as rayexec
 
     created = []
 
@@ -335,12 +335,12 @@ def test_more_workers_than_cpus_start_every_actor_with_a_fraction_and_a_warning(
             created.append(self.kw)
             return object()
 
-    monkeypatch.setattr(runner, "_start_ray", lambda address: False)
+    monkeypatch.setattr(rayexec, "start_ray", lambda address: False)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}, "NodeID": "n1"}])
     monkeypatch.setattr(ray, "put", lambda obj: "blob")
     monkeypatch.setattr(ray, "remote", lambda cls: FakeActorClass())
     monkeypatch.setattr(ray, "kill", lambda *a, **k: None)
-    monkeypatch.setattr(runner, "RayPool", lambda actors, probe=None: None)
+    monkeypatch.setattr(rayexec, "RayPool", lambda actors, probe=None: None)
 
     class NoDispatch:  # no work is handed out
         def __init__(self, *a, **k):
@@ -349,7 +349,7 @@ def test_more_workers_than_cpus_start_every_actor_with_a_fraction_and_a_warning(
         def run(self):
             pass
 
-    monkeypatch.setattr(runner, "Dispatcher", NoDispatch)
+    monkeypatch.setattr(rayexec, "Dispatcher", NoDispatch)
     inp = images(tmp_path / "in", ["a.png"])
     with caplog.at_level("WARNING", logger="batchmask"):
         run(str(inp), str(tmp_path / "out"), str(tiny_model_dir), workers=3, in_process_max=0, quiet=True)
