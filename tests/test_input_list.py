@@ -25,7 +25,7 @@ from batchmask.batch.manifest import EntryList, ListError
 from batchmask.batch.options import RunError
 from batchmask.batch.runner import run
 from batchmask.batch.seen import SeenKeys
-from batchmask.batch.storage import EntryError, StorageError, check_rel
+from batchmask.batch.storage import EntryError, StorageError, StorageSpec, check_rel
 from batchmask.cli import main
 from batchmask.jobs.spec import JobError, load_job
 
@@ -75,6 +75,13 @@ def test_txt_list_of_relative_absolute_and_file_entries_then_only_new_ones(tmp_p
     assert (s.total, s.ok, s.failed, s.skipped) == (6, 2, 0, 4)
     assert len(rows(out)) == 6
     assert {m: (out / got[m]["mask"]).stat().st_mtime_ns for m in before} == before  # not rewritten
+
+    # A list run's masks are where entry_mask puts them: the record index keeps each as a flag bit,
+    # none by name (by name, an output of 10 M list entries would cost gigabytes in the driver).
+    from batchmask.batch.outputs import read_records
+
+    index = read_records(StorageSpec(str(out)).open(), default_mask=entry_mask)
+    assert index._odd == {} and index.get(f"{imgs}/p1.jpg") == f"masks/local{imgs}/p1.jpg.png"
 
 
 def test_csv_and_parquet_lists_with_a_named_column_and_duplicates(tmp_path, tiny_model_dir):
@@ -413,3 +420,14 @@ def test_signed_urls_are_read_with_their_signature_which_is_never_stored(tmp_pat
     for name in ("coverage.csv", "run.json"):
         assert "s3cr3t" not in (tmp_path / "out" / name).read_text()
     assert b"s3cr3t" not in (tmp_path / "out" / "results.parquet").read_bytes()
+
+
+def test_a_signed_list_url_is_read_by_its_path_and_never_echoed():
+    """A signed URL's query neither hides the list's format nor shows up in an error."""
+    from batchmask.batch.manifest import list_location_problem
+
+    url = "https://acct.blob.core.windows.net/c/list.txt?sv=2022&sig=SeCrEtSiG"
+    assert EntryList(url).format == ".txt" and list_location_problem(url) is None
+    with pytest.raises(ListError) as e:
+        EntryList("https://acct.blob.core.windows.net/c/list.json?sv=2022&sig=SeCrEtSiG")
+    assert "SeCrEtSiG" not in str(e.value) and "unknown list format" in str(e.value)

@@ -263,6 +263,22 @@ def test_secrets_in_urls_and_connection_strings_are_redacted():
     assert "sv=2024" in out and "AccountName=a" in out
     spec = StorageSpec("https://h/c?sig=SeCrEt")
     assert "SeCrEt" not in repr(spec) and "SeCrEt" not in str(spec.public())
+    # older and other signing schemes: S3 SigV2 / GCS V2 (Signature=), CloudFront (Policy=), bearer tokens
+    v2 = ("https://b.s3.amazonaws.com/k.jpg?AWSAccessKeyId=A&Expires=1&Signature=V2sEcReT "
+          "https://d.cloudfront.net/k.jpg?Policy=PoLiCy&Signature=CfSiG&Key-Pair-Id=K "
+          "https://h/k.jpg?access_token=ToKeN1&x=1 https://h/k.jpg?token=ToKeN2")
+    out = redact_urls(v2)
+    for secret in ("V2sEcReT", "PoLiCy", "CfSiG", "ToKeN1", "ToKeN2"):
+        assert secret not in out
+    assert "Expires=1" in out and "x=1" in out
+
+
+def test_a_probes_last_words_about_a_signed_url_are_redacted():
+    """The probe child reads the entry with its signature; its dying line is logged by the driver."""
+    from batchmask.batch.probe import verdict_of
+
+    v = verdict_of(1, "Traceback ...\nFileNotFoundError: https://h/x.jpg?X-Amz-Signature=SeCrEt: 404\n")
+    assert "SeCrEt" not in v["how"] and "https://h/x.jpg?X-Amz-Signature=<redacted>" in v["how"]
 
 
 def test_a_filesystem_without_a_paged_listing_is_listed_whole_with_one_warning(caplog):

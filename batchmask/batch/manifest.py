@@ -18,10 +18,11 @@ import csv
 import io
 from collections.abc import Iterator
 from typing import IO
+from urllib.parse import urlsplit
 
 from .entries import ListSource, list_base
 from .options import RunError
-from .storage import _FAMILY, StorageSpec, is_remote, is_url, redact_urls, resolve_endpoint, strip_userinfo
+from .storage import _FAMILY, StorageSpec, is_remote, is_url, redact_urls, resolve_endpoint
 
 FORMATS = (".txt", ".csv", ".parquet")
 DEFAULT_COLUMN = "path"
@@ -40,9 +41,8 @@ class EntryList:
                  storage_options: dict | None = None):
         self.url, self.column = url, column
         self.spec_args = (endpoint_url, dict(storage_options or {}))
-        self.where = strip_userinfo(url) or url
-        low = url.lower().rsplit("/", 1)[-1]
-        self.format = next((f for f in FORMATS if low.endswith(f)), None)
+        self.where = redact_urls(url)  # a signed list URL's signature is never echoed
+        self.format = _list_format(url)
         if self.format is None:
             raise ListError(f"{self.where}: unknown list format; name it .txt (one entry per line), .csv or .parquet")
         if column is not None and self.format == ".txt":
@@ -175,7 +175,14 @@ def list_location_problem(url: str) -> str | None:
         return "must not be empty"
     if is_url(url) and url.rstrip("/") != url:
         return "names a folder; an input list is a .txt, .csv or .parquet file"
-    if not url.lower().endswith(FORMATS):
+    if _list_format(url) is None:
         return "must end in .txt, .csv or .parquet"
     return None
+
+
+def _list_format(url: str) -> str | None:
+    """The list's format from its name: the URL's path, so a signed URL's query does not hide it."""
+    path = urlsplit(url).path if is_url(url) else url
+    low = path.lower().rsplit("/", 1)[-1]
+    return next((f for f in FORMATS if low.endswith(f)), None)
 

@@ -24,6 +24,7 @@ import io
 import logging
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,7 @@ from .records import (  # noqa: F401  (the record's format: defined there, part 
     RecordIndex,
     Unsorted,
     csv_to_rows,
+    folder_mask,
     free_name,
     list_parts,
 )
@@ -61,7 +63,7 @@ OVERLAYS = "overlays/"
 
 
 def mask_rel(rel: str) -> str:
-    return MASKS + posixpath.splitext(rel)[0] + ".png"
+    return folder_mask(rel)
 
 
 def overlay_rel(rel: str) -> str:
@@ -286,7 +288,8 @@ def done_set(out: Storage, records: dict[str, dict], retry_errors: bool = False,
     return done
 
 
-def read_records(out: Storage, retry_errors: bool = False, masks: bool = True) -> RecordIndex:
+def read_records(out: Storage, retry_errors: bool = False, masks: bool = True,
+                 default_mask: Callable[[str], str] = folder_mask) -> RecordIndex:
     """What the output records, as a :class:`RecordIndex`: ``rel in index`` is ``rel in
     done_set(...)`` and ``MaskNames(index)`` keeps the recorded mask paths, in 32 bytes per image.
     A damaged coverage.csv is kept beside and rebuilt empty (its images are processed again), as
@@ -295,10 +298,10 @@ def read_records(out: Storage, retry_errors: bool = False, masks: bool = True) -
 
     try:
         try:
-            return RecordIndex.read(out, retry_errors, masks)
+            return RecordIndex.read(out, retry_errors, masks, default_mask)
         except Unsorted:  # edited by hand: sorted once (in memory), then read as usual
             sort_coverage(out)
-            return RecordIndex.read(out, retry_errors, masks)
+            return RecordIndex.read(out, retry_errors, masks, default_mask)
     except DamagedCsv as exc:
         set_aside_coverage(out, exc)
         merge_parts(out)

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .entries import ListSource
-from .storage import StorageSpec
+from .storage import StorageSpec, redact_urls
 
 #: Signals a process gets from its own failing code: a death by one of these is a crash.
 CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
@@ -45,7 +45,7 @@ def verdict_of(returncode: int, stderr: str = "") -> dict:
         return {"crashed": False, "how": f"killed by {sig.name}"}
     if returncode == 0:
         return {"crashed": False, "how": "decoded alone without a crash"}
-    last = (stderr.strip().splitlines() or [""])[-1][:200]
+    last = redact_urls((stderr.strip().splitlines() or [""])[-1])[:200]  # the child read the signed URL
     return {"crashed": False, "how": f"exit code {returncode}" + (f": {last}" if last else "")}
 
 

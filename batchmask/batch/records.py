@@ -25,7 +25,7 @@ import io
 import logging
 import posixpath
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -192,13 +192,20 @@ def copy_file(out: Storage, src: str, dst: str) -> None:
         shutil.copyfileobj(f, g, 1 << 20)
 
 
+def folder_mask(rel: str) -> str:
+    """A folder run's first-choice mask path for ``rel`` (:func:`batchmask.batch.outputs.mask_rel`)."""
+    return MASKS + posixpath.splitext(rel)[0] + ".png"
+
+
 class RecordIndex:
     """The recorded images of an output: ``rel in index`` says whether ``rel`` needs no work
     (the rule of :func:`batchmask.batch.outputs.done_set`); :meth:`get` and :meth:`reserves`
     give :class:`~batchmask.batch.outputs.MaskNames` the recorded mask paths."""
 
-    def __init__(self, entries: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str]):
+    def __init__(self, entries: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str],
+                 default_mask: Callable[[str], str] = folder_mask):
         self._entries, self._reserved, self._odd = entries, reserved, odd_masks
+        self._default_mask = default_mask
         self._last: tuple[str, int] = ("", 0)
         # A lookup per listed image: NumPy's searchsorted costs ~5 µs for one bytes key, so the
         # entries are bucketed by their first bits (hashes: uniform), 1 to 4 entries a bucket.
@@ -214,14 +221,15 @@ class RecordIndex:
         self._raw = memoryview(entries.view(np.uint8))
 
     @classmethod
-    def read(cls, out: Storage, retry_errors: bool = False, masks: bool = True) -> RecordIndex:
+    def read(cls, out: Storage, retry_errors: bool = False, masks: bool = True,
+             default_mask: Callable[[str], str] = folder_mask) -> RecordIndex:
         """Build the index from ``coverage.csv`` (streaming) and, when masks are wanted and some
         row is ``ok``, the listing of ``masks/`` (hashed in chunks, never held as names).
         :class:`DamagedCsv` for a coverage.csv that cannot be read."""
         if not out.exists(COVERAGE):
             return cls.empty()
         with CsvRows.open(out, COVERAGE) as rows:
-            b = _Builder(retry_errors)
+            b = _Builder(retry_errors, default_mask)
             b.add(rows)
         return b.finish(out, masks)
 
@@ -255,7 +263,7 @@ class RecordIndex:
         odd = self._odd.get(rel) if self._odd else None
         if odd:
             return odd
-        return MASKS + posixpath.splitext(rel)[0] + ".png" if self._flag(rel) & DEFAULT_MASK else None
+        return self._default_mask(rel) if self._flag(rel) & DEFAULT_MASK else None
 
     def reserves(self, path: str) -> bool:
         """Whether ``path`` is a recorded mask path, or a folder of one that ends in ``.png``."""
@@ -287,8 +295,10 @@ class _Builder:
     """Rows of coverage.csv (in image order) in, arrays out; of repeated rows for one image (next
     to each other, in a sorted file) the last wins, as in a dict. :class:`Unsorted` otherwise."""
 
-    def __init__(self, retry_errors: bool):
-        self.retry_errors = retry_errors
+    def __init__(self, retry_errors: bool, default_mask: Callable[[str], str] = folder_mask):
+        # Rows whose mask is where the rule puts it cost a flag bit; only the others are kept by name
+        # (a list run's rule is entries.entry_mask: with the folder rule every row would be kept).
+        self.retry_errors, self.default_mask = retry_errors, default_mask
         self.entries, self.masks, self.dirs = bytearray(), bytearray(), bytearray()
         self.odd: dict[str, str] = {}
 
@@ -299,7 +309,7 @@ class _Builder:
         ii, si, mi, ei = ix["image"], ix["status"], ix.get("mask", -1), ix.get("error", -1)
         retry, odd = self.retry_errors, self.odd
         entries, masks, dirs = self.entries, self.masks, self.dirs
-        splitext = posixpath.splitext
+        default_mask = self.default_mask
         prev, prev_dirs = "", 0
         for row in rows:
             img, n = row[ii], len(row)
@@ -318,7 +328,7 @@ class _Builder:
             if m:
                 f |= _HAS_MASK
                 masks += key(m)
-                if m == MASKS + splitext(img)[0] + ".png":
+                if m == default_mask(img):
                     f |= _DEFAULT
                 else:
                     odd[img] = m
@@ -341,7 +351,7 @@ class _Builder:
         entries.sort()  # in place; the flag byte is the last: one image's entry stays whole
         if self.dirs:
             recorded = _unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
-        return RecordIndex(entries, recorded, self.odd)
+        return RecordIndex(entries, recorded, self.odd, self.default_mask)
 
 
 def _final(mask_keys: np.ndarray, flags: np.ndarray, out: Storage, want_masks: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from .outputs import (
     RUN_JSON,
     MaskNames,
     error_row,
+    folder_mask,
     merge_parts,
     part_name,
     read_records,
@@ -186,7 +187,8 @@ class _BatchRun:
             self.model_sha256 = check_same_model(self.out, self.model_dir, opts.overwrite)
             check_same_input_kind(self.out, self.in_list is not None)
             merge_parts(self.out)  # leftovers of an interrupted run first
-            records = read_records(self.out, opts.retry_errors, masks=not opts.no_masks)
+            records = read_records(self.out, opts.retry_errors, masks=not opts.no_masks,
+                                   default_mask=entry_mask if self.in_list is not None else folder_mask)
             self.done: Container[str] = set() if opts.overwrite else records
             self.names = MaskNames(records)  # an image keeps its mask path; no new image takes one
         except BaseException:

@@ -10,9 +10,9 @@ keys share a digest with a probability of about n^2 / 2^129 (1e-25 for ten milli
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+
+from .records import key as digest  # the record index's 128-bit BLAKE2b of a name
 
 #: Digests held in the Python set before they go to a sorted array.
 BUFFER = 1 << 16
@@ -31,7 +31,7 @@ class SeenKeys:
 
     def add(self, key: str) -> bool:
         """Record ``key``; False if it was already recorded."""
-        d = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest(), "big")
+        d = int.from_bytes(digest(key), "big")
         if d in self._buffer:
             return False
         h, lo = np.uint64(d >> 64), np.uint64(d & _LOW)

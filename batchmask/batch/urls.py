@@ -60,9 +60,11 @@ def check_rel(rel: str) -> str:
 
 
 #: Secrets that travel inside URLs and connection strings: Azure SAS signatures (``sig=``), account
-#: keys, presigned S3/GCS URLs' signatures and session tokens.
+#: keys, presigned S3/GCS URLs' signatures (V4 and the older V2 ``Signature=``), CloudFront's signed
+#: ``Policy=``, and bearer tokens.
 _SECRET_PARAMS = re.compile(r"(?i)\b(sig|AccountKey|SharedAccessSignature|X-Amz-Signature|X-Amz-Credential|"
-                            r"X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential)=[^&;\s'\"]+")
+                            r"X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential|Signature|Policy|"
+                            r"access_token|token)=[^&;\s'\"]+")
 
 
 def redact_urls(text: str) -> str:
