@@ -166,23 +166,33 @@ def _merged(old: Iterator[dict], fresh: dict[str, dict]) -> Iterator[tuple[dict,
 
 
 def _merge(out: Storage, fresh: dict[str, dict], old: Callable[[], Iterator[dict]]) -> None:
-    """Write results.parquet, then coverage.csv, each from one pass over ``old()`` and ``fresh``."""
-    with PreviousTable(out) as previous, new_table(out) as table:
+    """Write results.parquet and coverage.csv from one pass over ``old()`` and ``fresh`` (coverage.csv
+    read once: at millions of rows each read is minutes). The table is published first, then the
+    CSV; the part files are deleted only after both, so a merge stopped between them is redone."""
+    fields = _coverage_fields(out, fresh)
+    with out.open_write(COVERAGE) as f, PreviousTable(out) as previous, new_table(out) as table:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="", write_through=False)
+        w = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", restval="", extrasaction="ignore")
+        w_all = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", restval="", extrasaction="ignore",
+                               quoting=csv.QUOTE_ALL)  # a row with a carriage return, fully quoted
+        w.writeheader()
         rows: list[dict] = []
         flags: list[bool] = []
         for r, is_fresh in _merged(old(), fresh):
             rows.append(r)
             flags.append(is_fresh)
+            (w_all if any("\r" in str(v) for v in r.values()) else w).writerow(r)
             if len(rows) >= BATCH:
                 table.write(rows, flags, previous)
                 rows, flags = [], []
         table.write(rows, flags, previous)
-    _write_coverage(out, fresh, old)
+        text.flush()
+        text.detach()
 
 
-def _write_coverage(out: Storage, fresh: dict[str, dict], old: Callable[[], Iterator[dict]]) -> None:
-    """coverage.csv as :func:`~batchmask.batch.outputs.rows_to_csv` writes it (our columns, then the
-    user's in the order first seen; a row with a carriage return fully quoted), in pieces."""
+def _coverage_fields(out: Storage, fresh: dict[str, dict]) -> list[str]:
+    """coverage.csv's columns as :func:`~batchmask.batch.outputs.rows_to_csv` writes them: ours,
+    then the user's in the order first seen (the old file's header, then the new rows')."""
     extra: dict[str, None] = {}
     if out.exists(COVERAGE):
         try:
@@ -197,14 +207,4 @@ def _write_coverage(out: Storage, fresh: dict[str, dict], old: Callable[[], Iter
         for k in r:
             if k not in COLUMNS and k not in TABLE_FIELDS and isinstance(k, str):
                 extra.setdefault(k)
-    fields = COLUMNS + list(extra)
-    with out.open_write(COVERAGE) as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="", write_through=False)
-        w = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", restval="", extrasaction="ignore")
-        w_all = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", restval="", extrasaction="ignore",
-                               quoting=csv.QUOTE_ALL)
-        w.writeheader()
-        for r, _ in _merged(old(), fresh):
-            (w_all if any("\r" in str(v) for v in r.values()) else w).writerow(r)
-        text.flush()
-        text.detach()
+    return COLUMNS + list(extra)
