@@ -22,7 +22,6 @@ import functools
 import http.server
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 from conftest import need
 from ports import StartFailed, start_with_free_ports
+from s3server import _stop  # the same process-group stop as the S3 server's
 
 AZURITE_DIR = Path(os.environ.get("BATCHMASK_AZURITE_DIR", Path.home() / ".cache" / "batchmask-azurite"))
 AZURITE_VERSION = "3"
@@ -42,16 +42,6 @@ AZURITE_VERSION = "3"
 #: what runs write (it must never appear there).
 AZ_ACCOUNT = "batchmask"
 AZ_KEY = base64.b64encode(b"batchmask-azurite-test-key-0123456789").decode()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60.0) -> None:

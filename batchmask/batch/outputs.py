@@ -224,41 +224,23 @@ def load_records(out: Storage) -> tuple[dict[str, dict], list[str]]:
     """Rows from ``coverage.csv`` plus unmerged part files (later part files win), all in memory:
     for inspection and tests; a run reads an output through :class:`RecordIndex` and merges it
     with :func:`merge_parts`, which hold neither."""
+    from .merge import read_parts, set_aside_coverage
+
     records: dict[str, dict] = {}
     if out.exists(COVERAGE):
-        data = out.read_bytes(COVERAGE)
         try:
-            rows = csv_to_rows(data, COVERAGE)
-        except DamagedCsv as exc:
-            # Kept beside, never overwritten: rows may be recoverable by hand. Deleted, so that the
-            # merge below writes a new one from the part files; the images are processed again.
-            keep = free_name(out, COVERAGE + UNREADABLE)
-            log.warning("%s; kept as %s, rebuilt from this run on (its images are processed again)", exc, keep)
-            out.write_bytes(keep, data)
-            out.delete(COVERAGE)
+            rows = csv_to_rows(out.read_bytes(COVERAGE), COVERAGE)
+        except DamagedCsv as exc:  # kept beside and deleted, as a merge does
+            set_aside_coverage(out, exc)
             rows = []
         for r in rows:
             records[r["image"]] = r
-    parts = list_parts(out)
-    readable = []
-    for p in parts:  # run ids sort chronologically
-        data = out.read_bytes(p)
-        try:
-            rows = csv_to_rows(data, p)
-        except DamagedCsv as exc:
-            # Never deleted: its masks exist and its rows may be recoverable by hand.
-            log.warning("%s; kept as %s%s, its images will be processed again", exc, p, UNREADABLE)
-            out.write_bytes(p + UNREADABLE, data)
-            out.delete(p)
-            continue
-        readable.append(p)
-        for r in rows:
-            for k in TABLE_FIELDS:  # marks the row as fresh for results.parquet (older part files lack them)
-                r.setdefault(k, "")
-            old = records.get(r["image"])
-            if old:  # a column of the user's (not ours) stays with the image when its row is replaced
-                r.update({k: v for k, v in old.items() if k not in COLUMNS and k not in TABLE_FIELDS and k not in r})
-            records[r["image"]] = r
+    fresh, readable = read_parts(out, list_parts(out))
+    for img, r in fresh.items():
+        old = records.get(img)
+        if old:  # a column of the user's (not ours) stays with the image when its row is replaced
+            r.update({k: v for k, v in old.items() if k not in COLUMNS and k not in TABLE_FIELDS and k not in r})
+        records[img] = r
     return records, readable
 
 

@@ -344,19 +344,8 @@ class Storage:
             with self._remote_errors("write", rel):
                 self.fs.pipe_file(self.full(rel), data)
             return
-        path = self.full(rel)
-        d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
-        # Short and fixed-length: a name of up to 255 bytes still leaves room for it (NAME_MAX).
-        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:16]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with self.open_write(rel) as f:
+            f.write(data)
 
     def _check_writable(self) -> None:
         if not self.backend.writable:
@@ -393,6 +382,7 @@ class Storage:
         path = self.full(rel)
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
+        # Short and fixed-length: a name of up to 255 bytes still leaves room for it (NAME_MAX).
         tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:16]}")
         try:
             with open(tmp, "wb") as f:
