@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import BACKENDS, MissingExtra, backend_for
+from .records import overlay_of
 from .storage import (
     _FAMILY,
     EntryError,
@@ -121,7 +122,9 @@ def entry_mask(key: str) -> str:
 
 
 def entry_overlay(key: str) -> str:
-    return f"overlays/{entry_name(key)}.jpg"
+    """``overlays/<entry_name>.jpg``: named after the entry's mask path (:func:`~batchmask.batch.records.overlay_of`),
+    which is a function of the key alone, so it holds with ``--no-masks`` too."""
+    return overlay_of(entry_mask(key))
 
 
 def entry_key(raw: str) -> str:
@@ -257,6 +260,7 @@ class EntryReader:
             raise EntryError(key + text[len(rel):] if text.startswith(rel) else text) from exc
 
     def overlay_rel(self, key: str) -> str:
+        """The overlay path of an entry done with ``--no-masks`` (no mask path to name it after)."""
         return entry_overlay(key)
 
 

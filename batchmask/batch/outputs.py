@@ -3,7 +3,7 @@
 Layout (README.md, "Files written", describes every file and column)::
 
     masks/<relative path, extension .png>   8-bit single-channel PNG, 255 = face, 0 = not
-    overlays/<relative path, extension .jpg> previews (only with --overlays)
+    overlays/<mask path in masks/, extension .jpg> previews (only with --overlays)
     coverage.csv                            one row per input image, sorted by image
     results.parquet                         the same rows, typed, plus mask_rle and boxes (batch/table.py)
     run.json                                the latest run: model, versions, counts, throughput
@@ -42,6 +42,7 @@ from .records import (  # noqa: F401  (the record's format: defined there, part 
     COVERAGE,
     LEGACY_STORAGE_ERROR,
     MASKS,
+    OVERLAYS,
     PARTS,
     UNREADABLE,
     DamagedCsv,
@@ -51,6 +52,7 @@ from .records import (  # noqa: F401  (the record's format: defined there, part 
     folder_mask,
     free_name,
     list_parts,
+    overlay_of,
 )
 from .records import png_dirs as _png_dirs
 from .storage import Storage
@@ -59,15 +61,10 @@ from .tablerow import TABLE_FIELDS
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
-OVERLAYS = "overlays/"
 
 
 def mask_rel(rel: str) -> str:
     return folder_mask(rel)
-
-
-def overlay_rel(rel: str) -> str:
-    return OVERLAYS + posixpath.splitext(rel)[0] + ".jpg"
 
 
 class MaskNames:

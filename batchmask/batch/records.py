@@ -47,6 +47,7 @@ PARTS = "_parts/"
 #: Suffix given to a part file that cannot be parsed (kept for inspection, never merged).
 UNREADABLE = ".unreadable"
 MASKS = "masks/"
+OVERLAYS = "overlays/"
 #: Error rows that older versions wrote for disk-full/permission/connection failures while
 #: writing a mask: not a property of the image, so they are always processed again.
 LEGACY_STORAGE_ERROR = "cannot write outputs"
@@ -195,6 +196,16 @@ def copy_file(out: Storage, src: str, dst: str) -> None:
 def folder_mask(rel: str) -> str:
     """A folder run's first-choice mask path for ``rel`` (:func:`batchmask.batch.outputs.mask_rel`)."""
     return MASKS + posixpath.splitext(rel)[0] + ".png"
+
+
+def overlay_of(mask: str) -> str:
+    """The overlay path of the image whose mask path is ``mask``: ``masks/X.png`` -> ``overlays/X.jpg``.
+
+    Mask paths are one per image and never another image's (:class:`~batchmask.batch.outputs.MaskNames`,
+    :func:`~batchmask.batch.entries.entry_mask`), and this mapping is one-to-one, so overlays are
+    too: ``a.jpg`` and ``a.png`` get ``overlays/a.jpg`` and ``overlays/a.png.jpg``, as their masks.
+    """
+    return OVERLAYS + mask[len(MASKS):-len(".png")] + ".jpg"
 
 
 class RecordIndex:
