@@ -17,8 +17,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from batchmask.batch.options import RunError
-from batchmask.batch.outputs import overlay_of
+from batchmask.batch.outputs import (
+    COVERAGE,
+    MaskNames,
+    mask_rel,
+    ok_row,
+    overlay_of,
+    read_records,
+    rows_to_csv,
+)
 from batchmask.batch.runner import run
+from batchmask.batch.storage import StorageSpec
 from batchmask.cli import main
 from batchmask.jobs.spec import JobError, parse_job
 
@@ -28,6 +37,7 @@ LOOKS = {
     "a.png": (24, 16, (0, 0, 200)),
     "a.jpeg": (28, 12, (200, 200, 0)),
     "sub/a.JPG": (16, 20, (200, 0, 200)),
+    "a.jpg/b.jpg": (12, 18, (0, 200, 200)),  # a folder named like a.png's overlay
 }
 
 
@@ -64,7 +74,7 @@ def go(inp: Path, out: Path, model: Path, **kw):
 
 
 def test_images_that_differ_by_extension_get_an_overlay_each(tmp_path, tiny_model_dir):
-    names = list(LOOKS)
+    names = [n for n in LOOKS if "/b" not in n]
     inp, out = paint(tmp_path / "in", names), tmp_path / "out"
     s = go(inp, out, tiny_model_dir)
     assert (s.ok, s.failed) == (4, 0)
@@ -95,6 +105,24 @@ def test_a_later_image_with_the_same_stem_leaves_the_earlier_overlay_alone(tmp_p
     assert overlays(out) == {"overlays/a.jpg", f"overlays/{later}.jpg"}
     assert_own_overlay(out / "overlays/a.jpg", first)
     assert_own_overlay(out / f"overlays/{later}.jpg", later)
+
+
+@pytest.mark.parametrize("runs", [[["a.jpg/b.jpg", "a.png"]], [["a.png"], ["a.jpg/b.jpg"]], [["a.jpg/b.jpg"], ["a.png"]]])
+def test_a_folder_named_like_another_images_overlay_gets_overlays_beside_it(tmp_path, tiny_model_dir, runs):
+    """a.png's overlay is the file overlays/a.jpg; a folder a.jpg/ would put b.jpg's in that name
+    as a folder (a local output failed every run): whichever comes first, in one run or two, each
+    image gets an overlay and both files exist."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for names in runs:
+        paint(inp, names)
+        s = go(inp, out, tiny_model_dir)
+        assert (s.ok, s.failed) == (len(names), 0)
+    by = rows(out)
+    assert len(overlays(out)) == 2
+    for name in ("a.png", "a.jpg/b.jpg"):
+        assert_own_overlay(out / overlay_of(by[name]["mask"]), name)
+    first = runs[0][0]  # in one run, the first listed
+    assert by[first]["mask"] == {"a.png": "masks/a.png", "a.jpg/b.jpg": "masks/a.jpg/b.png"}[first]  # as before
 
 
 @pytest.mark.parametrize("no_masks", [False, True])
@@ -128,3 +156,18 @@ def test_a_folder_run_refuses_no_masks_with_overlays(tmp_path, tiny_model_dir):
     with pytest.raises(JobError, match="field 'no_masks' = True: cannot go with --overlays"):
         parse_job({"name": "n", "schedule": "0 2 * * *", "input": "in", "output": "out", "overlays": True,
                    "no_masks": True})
+
+
+def test_images_of_one_folder_named_like_a_file_share_its_mask_folder(tmp_path):
+    """Only a clash moves a folder to <name>.d: images side by side in x.jpg/ or q.png/ stay
+    together, given out in one run or recorded by an earlier one (the record index)."""
+    order = ["q.png/r.jpg", "q.png/s.jpg", "x.jpg/b.jpg", "x.jpg/c.jpg"]
+    names = MaskNames()
+    assert [names.assign(r) for r in order] == ["masks/q.png/r.png", "masks/q.png/s.png", "masks/x.jpg/b.png",
+                                                "masks/x.jpg/c.png"]
+    out = StorageSpec(str(tmp_path / "out")).open()
+    out.write_bytes(COVERAGE, rows_to_csv([ok_row(r, mask_rel(r), 1, 1, 0, 0, None) for r in order[::2]]))
+    later = MaskNames(read_records(out))
+    assert [later.assign(r) for r in order] == ["masks/q.png/r.png", "masks/q.png/s.png", "masks/x.jpg/b.png",
+                                                "masks/x.jpg/c.png"]
+    assert later.assign("x.png") == "masks/x.png.png" and later.assign("q.png") == "masks/q.png.png"
