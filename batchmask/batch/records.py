@@ -362,9 +362,10 @@ class _Builder:
                     f |= _DEFAULT
                 else:
                     odd[img] = m
-                for _, ruled_out in clash_dirs(m):  # hashed with a "/": not a mask path of its own
-                    dirs += key(ruled_out + "/")
-                    prev_dirs += HASH_BYTES
+                if ".png/" in m or ".jpg/" in m:  # rare: no call per row otherwise
+                    for _, ruled_out in clash_dirs(m):  # hashed with a "/": not a mask path of its own
+                        dirs += key(ruled_out + "/")
+                        prev_dirs += HASH_BYTES
             else:
                 masks += _ZERO
             entries += image_key(img)
