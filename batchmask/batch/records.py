@@ -227,8 +227,9 @@ class RecordIndex:
     the mask paths their folders rule out)."""
 
     def __init__(self, entries: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str],
-                 default_mask: Callable[[str], str] = folder_mask):
+                 default_mask: Callable[[str], str] = folder_mask, any_ruled_out: bool = False):
         self._entries, self._reserved, self._odd = entries, reserved, odd_masks
+        self._any_ruled_out = any_ruled_out  # no recorded folder rules a path out: rules_out costs no lookup
         self._default_mask = default_mask
         self._last: tuple[str, int] = ("", 0)
         # A lookup per listed image: NumPy's searchsorted costs ~5 µs for one bytes key, so the
@@ -295,7 +296,7 @@ class RecordIndex:
 
     def rules_out(self, path: str) -> bool:
         """Whether a folder of a recorded mask path rules out a mask file at ``path`` (:func:`clash_dirs`)."""
-        return self._has(key(path + "/"))
+        return self._any_ruled_out and self._has(key(path + "/"))
 
     def _has(self, h: bytes) -> bool:
         if not len(self._reserved):
@@ -381,7 +382,7 @@ class _Builder:
         entries.sort()  # in place; the flag byte is the last: one image's entry stays whole
         if self.dirs:
             recorded = _unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
-        return RecordIndex(entries, recorded, self.odd, self.default_mask)
+        return RecordIndex(entries, recorded, self.odd, self.default_mask, any_ruled_out=bool(self.dirs))
 
 
 def _final(mask_keys: np.ndarray, flags: np.ndarray, out: Storage, want_masks: bool) -> tuple[np.ndarray, np.ndarray]:
