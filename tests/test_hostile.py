@@ -17,6 +17,7 @@ from batchmask.batch.outputs import (
     load_records,
     merge_parts,
     ok_row,
+    overlay_of,
     part_name,
     rows_to_csv,
 )
@@ -83,15 +84,18 @@ def test_drive_letter_is_an_ordinary_name_on_posix(tmp_path):
     assert (tmp_path / "out" / "masks" / "c:" / "drive.png").exists()
 
 
-@pytest.mark.parametrize("order", [["q.png", "q.png/r.jpg", "q.png/s.png"], ["a.png/x.jpg", "a.tif"]])
+@pytest.mark.parametrize("order", [["q.png", "q.png/r.jpg", "q.png/s.png"], ["a.png/x.jpg", "a.tif"],
+                                   ["a.png", "a.jpg/b.jpg", "a.jpg/c.jpg"], ["a.jpg/b.jpg", "a.jpg/c.jpg", "a.tif"]])
 def test_a_name_that_is_both_file_and_folder_gets_masks_that_can_coexist(tmp_path, order):
     names = MaskNames()
     masks = [names.assign(r) for r in order]
     out = _out(tmp_path)
-    for m in masks:  # a file where another mask needs a folder fails here
+    for m in masks:  # a file where another mask (or overlay) needs a folder fails here
         out.write_bytes(m, b"x")
+        out.write_bytes(overlay_of(m), b"x")
     assert len(set(masks)) == len(masks)
     assert sorted(out.iter_files("masks/")) == sorted(masks)
+    assert sorted(out.iter_files("overlays/")) == sorted(map(overlay_of, masks))
     again = MaskNames(dict(zip(order, masks, strict=True)))  # a rerun keeps them
     assert [again.assign(r) for r in order] == masks
 

@@ -20,7 +20,15 @@ from click.testing import CliRunner
 from test_promises_run import images
 
 from batchmask.batch import manifest
-from batchmask.batch.entries import EntryReader, ListSource, entry_key, entry_mask, entry_problem, locate
+from batchmask.batch.entries import (
+    EntryReader,
+    ListSource,
+    entry_key,
+    entry_mask,
+    entry_overlay,
+    entry_problem,
+    locate,
+)
 from batchmask.batch.manifest import EntryList, ListError
 from batchmask.batch.options import RunError
 from batchmask.batch.runner import run
@@ -161,7 +169,7 @@ def test_cli_input_and_input_list_are_exclusive(tmp_path):
 
 HOSTILE = [
     "../../etc/passwd", "/etc/passwd", "a/../../b.jpg", "..", ".", "", "/", "//x.jpg", "%2e%2e/%2e%2e/x.jpg",
-    "a\\..\\..\\b.jpg", "x\x00.jpg", "C:\\x.jpg", ".tmp-123", ".hidden.jpg", "~e", "a.jpg.png/b.jpg", "a.jpg.png",
+    "a\\..\\..\\b.jpg", "x\x00.jpg", "C:\\x.jpg", ".tmp-123", ".hidden.jpg", "~e", "a.jpg.png/b.jpg", "a.jpg.png", "a.jpg.jpg/b.png", "a.jpg.jpg",
     "a.jpg", "a.png", "x" * 5000 + ".jpg", "é/" * 300 + "x.jpg", "\u202egpj.exe", "a~hdeadbeef.jpg",
     "https://h/a.jpg", "https://h/a.jpg?x=1", "https://h/a.jpg?x=2", "https://h/a.jpg?", "https://h/a.jpg#f",
     "https://h//a.jpg", "https://h", "https://h/", "https://h/../../x.jpg", "https://h/%2e%2e/x.jpg",
@@ -183,6 +191,9 @@ def test_hostile_entries_get_distinct_masks_that_never_leave_masks():
     # no mask path is a folder of another
     folders = {"/".join(m.split("/")[:i]) for m in masks.values() for i in range(2, len(m.split("/")))}
     assert not folders & set(masks.values())
+    overlays = {entry_overlay(k) for k in HOSTILE}  # the same for overlays: a.jpg's is a.jpg.jpg
+    assert len(overlays) == len(HOSTILE)
+    assert not {"/".join(o.split("/")[:i]) for o in overlays for i in range(2, len(o.split("/")))} & overlays
     assert masks["s3://b/a.jpg"] == "masks/s3/b/a.jpg.png" and masks["s3://c/a.jpg"] == "masks/s3/c/a.jpg.png"
     assert masks["https://h/a.jpg?x=1"].startswith("masks/https/h/a.jpg~q")
     assert masks["/etc/passwd"] == "masks/local/etc/passwd.png"

@@ -8,7 +8,8 @@ without any ``user:password@`` (such entries are refused, never read or stored w
 Its mask goes to ``masks/<namespace>/<escaped segments>.png`` (:func:`entry_mask`): the namespace
 is the URL's scheme, ``local`` for absolute paths, ``relative`` for relative ones; the segments are
 the bucket or host and the path, each escaped (:func:`_segment`) so that every key has its own mask
-path (the mapping is injective) and none can leave ``masks/``. docs/design.md, "Input lists", says
+path (the mapping is injective) and none can leave ``masks/``; its overlay is
+``overlays/<the same>.jpg`` (:func:`entry_overlay`). docs/design.md, "Input lists", says
 why. Reading: :class:`ListSource` (sent to workers) and :class:`EntryReader` (one per worker, a
 cache of one :class:`~batchmask.batch.storage.Storage` per scheme and bucket or host).
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import BACKENDS, MissingExtra, backend_for
+from .records import overlay_of
 from .storage import (
     _FAMILY,
     EntryError,
@@ -50,6 +52,8 @@ _KEEP = frozenset(string.ascii_letters + string.digits + "-_.+=,@ ()")
 #: A segment escaped longer than this (bytes) is folded to a prefix and a hash of the whole.
 SEGMENT_MAX = 200
 _FOLD_PREFIX = 100
+#: What mask and overlay files end in: a folder never does (its last "g" is written %67).
+_FILES = (".png", ".jpg")
 _PLAIN = re.compile(r"[A-Za-z0-9\-_.+=,@ ()]*\Z")
 
 
@@ -67,10 +71,11 @@ def _escaped_chars(seg: str) -> list[str]:
 
 def _segment(seg: str, last: bool) -> str:
     """One path segment as a safe, reversible-enough file name: never empty, ".", "..", hidden,
-    over the file system's name limit, or (a folder) ending in ".png" like a mask file."""
+    over the file system's name limit, or (a folder) ending in ".png" or ".jpg" like a mask or an
+    overlay file."""
     if seg == "":
         return "~e"
-    if _PLAIN.match(seg) and not seg.startswith(".") and len(seg) <= SEGMENT_MAX and (last or not seg.endswith(".png")):
+    if _PLAIN.match(seg) and not seg.startswith(".") and len(seg) <= SEGMENT_MAX and (last or not seg.endswith(_FILES)):
         return seg  # the common case, without a Python loop over its characters
     chars = _escaped_chars(seg)
     out = "".join(chars)
@@ -82,7 +87,7 @@ def _segment(seg: str, last: bool) -> str:
                 break
             keep.append(c)
         out = "".join(keep) + "~h" + _hash(seg)
-    if not last and out.endswith(".png"):  # a folder named like a mask file: "a.jpg.png/b.jpg"
+    if not last and out.endswith(_FILES):  # a folder named like a mask or overlay file: "a.jpg.png/b.jpg"
         out = out[:-1] + "%67"
     return out
 
@@ -121,7 +126,9 @@ def entry_mask(key: str) -> str:
 
 
 def entry_overlay(key: str) -> str:
-    return f"overlays/{entry_name(key)}.jpg"
+    """``overlays/<entry_name>.jpg``: named after the entry's mask path (:func:`~batchmask.batch.records.overlay_of`),
+    which is a function of the key alone, so it holds with ``--no-masks`` too."""
+    return overlay_of(entry_mask(key))
 
 
 def entry_key(raw: str) -> str:
@@ -257,6 +264,7 @@ class EntryReader:
             raise EntryError(key + text[len(rel):] if text.startswith(rel) else text) from exc
 
     def overlay_rel(self, key: str) -> str:
+        """The overlay path of an entry done with ``--no-masks`` (no mask path to name it after)."""
         return entry_overlay(key)
 
 

@@ -57,7 +57,7 @@ class RunOptions:
     glob: str | None = _opt(None, recorded=True, job=(str,))
     #: Face probability threshold (None: the model's).
     threshold: float | None = _opt(None, recorded=True, job=(float, int))
-    #: Also write overlays/<path>.jpg.
+    #: Also write overlays/<mask path>.jpg (masks/X.png -> overlays/X.jpg).
     overlays: bool = _opt(False, recorded=True, job=(bool,))
     #: Process every image again.
     overwrite: bool = _opt(False, recorded=True)
@@ -140,6 +140,12 @@ class RunOptions:
         check("list_column", lambda v: bool(v.strip()), "must not be empty")
         if values.get("list_column") is not None and not values.get("input_list"):
             out.append(("list_column", "is the column of --input-list's entries; give --input-list too"))
+        if values.get("no_masks") and values.get("overlays") and not values.get("input_list"):
+            # A folder run names an overlay after its image's mask path (overlays/X.jpg for masks/X.png),
+            # which keeps a.jpg's and a.png's apart; --no-masks records none (docs/design.md).
+            out.append(("no_masks", "cannot go with --overlays in a folder run: an overlay is named after its "
+                                    "image's mask path, which --no-masks does not record; drop --no-masks (a mask "
+                                    "PNG costs a small part of what its overlay's JPEG does)"))
         if values.get("input_list") is not None and values.get("glob") is not None:
             out.append(("glob", "filters a folder's listing; with --input-list, filter the list instead"))
         return out

@@ -3,7 +3,7 @@
 Layout (README.md, "Files written", describes every file and column)::
 
     masks/<relative path, extension .png>   8-bit single-channel PNG, 255 = face, 0 = not
-    overlays/<relative path, extension .jpg> previews (only with --overlays)
+    overlays/<mask path in masks/, extension .jpg> previews (only with --overlays)
     coverage.csv                            one row per input image, sorted by image
     results.parquet                         the same rows, typed, plus mask_rle and boxes (batch/table.py)
     run.json                                the latest run: model, versions, counts, throughput
@@ -42,6 +42,7 @@ from .records import (  # noqa: F401  (the record's format: defined there, part 
     COVERAGE,
     LEGACY_STORAGE_ERROR,
     MASKS,
+    OVERLAYS,
     PARTS,
     UNREADABLE,
     DamagedCsv,
@@ -51,23 +52,19 @@ from .records import (  # noqa: F401  (the record's format: defined there, part 
     folder_mask,
     free_name,
     list_parts,
+    overlay_of,
 )
-from .records import png_dirs as _png_dirs
+from .records import clash_dirs as _clash_dirs
 from .storage import Storage
 from .tablerow import TABLE_FIELDS
 
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
-OVERLAYS = "overlays/"
 
 
 def mask_rel(rel: str) -> str:
     return folder_mask(rel)
-
-
-def overlay_rel(rel: str) -> str:
-    return OVERLAYS + posixpath.splitext(rel)[0] + ".jpg"
 
 
 class MaskNames:
@@ -79,7 +76,10 @@ class MaskNames:
     then ``a.jpg`` arrives: it gets ``masks/a.jpg.png``).
 
     Otherwise the first image takes ``masks/a.png``; a later one whose mask would collide takes
-    ``masks/<its full name>.png`` (``masks/a.png.png``), then ``...-1.png`` and so on. Memory
+    ``masks/<its full name>.png`` (``masks/a.png.png``), then ``...-1.png`` and so on. A folder
+    that would clash with another image's mask file (``q.png/r.jpg`` beside ``q.png``), or with its
+    overlay file (``a.jpg/b.jpg`` beside ``a.png``: ``overlays/a.jpg``), takes ``.d``
+    (``masks/q.png.d/r.png``): :func:`~batchmask.batch.records.clash_dirs`. Memory
     stays small because images that can collide share the prefix ``<stem>.``, and such keys
     are contiguous in a sorted listing and in a folder-by-folder walk (SeaweedFS): a name is
     forgotten once the listing has moved past its prefix.
@@ -87,30 +87,35 @@ class MaskNames:
 
     def __init__(self, recorded: dict[str, str] | RecordIndex | None = None) -> None:
         self._recorded = recorded if isinstance(recorded, RecordIndex) else _RecordedDict(recorded or {})
-        self._reserves = self._recorded.reserves
-        self._taken: dict[str, str] = {}  # mask path (or folder) -> group prefix that may still collide
+        self._reserves, self._rules_out = self._recorded.reserves, self._recorded.rules_out
+        # mask path given out -> group prefix that may still collide; and the same for the mask
+        # paths that the folders of those given out rule out (clash_dirs)
+        self._taken: dict[str, str] = {}
+        self._ruled_out: dict[str, str] = {}
 
     def assign(self, rel: str) -> str:
         old = self._recorded.get(rel)
         if old:
             return old
-        if self._taken and len(self._taken) > 8:
+        if len(self._taken) + len(self._ruled_out) > 8:
             self._taken = {m: g for m, g in self._taken.items() if rel.startswith(g)}
+            self._ruled_out = {m: g for m, g in self._ruled_out.items() if rel.startswith(g)}
         group = posixpath.splitext(rel)[0] + "."
         cand = mask_rel(rel)
         k = 0
         while True:
-            clash = next((d for d in _png_dirs(cand) if d in self._taken or self._reserves(d)), None)
-            if clash:  # a folder of this mask is another image's mask file ("q.png" and "q.png/r.jpg")
+            dirs = _clash_dirs(cand)
+            clash = next((d for d, m in dirs if m in self._taken or self._reserves(m)), None)
+            if clash:  # that folder of this mask would clash with another image's mask or overlay file
                 cand = clash + ".d" + cand[len(clash):]
                 continue
-            if cand not in self._taken and not self._reserves(cand):
+            if not (cand in self._taken or cand in self._ruled_out or self._reserves(cand) or self._rules_out(cand)):
                 break
             cand = MASKS + (rel if k == 0 else f"{rel}-{k}") + ".png"
             k += 1
         self._taken[cand] = group
-        for d in _png_dirs(cand):  # a later "q.tif" must not take "masks/q.png", a folder here
-            self._taken.setdefault(d, d[len(MASKS):-len(".png")] + ".")
+        for _, m in dirs:  # a later "q.tif" must not take "masks/q.png", a folder here
+            self._ruled_out.setdefault(m, m[len(MASKS):-len(".png")] + ".")
         return cand
 
 
@@ -120,11 +125,13 @@ class _RecordedDict:
     def __init__(self, recorded: dict[str, str]):
         self.get = recorded.get
         self._reserved = set(recorded.values())
-        for m in list(self._reserved):
-            self._reserved.update(_png_dirs(m))
+        self._ruled_out = {m for mask in self._reserved for _, m in _clash_dirs(mask)}
 
     def reserves(self, path: str) -> bool:
         return path in self._reserved
+
+    def rules_out(self, path: str) -> bool:
+        return path in self._ruled_out
 
 
 def recorded_masks(records: dict[str, dict]) -> dict[str, str]:

@@ -5,7 +5,7 @@ An output's record is ``coverage.csv`` (sorted by image, written by
 :func:`batchmask.batch.outputs.merge_parts`) plus its ``masks/``. Each run reads it once, row by
 row, into a :class:`RecordIndex`: every recorded image as 16 bytes in one sorted NumPy array (a
 120-bit BLAKE2b hash of its name, then a flag byte: done; mask at its default path), and the
-128-bit hashes of every recorded mask path (and of its folders that end in ``.png``) in another.
+128-bit hashes of every recorded mask path (and of the paths its folders rule out: :func:`clash_dirs`) in another.
 That is 32 bytes per image, where Python sets and dicts of the names took about 1.3 KB; mask
 paths that differ from the default (``a.jpg`` -> ``masks/a.jpg.png`` beside ``a.png``) are kept
 by name, as they are few. Both arrays are sorted in place: building the index needs about 50
@@ -47,6 +47,7 @@ PARTS = "_parts/"
 #: Suffix given to a part file that cannot be parsed (kept for inspection, never merged).
 UNREADABLE = ".unreadable"
 MASKS = "masks/"
+OVERLAYS = "overlays/"
 #: Error rows that older versions wrote for disk-full/permission/connection failures while
 #: writing a mask: not a property of the image, so they are always processed again.
 LEGACY_STORAGE_ERROR = "cannot write outputs"
@@ -147,10 +148,22 @@ class CsvRows:
         self.close()
 
 
-def png_dirs(mask: str) -> list[str]:
-    """The folders of a mask path that end in ``.png``: only these can clash with a mask file."""
+def clash_dirs(mask: str) -> list[tuple[str, str]]:
+    """(folder, the mask path it rules out) for each folder of a mask path that another image's mask
+    file could clash with: a folder ``masks/q.png`` rules out the mask ``masks/q.png`` itself, and a
+    folder ``masks/a.jpg`` the mask ``masks/a.png``, whose overlay ``overlays/a.jpg`` would be a file
+    where this mask's overlay needs the folder ``overlays/a.jpg`` (:func:`overlay_of`)."""
+    if ".png/" not in mask and ".jpg/" not in mask:  # the common case, without a loop
+        return []
     parts = mask.split("/")
-    return [d for d in ("/".join(parts[:k]) for k in range(2, len(parts))) if d.endswith(".png")]
+    out = []
+    for k in range(2, len(parts)):
+        d = "/".join(parts[:k])
+        if d.endswith(".png"):
+            out.append((d, d))
+        elif d.endswith(".jpg"):
+            out.append((d, d[:-len(".jpg")] + ".png"))
+    return out
 
 
 def csv_to_rows(data: bytes, where: str) -> list[dict]:
@@ -197,14 +210,26 @@ def folder_mask(rel: str) -> str:
     return MASKS + posixpath.splitext(rel)[0] + ".png"
 
 
+def overlay_of(mask: str) -> str:
+    """The overlay path of the image whose mask path is ``mask``: ``masks/X.png`` -> ``overlays/X.jpg``.
+
+    Mask paths are one per image and never another image's (:class:`~batchmask.batch.outputs.MaskNames`,
+    :func:`~batchmask.batch.entries.entry_mask`), and this mapping is one-to-one, so overlays are
+    too: ``a.jpg`` and ``a.png`` get ``overlays/a.jpg`` and ``overlays/a.png.jpg``, as their masks.
+    """
+    return OVERLAYS + mask[len(MASKS):-len(".png")] + ".jpg"
+
+
 class RecordIndex:
     """The recorded images of an output: ``rel in index`` says whether ``rel`` needs no work
     (the rule of :func:`batchmask.batch.outputs.done_set`); :meth:`get` and :meth:`reserves`
-    give :class:`~batchmask.batch.outputs.MaskNames` the recorded mask paths."""
+    give :class:`~batchmask.batch.outputs.MaskNames` the recorded mask paths (and :meth:`rules_out`,
+    the mask paths their folders rule out)."""
 
     def __init__(self, entries: np.ndarray, reserved: np.ndarray, odd_masks: dict[str, str],
-                 default_mask: Callable[[str], str] = folder_mask):
+                 default_mask: Callable[[str], str] = folder_mask, any_ruled_out: bool = False):
         self._entries, self._reserved, self._odd = entries, reserved, odd_masks
+        self._any_ruled_out = any_ruled_out  # no recorded folder rules a path out: rules_out costs no lookup
         self._default_mask = default_mask
         self._last: tuple[str, int] = ("", 0)
         # A lookup per listed image: NumPy's searchsorted costs ~5 µs for one bytes key, so the
@@ -266,10 +291,16 @@ class RecordIndex:
         return self._default_mask(rel) if self._flag(rel) & DEFAULT_MASK else None
 
     def reserves(self, path: str) -> bool:
-        """Whether ``path`` is a recorded mask path, or a folder of one that ends in ``.png``."""
+        """Whether ``path`` is a recorded mask path."""
+        return self._has(key(path))
+
+    def rules_out(self, path: str) -> bool:
+        """Whether a folder of a recorded mask path rules out a mask file at ``path`` (:func:`clash_dirs`)."""
+        return self._any_ruled_out and self._has(key(path + "/"))
+
+    def _has(self, h: bytes) -> bool:
         if not len(self._reserved):
             return False
-        h = key(path)
         i = int(self._reserved.searchsorted(h))
         return i < len(self._reserved) and self._reserved[i] == h.rstrip(b"\0")
 
@@ -332,9 +363,9 @@ class _Builder:
                     f |= _DEFAULT
                 else:
                     odd[img] = m
-                if ".png/" in m:
-                    for d in png_dirs(m):
-                        dirs += key(d)
+                if ".png/" in m or ".jpg/" in m:  # rare: no call per row otherwise
+                    for _, ruled_out in clash_dirs(m):  # hashed with a "/": not a mask path of its own
+                        dirs += key(ruled_out + "/")
                         prev_dirs += HASH_BYTES
             else:
                 masks += _ZERO
@@ -351,7 +382,7 @@ class _Builder:
         entries.sort()  # in place; the flag byte is the last: one image's entry stays whole
         if self.dirs:
             recorded = _unique(np.concatenate([recorded, np.frombuffer(self.dirs, _KEY)]))
-        return RecordIndex(entries, recorded, self.odd, self.default_mask)
+        return RecordIndex(entries, recorded, self.odd, self.default_mask, any_ruled_out=bool(self.dirs))
 
 
 def _final(mask_keys: np.ndarray, flags: np.ndarray, out: Storage, want_masks: bool) -> tuple[np.ndarray, np.ndarray]:

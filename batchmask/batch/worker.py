@@ -24,9 +24,9 @@ import numpy as np
 
 from ..data import DataError
 from ..inference.pixels import decode_for_model, encode_overlay, encode_png, measure
-from .entries import ListSource
+from .entries import EntryReader, ListSource
 from .options import RunOptions
-from .outputs import Decoded, error_row, ok_row, overlay_rel, part_name, rows_to_csv
+from .outputs import Decoded, error_row, ok_row, overlay_of, part_name, rows_to_csv
 from .storage import EntryError, StorageSpec, UnsafePathError, check_rel, redact_urls
 from .tablerow import table_fields
 from .testhooks import NO_HOOKS, NoHooks, hooks_from_env
@@ -234,8 +234,15 @@ class MaskWorker:
         return d
 
     # ------------------------------------------------------------------ per image
-    def _overlay_rel(self, rel: str) -> str:
-        return getattr(self.inp, "overlay_rel", overlay_rel)(rel)
+    def _overlay_rel(self, rel: str, mask: str) -> str:
+        """An image's overlay is named after its mask path (collision-free: MaskNames, entry_mask), so
+        ``a.jpg`` and ``a.png`` never share one. Without a mask path (``--no-masks``) only a list run,
+        whose mask paths depend on the key alone, can name one; RunOptions refuses the rest."""
+        if mask:
+            return overlay_of(mask)
+        if isinstance(self.inp, EntryReader):
+            return self.inp.overlay_rel(rel)
+        raise ValueError(f"{rel}: an overlay needs the image's mask path (a folder run refuses --no-masks --overlays)")
 
     def _load(self, rel: str, mask: str, src: str | None = None) -> Decoded:
         """``src``: where to read ``rel`` when it is not ``rel`` itself (a listed URL whose secret,
@@ -248,7 +255,7 @@ class MaskWorker:
                 check_rel(mask)
                 self.out.check_name(mask)
             if self.opts.overlays:
-                self.out.check_name(self._overlay_rel(rel))
+                self.out.check_name(self._overlay_rel(rel, mask))
             self.hooks.image(rel)
             data = self.inp.read_bytes(src or rel, self.opts.max_bytes)
             if self.opts.overlays:
@@ -279,7 +286,7 @@ class MaskWorker:
             if d.mask:  # "": --no-masks
                 self.out.write_bytes(d.mask, encode_png(m))
             if self.opts.overlays:
-                self.out.write_bytes(self._overlay_rel(d.rel), encode_overlay(d.data, m, d.rel))
+                self.out.write_bytes(self._overlay_rel(d.rel, d.mask), encode_overlay(d.data, m, d.rel))
                 d.data = None
         except (MemoryError, DataError) as exc:  # the image's own problem (too big for memory)
             return error_row(d.rel, f"cannot make the mask ({type(exc).__name__}: {exc})", d.width, d.height)

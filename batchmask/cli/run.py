@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
               help="S3 endpoint (SeaweedFS, MinIO, Ceph); default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL.")
 @click.option("--threshold", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Face probability threshold (default: the model's, from model.json).")
-@click.option("--overlays", is_flag=True, help="Also write overlays/<path>.jpg previews.")
+@click.option("--overlays", is_flag=True,
+              help="Also write JPEG previews, named after each image's mask: masks/X.png -> overlays/X.jpg.")
 @click.option("--no-masks", is_flag=True,
               help="Write no PNG masks: coverage.csv and results.parquet (masks as COCO RLE) only.")
 @click.option("--overwrite", is_flag=True, help="Process every image again, even those already done.")
