@@ -219,9 +219,9 @@ def test_a_failing_run_gives_up_on_stalled_bookkeeping(monkeypatch, caplog):
     failing path's storage writes are bounded; a healthy run's are not, and errors still surface."""
     import threading
 
-    from batchmask.batch import runner
+    from batchmask.batch import finish, runner
 
-    monkeypatch.setattr(runner, "FAILING_IO_S", 0.3)
+    monkeypatch.setattr(finish, "FAILING_IO_S", 0.3)
     never = threading.Event()
     started, finished = threading.Event(), threading.Event()
 

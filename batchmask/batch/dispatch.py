@@ -3,7 +3,8 @@
 * :func:`~batchmask.batch.policy.decide` (in :mod:`batchmask.batch.policy`) - the
   retry-and-split policy, a pure function of the failed shard's attempt, size and error kind.
 * :class:`RunCounts` - the run's counts (run.json's ``counts``), kept by the listing, the
-  dispatcher and the in-process path.
+  dispatcher and the in-process path (defined in :mod:`batchmask.batch.runcounts` with the small
+  helpers they share; importable from here).
 * :class:`Dispatcher` - one dispatch: its state as attributes, one method per event (actor
   ready, actor failed to answer, shard done, shard failed, shard timed out). It talks to the
   workers through a pool (:class:`~batchmask.batch.raypool.RayPool` for Ray actors; the tests
@@ -20,13 +21,19 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .options import RunError
 from .outputs import error_row
 from .policy import INFLIGHT_PER_ACTOR, MAX_SHARD_ATTEMPTS, Action, ErrorKind, decide
-from .storage import redact_urls
+from .runcounts import (  # noqa: F401  (raise_interrupt: part of this module's interface)
+    RunCounts,
+    last_line,
+    left_message,
+    raise_interrupt,
+    steady_rate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,69 +51,6 @@ STATS_WAIT_S = 10.0
 STATS_WAIT_STOPPING_S = 2.0
 #: Keys of an actor's ready() answer recorded in run.json's ``actors``.
 DEVICE_KEYS = ("runtime", "runtime_version", "device", "providers", "cuda_visible_devices", "threads", "streams", "precision")
-
-
-# ---------------------------------------------------------------- counts and helpers
-
-
-@dataclass
-class RunCounts:
-    """The run's counts; ``rows`` are the error rows the driver writes itself."""
-
-    total: int = 0
-    skipped: int = 0
-    ok: int = 0
-    failed: int = 0
-    retried_shards: int = 0
-    #: Images left for the next run: their worker was killed each time, and not by them.
-    left: int = 0
-    listed_all: bool = False
-    rows: list[dict] = field(default_factory=list)
-
-    def recorded(self) -> dict[str, int]:
-        """run.json's ``counts``."""
-        return {k: getattr(self, k) for k in ("total", "skipped", "ok", "failed", "retried_shards", "left")}
-
-    def add_result(self, r: dict) -> None:
-        """A worker's answer for one shard (``ok``, ``failed``, ``errors``)."""
-        self.ok += r["ok"]
-        self.failed += r["failed"]
-        for img, err in r["errors"]:
-            log.info("failed: %s: %s", img, err)
-
-
-def steady_rate(windows: list[tuple[float, float, int]], t_ready: float | None) -> float | None:
-    """Images/s between all actors being ready and the last shard ending (shards pro rata)."""
-    if not windows or t_ready is None:
-        return None
-    t_end = max(e for _, e, _ in windows)
-    if t_end <= t_ready:
-        return None
-    n = 0.0
-    for s, e, k in windows:
-        if e <= t_ready:
-            continue
-        n += k * (e - max(s, t_ready)) / max(e - s, 1e-9)
-    return round(n / (t_end - t_ready), 3)
-
-
-def left_message(left: list[str]) -> str:
-    """The run's last line when images were left for the next run."""
-    some = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
-    n = f"{len(left)} image{'s' if len(left) != 1 else ''}"
-    return (f"{n} left for the next run ({some}): their worker was killed each time, not by "
-            "the image (out of memory, a signal from outside, a lost node); everything else is done, rerun to "
-            "finish them")
-
-
-def raise_interrupt(signum, frame):
-    """SIGTERM handler: stop like Ctrl-C (finished images are saved)."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def last_line(exc: BaseException, n: int = 300) -> str:
-    text = redact_urls(str(exc)).strip()
-    return text.splitlines()[-1][:n] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- the workers

@@ -5,6 +5,8 @@ shards of relative paths and hands them to ``workers`` Ray actors (:mod:`batchma
 at most ``INFLIGHT_PER_ACTOR`` shards each (:mod:`batchmask.batch.dispatch`). Actors read,
 predict and write; the driver only sees counts. What a run can be asked to do:
 :class:`~batchmask.batch.options.RunOptions`. Outputs and their guarantees: :mod:`batchmask.batch.outputs`.
+The end of a run's bookkeeping (driver rows, merge, run.json, the lock's release; bounded in time
+when the run is failing): :mod:`batchmask.batch.finish`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import os
 import platform
-import threading
 import time
 import uuid
 from collections.abc import Container, Iterator
@@ -28,19 +28,17 @@ from ..inference import read_meta, resolve_model_dir
 from ..version import __version__
 from .dispatch import RunCounts
 from .entries import check_same_input_kind, entry_key, entry_mask, entry_problem, require_store
+from .finish import _bounded, _release, _save_rows, _write_run_json
 from .lock import LockLost, OutputLock
 from .manifest import EntryList
 from .modelcheck import check_model, check_same_model
 from .options import RunError, RunOptions
 from .outputs import (
-    RUN_JSON,
     MaskNames,
     error_row,
     folder_mask,
     merge_parts,
-    part_name,
     read_records,
-    rows_to_csv,
     stable_text,
 )
 from .plan import (
@@ -57,7 +55,7 @@ from .policy import INFLIGHT_PER_ACTOR
 from .quiet import ray_output_hidden
 from .rayexec import execute as _execute
 from .seen import SeenKeys
-from .storage import Storage, StorageSpec, UnsafePathError, check_rel, matches, redact_urls
+from .storage import StorageSpec, UnsafePathError, check_rel, matches, redact_urls
 from .worker import WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -66,10 +64,6 @@ __all__ = ["RunError", "RunOptions", "RunSummary", "run"]
 
 #: Listed as images (case-insensitive): the training formats plus GIF (first frame).
 RUN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif")
-#: When a run is already failing (storage gone or stalled, interrupted), each remaining piece of
-#: bookkeeping (driver rows and merge, run.json, the lock's release) gets this long: a stalled S3
-#: endpoint held the exit for more than 14 minutes in a PUT despite the client's timeouts.
-FAILING_IO_S = float(os.environ.get("BATCHMASK_FAILING_IO_TIMEOUT", "60"))
 
 
 @dataclass
@@ -383,62 +377,3 @@ class _BatchRun:
             _write_run_json(self.out, info, failing)
         finally:
             _release(self.lock, failing)
-
-
-def _save_rows(out: Storage, run_id: str, driver_rows: list[dict], merge: bool, failing: bool, info: dict) -> None:
-    """Write the driver's rows and merge part files; when the run is already failing (e.g. the
-    storage went away), a failure here is logged and recorded instead of hiding the first one."""
-    def save() -> None:
-        if driver_rows:
-            out.write_bytes(part_name(run_id, 9_999_999), rows_to_csv(driver_rows))
-        if merge:  # else no part files: coverage.csv is already merged
-            merge_parts(out)
-
-    try:
-        _bounded(save, "merging the finished rows") if failing else save()
-    except Exception as exc:
-        if not failing:
-            raise
-        info["merge_error"] = redact_urls(str(exc))[:500]
-        log.warning("could not merge the finished rows (%s); the next run merges them", redact_urls(str(exc)))
-
-
-def _write_run_json(out: Storage, info: dict, failing: bool) -> None:
-    data = (json.dumps(info, indent=2, default=str) + "\n").encode()
-    try:
-        _bounded(lambda: out.write_bytes(RUN_JSON, data), f"writing {RUN_JSON}") if failing \
-            else out.write_bytes(RUN_JSON, data)
-    except Exception as exc:
-        if not failing:
-            raise
-        log.warning("could not write %s: %s", RUN_JSON, redact_urls(str(exc)))
-
-
-def _release(lock: OutputLock, failing: bool) -> None:
-    if not failing:
-        lock.release()
-        return
-    try:
-        _bounded(lock.release, "releasing the output lock")
-    except Exception as exc:  # an S3 lock left behind expires by itself
-        log.warning("could not release the output lock: %s", redact_urls(str(exc)))
-
-
-def _bounded(fn, what: str) -> None:
-    """Run ``fn`` (bookkeeping of a failing run) in a daemon thread; give up after FAILING_IO_S."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            errors.append(exc)
-
-    t = threading.Thread(target=target, name="batchmask-finish", daemon=True)
-    t.start()
-    t.join(FAILING_IO_S)
-    if t.is_alive():
-        raise TimeoutError(f"{what}: the storage did not answer within {FAILING_IO_S:.0f} s")
-    if errors:
-        raise errors[0]
-

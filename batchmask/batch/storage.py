@@ -20,17 +20,18 @@ Credentials come from each store's standard environment variables, profiles or
 ``storage_options`` and are never logged; the S3 endpoint from ``endpoint_url`` or
 ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``; a GCS emulator from ``STORAGE_EMULATOR_HOST``.
 :func:`open_entry_storage` opens the store of one file's URL (lists of entries).
+
+The storage's errors are defined in :mod:`.storeerrors`, the local folder walk and checks in
+:mod:`.localfs`, the capture of environment credentials in :mod:`.credentials`; all of them are
+importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import json
-import logging
 import os
-import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -48,6 +49,14 @@ from .backends import (  # noqa: F401  (the S3 limits were defined here; kept im
     MissingExtra,
     backend_for,
 )
+from .credentials import _resolve_azure, _resolve_s3
+from .localfs import (
+    _check_regular,
+    _check_size,
+    _walk_sorted,
+    matches,  # noqa: F401  (part of this module's interface)
+)
+from .storeerrors import EntryError, StorageError
 from .urls import (  # noqa: F401  (part of this module's interface)
     _FAMILY,
     UnsafePathError,
@@ -63,18 +72,6 @@ from .urls import (  # noqa: F401  (part of this module's interface)
     split_entry_url,
     strip_userinfo,
 )
-
-log = logging.getLogger(__name__)
-
-
-class StorageError(OSError):
-    """A storage location cannot be used (bad URL, unreachable endpoint, missing bucket)."""
-
-
-class EntryError(ValueError):
-    """One listed entry that cannot be an image, whatever the storage's state: not a regular file
-    (a FIFO, a device), over ``--max-bytes``, or a mask name longer than the output allows. The
-    run records it as that image's error row and goes on."""
 
 
 @dataclass
@@ -120,34 +117,6 @@ class StorageSpec:
     def public(self) -> dict[str, Any]:
         """What may be written to run.json / logs: no credentials."""
         return {"url": public_url(self.url), "endpoint_url": public_url(resolve_endpoint(self.endpoint_url))}
-
-
-def _resolve_s3(opts: dict[str, Any]) -> None:
-    env = os.environ
-    if not any(k in opts for k in ("key", "secret", "token", "profile", "anon")):
-        if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-            opts["key"], opts["secret"] = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
-            if env.get("AWS_SESSION_TOKEN"):
-                opts["token"] = env["AWS_SESSION_TOKEN"]
-        elif env.get("AWS_PROFILE"):
-            opts["profile"] = env["AWS_PROFILE"]
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        ck = dict(opts.get("client_kwargs") or {})
-        ck.setdefault("region_name", region)
-        opts["client_kwargs"] = ck
-
-
-_AZURE_ENV = {"connection_string": "AZURE_STORAGE_CONNECTION_STRING", "account_name": "AZURE_STORAGE_ACCOUNT_NAME",
-              "account_key": "AZURE_STORAGE_ACCOUNT_KEY", "sas_token": "AZURE_STORAGE_SAS_TOKEN"}
-
-
-def _resolve_azure(opts: dict[str, Any]) -> None:
-    if any(k in opts for k in (*_AZURE_ENV, "credential", "anon", "client_secret")):
-        return
-    for opt, var in _AZURE_ENV.items():
-        if os.environ.get(var):
-            opts[opt] = os.environ[var]
 
 
 class Storage:
@@ -426,76 +395,6 @@ class Storage:
             raise StorageError(f"{self._where()}: access denied") from exc
         except Exception as exc:  # endpoint unreachable, botocore ProfileNotFound, ...
             raise StorageError(f"{self._where()}: cannot reach storage ({_redact(exc)})") from exc
-
-
-def _check_size(rel: str, size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise EntryError(f"{rel}: {size} bytes, over the limit of {max_bytes} (--max-bytes); not read")
-
-
-def _check_regular(rel: str, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        raise EntryError(f"{rel}: not a regular file ({_file_kind(mode)}); not read")
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
-    for test, name in kinds:
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _walk_sorted(path: str, base: str, ancestors: frozenset, exclude: frozenset = frozenset()) -> Iterator[str]:
-    """Depth-first walk in code point order of the full relative path.
-
-    Sorting a folder's entries by ``name`` for files and ``name + "/"`` for folders yields the
-    same order as sorting all relative paths at once (what S3 returns), one folder at a time.
-    Symlinks are followed; a folder that is its own ancestor (a symlink cycle) is skipped. A
-    folder that cannot be listed (permission, I/O error) raises :class:`StorageError`.
-    """
-    try:
-        st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
-        if key in ancestors:
-            log.warning("skipping %s: symlink cycle", path)
-            return
-        if key in exclude:
-            log.info("skipping %s: it is the output folder", path)
-            return
-        ancestors = ancestors | {key}
-        with os.scandir(path) as it:
-            entries = []
-            for e in it:
-                try:
-                    is_dir = e.is_dir()
-                except OSError:
-                    continue
-                entries.append((e.name + "/" if is_dir else e.name, is_dir))
-    except FileNotFoundError:  # deleted since its parent was listed, like a file deleted since listed
-        log.warning("skipping %s: it no longer exists", path)
-        return
-    except OSError as exc:  # unreadable storage fails the run: a listing with a hole is not complete
-        raise StorageError(f"{path}: cannot list ({exc.strerror or exc})") from exc
-    entries.sort()
-    for key, is_dir in entries:
-        if is_dir:
-            yield from _walk_sorted(os.path.join(path, key[:-1]), base + key, ancestors, exclude)
-        elif not key.startswith(".tmp-"):
-            yield base + key
-
-
-def matches(rel: str, extensions: tuple[str, ...], glob: str | None) -> bool:
-    """Image extension test plus optional fnmatch pattern on the relative path or the file name,
-    both case-insensitive: ``*.jpg`` also takes ``IMG_0001.JPG`` (cameras and phones write both)."""
-    low = rel.lower()
-    if not low.endswith(extensions):
-        return False
-    if glob is None:
-        return True
-    pat = glob.lower()
-    return fnmatch.fnmatchcase(low, pat) or fnmatch.fnmatchcase(low.rsplit("/", 1)[-1], pat)
 
 
 _entry_stores: dict[tuple[str, ...], Storage] = {}
