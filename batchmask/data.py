@@ -4,13 +4,14 @@ Both loaders return a list of :class:`Sample` (an image, or a path to one, plus 
 boxes in pixels). :func:`load_dataset` picks the loader from the path. Turning samples into
 (image, mask) pairs at the model's input size happens in :mod:`batchmask.augment`.
 
-Bad data raises :class:`DataError` naming the file and the line or index at fault.
+Bad data raises :class:`DataError` naming the file and the line or index at fault. Image
+decoding (and :class:`DataError`) live in :mod:`batchmask.decode`, boxes to masks and loss
+weights in :mod:`batchmask.masks`; all of it stays importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -19,15 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .decode import (  # noqa: F401  (defined there, part of this module's interface)
+    DataError,
+    decode_image,
+    pil_rgb_image,
+    pil_to_rgb,
+    read_image,
+    to_rgb_uint8,
+)
+from .masks import SMALL_FACE_PX, boxes_to_mask, face_weights  # noqa: F401  (defined there, part of this module's interface)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """Training or evaluation data that cannot be used; the message names file and position."""
 
 
 @dataclass
@@ -50,83 +57,6 @@ class Sample:
         if self.path is None:
             raise DataError(f"{self.name}: sample has neither pixels nor a path")
         return read_image(self.path)
-
-
-# --------------------------------------------------------------------------------------
-# images
-# --------------------------------------------------------------------------------------
-
-
-def to_rgb_uint8(arr: np.ndarray, where: str) -> np.ndarray:
-    """Convert grayscale (HxW, HxWx1), RGB or RGBA arrays to contiguous HxWx3 uint8."""
-    arr = np.asarray(arr)
-    if arr.size == 0:
-        raise DataError(f"{where}: empty image array (shape {arr.shape})")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.max() <= 1.0 and arr.min() >= 0.0:
-            arr = np.round(arr * 255.0)
-        if arr.min() < 0 or arr.max() > 255:
-            raise DataError(f"{where}: pixel values outside 0..255 (dtype {arr.dtype})")
-        arr = arr.astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    elif arr.ndim == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    elif not (arr.ndim == 3 and arr.shape[2] == 3):
-        raise DataError(f"{where}: unsupported image shape {arr.shape} (want HxW, HxWx3 or HxWx4)")
-    return np.ascontiguousarray(arr)
-
-
-def pil_to_rgb(im: Image.Image, where: str = "image") -> np.ndarray:
-    """Convert any PIL image (first frame) to HxWx3 uint8 with EXIF orientation applied.
-
-    Handles palette, grayscale, LA/RGBA (alpha dropped), CMYK and 16/32-bit modes.
-    """
-    rgb = pil_rgb_image(im, where)
-    return to_rgb_uint8(np.asarray(rgb), where)
-
-
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-#: EXIF orientations that ImageOps.exif_transpose turns (1 and unknown values: none).
-_TRANSPOSED = (2, 3, 4, 5, 6, 7, 8)
-
-
-def pil_rgb_image(im: Image.Image, where: str = "image") -> Image.Image:
-    """:func:`pil_to_rgb`, but kept as a PIL RGB image (a resize can follow without a copy)."""
-    if im.getexif().get(0x0112, 1) in _TRANSPOSED:  # else exif_transpose only copies (1 ms for a 1024-px photo)
-        im = ImageOps.exif_transpose(im) or im
-    if im.mode in _WIDE_MODES:
-        a = np.asarray(im, dtype=np.float64)
-        if a.ndim == 3:
-            a = a[..., 0]
-        top = 65535.0 if (im.mode.startswith("I;16") or a.max() > 255) else 255.0
-        return Image.fromarray(to_rgb_uint8(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), where))
-    if im.mode == "P" or im.mode in ("LA", "PA"):
-        im = im.convert("RGBA")
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return im
-
-
-def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-    """Decode encoded image bytes to HxWx3 uint8 with EXIF orientation applied."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return pil_to_rgb(im, where)
-    except DataError:
-        raise
-    except Exception as exc:  # PIL raises many types for bad files
-        raise DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from exc
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read image ({exc.strerror or exc})") from exc
-    return decode_image(data, str(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -395,46 +325,6 @@ def as_sources(data: DataSource | Sequence[DataSource]) -> list[DataSource]:
     if isinstance(data, (str, os.PathLike)):
         return [data]
     return list(data)
-
-
-def boxes_to_mask(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Rasterise boxes (x1, y1, x2, y2 in pixels) into an HxW uint8 mask of 0/1.
-
-    A pixel belongs to a box when its centre lies inside it, so masks are consistent at any
-    scale.
-    """
-    mask = np.zeros((h, w), np.uint8)
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        c0, c1 = int(np.ceil(x1 - 0.5)), int(np.ceil(x2 - 0.5))
-        r0, r1 = int(np.ceil(y1 - 0.5)), int(np.ceil(y2 - 0.5))
-        mask[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = 1
-    return mask
-
-
-#: Side (pixels of the network's input) under which ``face_weights`` raises a face's weight.
-SMALL_FACE_PX = 32
-
-
-def face_weights(boxes: np.ndarray, h: int, w: int, max_weight: float, ref: float = SMALL_FACE_PX) -> np.ndarray:
-    """Per-pixel loss weights (HxW float32): 1, and ``clip(ref**2 / area, 1, max_weight)`` inside a face.
-
-    A face smaller than ``ref`` x ``ref`` pixels gets its pixels weighted up in inverse
-    proportion to its area (capped at ``max_weight``), so a few small faces are not drowned
-    by one large face in the image's Dice. The area is the whole box's, also where it is cut
-    by the crop: a large face half outside the crop is still a large face. Where faces
-    overlap, the larger weight counts. Pixels are those of :func:`boxes_to_mask`.
-    """
-    weights = np.ones((h, w), np.float32)
-    if max_weight <= 1.0:
-        return weights
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        area = max((x2 - x1) * (y2 - y1), 1e-6)
-        wt = np.float32(min(max(ref * ref / area, 1.0), max_weight))
-        c0, c1 = max(int(np.ceil(x1 - 0.5)), 0), max(int(np.ceil(x2 - 0.5)), 0)
-        r0, r1 = max(int(np.ceil(y1 - 0.5)), 0), max(int(np.ceil(y2 - 0.5)), 0)
-        region = weights[r0:r1, c0:c1]
-        np.maximum(region, wt, out=region)
-    return weights
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
