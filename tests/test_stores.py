@@ -22,6 +22,7 @@ from stores import AZ_KEY
 from test_promises_run import images
 
 from batchmask.batch import backends
+from batchmask.batch.entrystore import open_entry_storage
 from batchmask.batch.lock import LockLost, OutputLock, OutputLocked
 from batchmask.batch.runner import run
 from batchmask.batch.storage import (
@@ -30,7 +31,6 @@ from batchmask.batch.storage import (
     StorageError,
     StorageSpec,
     UnsafePathError,
-    open_entry_storage,
     redact_urls,
     split_entry_url,
 )

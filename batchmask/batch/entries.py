@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import BACKENDS, MissingExtra, backend_for
+from .entrystore import open_entry_storage
 from .records import overlay_of
 from .storage import (
     _FAMILY,
@@ -36,7 +37,6 @@ from .storage import (
     check_rel,
     has_userinfo,
     is_url,
-    open_entry_storage,
     public_url,
     redact_urls,
     split_entry_url,
@@ -228,7 +228,7 @@ class ListSource:
 
 class EntryReader:
     """A worker's reader of list entries: :meth:`read_bytes` like a Storage's, by key. URL entries
-    open through :func:`~batchmask.batch.storage.open_entry_storage` (one Storage per bucket or host
+    open through :func:`~batchmask.batch.entrystore.open_entry_storage` (one Storage per bucket or host
     in the process); local ones through one Storage rooted at "/"."""
 
     def __init__(self, source: ListSource):

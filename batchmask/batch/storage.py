@@ -19,20 +19,18 @@ it completes.
 Credentials come from each store's standard environment variables, profiles or
 ``storage_options`` and are never logged; the S3 endpoint from ``endpoint_url`` or
 ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``; a GCS emulator from ``STORAGE_EMULATOR_HOST``.
-:func:`open_entry_storage` opens the store of one file's URL (lists of entries).
 
 The storage's errors are defined in :mod:`.storeerrors`, the local folder walk and checks in
 :mod:`.localfs`, the capture of environment credentials in :mod:`.credentials`; all of them are
-importable from here.
+importable from here. :func:`~.entrystore.open_entry_storage`, the store of one file's URL (lists
+of entries), is in :mod:`.entrystore`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -395,33 +393,3 @@ class Storage:
             raise StorageError(f"{self._where()}: access denied") from exc
         except Exception as exc:  # endpoint unreachable, botocore ProfileNotFound, ...
             raise StorageError(f"{self._where()}: cannot reach storage ({_redact(exc)})") from exc
-
-
-_entry_stores: dict[tuple[str, ...], Storage] = {}
-_entry_lock = threading.Lock()
-
-
-def open_entry_storage(url: str, defaults: StorageSpec | None = None) -> tuple[Storage, str]:
-    """The :class:`Storage` of one file's bucket (or web server) and the file's path in it.
-
-    ``defaults`` carries the run's ``endpoint_url`` and ``storage_options``: they are given to
-    entries of the scheme family of ``defaults.url`` (S3 when that is local or empty; the endpoint
-    only ever to S3), other schemes get their standard environment. One :class:`Storage` (one
-    filesystem, its connection pool) serves every entry of the same bucket or host, per process.
-    Raises :class:`UnsafePathError` for a path that escapes its root, :class:`StorageError` when
-    the store cannot be opened (a missing extra, bad options).
-    """
-    root, rel = split_entry_url(url)
-    family = _FAMILY.get(root.split("://", 1)[0].lower(), root.split("://", 1)[0].lower())
-    endpoint, opts = None, {}
-    if defaults is not None:
-        d_scheme = defaults.url.split("://", 1)[0].lower() if is_remote(defaults.url) else "s3"
-        if _FAMILY.get(d_scheme, d_scheme) == family:
-            opts = dict(defaults.storage_options or {})
-            endpoint = defaults.endpoint_url if family == "s3" else None
-    key = (family, root, endpoint or "", json.dumps(opts, sort_keys=True, default=repr))
-    with _entry_lock:
-        store = _entry_stores.get(key)
-        if store is None:
-            store = _entry_stores[key] = StorageSpec(root, endpoint, opts).resolved().open()
-    return store, rel
