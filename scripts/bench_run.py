@@ -14,7 +14,12 @@ decoding, to show where the time goes.
 With ``--runtime keras onnx`` (issue 11) (a) and (b) are measured for each runtime in the same
 run, interleaved, (b) through Ray (``in_process_max=0``); ``--small 10`` adds the wall time of
 the ``batchmask run`` command for 10 new images: Keras through Ray (before issue 11) and the
-default (ONNX Runtime, in process). ``--limit N`` uses the first N images only.
+default (ONNX Runtime, in process). ``--limit N`` uses the first N images only. ``--rounds N``
+repeats model-only then `run` per runtime N times (each ratio to its own round's model-only rate,
+then min/median/max); ``--quiet-load 0.5`` waits for a quiet machine before each round:
+
+    python scripts/bench_run.py --model batchmask/default_model --runtime int8 onnx --limit 300 \
+        --workers 1 --rounds 3 --quiet-load 0.5 --out bench.json
 
     .venv/bin/python scripts/bench_run.py --images ../shared/data/widerface-dev/images \
         [--model DIR] [--out bench_run.json]
@@ -166,24 +171,46 @@ def small_run(files: list[Path], model_dir: Path, n: int, extra: list[str]) -> f
         shutil.rmtree(d, ignore_errors=True)
 
 
+def wait_quiet(load: float | None, timeout_s: float = 600.0) -> float:
+    """Wait (at most ``timeout_s``) until the 1-minute load average is under ``load``; returns it."""
+    t0 = time.time()
+    while load is not None and os.getloadavg()[0] >= load and time.time() - t0 < timeout_s:
+        time.sleep(5)
+    return round(os.getloadavg()[0], 2)
+
+
 def compare_runtimes(root: Path, model_dir: Path, files: list[Path], args) -> dict:
-    """(a) and (b) for each runtime, interleaved so that other load hits them alike."""
+    """(a) and (b) for each runtime, interleaved so that other load hits them alike.
+
+    With ``--rounds N`` each round measures, per runtime, model-only and then ``run`` right
+    after it, and each run's ratio is to the model-only rate of its own round (the machine's
+    speed moves between rounds; ``--quiet-load`` waits for a low load average first).
+    """
     from batchmask.inference.backends import cached_onnx
 
     if "onnx" in args.runtime:
         cached_onnx(model_dir)  # export once, outside the timings (as a cron run finds it cached)
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "images": len(files),
-                 "batch_size": args.batch_size, "model": str(model_dir), "model_only": {}, "end_to_end": []}
-    for r in args.runtime:
-        res["model_only"][r] = model_only(model_dir, files, args.batch_size, r)
-        print("(a)", res["model_only"][r], flush=True)
-    for w in args.workers:
+                 "batch_size": args.batch_size, "model": str(model_dir), "model_only": {}, "end_to_end": [],
+                 "rounds": args.rounds, "quiet_load": args.quiet_load}
+    for rnd in range(1, args.rounds + 1):
         for r in args.runtime:
-            e = end_to_end(root, model_dir, w, args.batch_size, runtime=r,
-                           in_process_max=len(files) if args.in_process else 0)
-            e["ratio_to_model_only"] = round((e["steady_images_per_s"] or 0) / res["model_only"][r]["images_per_s"], 3)
-            res["end_to_end"].append(e)
-            print("(b)", {k: v for k, v in e.items() if k != "actors"}, [a["images"] for a in e["actors"]], flush=True)
+            load = wait_quiet(args.quiet_load)
+            mo = res["model_only"][r] = model_only(model_dir, files, args.batch_size, r) | {"round": rnd, "load": load}
+            print("(a)", mo, flush=True)
+            for w in args.workers:
+                e = end_to_end(root, model_dir, w, args.batch_size, runtime=r,
+                               in_process_max=len(files) if args.in_process else 0)
+                steady = e["steady_images_per_s"] or 0
+                e |= {"round": rnd, "ratio_to_model_only": round(steady / mo["images_per_s"], 3)}
+                if mo.get("two_streams_images_per_s"):
+                    e["ratio_to_two_streams"] = round(steady / mo["two_streams_images_per_s"], 3)
+                res["end_to_end"].append(e)
+                print("(b)", {k: v for k, v in e.items() if k != "actors"}, [a["images"] for a in e["actors"]],
+                      flush=True)
+    res["summary"] = summarize(res["end_to_end"])
+    for row in res["summary"]:
+        print("summary", row, flush=True)
     if args.small:
         res["small"] = {"images": args.small,
                         "before_keras_ray_s": small_run(files, model_dir, args.small,
@@ -192,6 +219,22 @@ def compare_runtimes(root: Path, model_dir: Path, files: list[Path], args) -> di
                         "after_default_s": small_run(files, model_dir, args.small, [])}
         print("small", res["small"], flush=True)
     return res
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per runtime and worker count: the runs' steady images/s and ratios, min, median and max."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((e["runtime"], e["workers"]) for e in runs):
+        sel = [e for e in runs if (e["runtime"], e["workers"]) == key]
+        row: dict = {"runtime": key[0], "workers": key[1], "runs": len(sel)}
+        for f in ("steady_images_per_s", "ratio_to_model_only", "ratio_to_two_streams"):
+            v = [e[f] for e in sel if e.get(f) is not None]
+            if v:
+                row[f] = {"min": min(v), "median": round(statistics.median(v), 3), "max": max(v)}
+        out.append(row)
+    return out
 
 
 def main() -> None:
@@ -209,6 +252,11 @@ def main() -> None:
                     help="with --runtime: (b) in this process (as small runs are done), not through Ray")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images")
     ap.add_argument("--small", type=int, default=0, help="also time `batchmask run` for this many new images")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --runtime: repeat (a) then (b) per runtime this many times; ratios per round")
+    ap.add_argument("--quiet-load", type=float, default=None, metavar="L",
+                    help="with --runtime: before each round's model-only figure, wait (up to 10 min) until "
+                         "the 1-minute load average is under L")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = Path(args.images).resolve()
