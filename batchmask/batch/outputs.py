@@ -113,6 +113,11 @@ class MaskNames:
                 break
             cand = MASKS + (rel if k == 0 else f"{rel}-{k}") + ".png"
             k += 1
+        if ".png.d/" in cand or ".jpg.d/" in cand:
+            # masks/q.png.d/ is shared by the literal folder "q.png.d/" and the moved "q.png/", which
+            # sort apart: remember its names until the listing has left "q.png" behind
+            i = min(j for j in (cand.find(".png.d/"), cand.find(".jpg.d/")) if j >= 0)
+            group = cand[len(MASKS):i + len(".png")]
         self._taken[cand] = group
         for _, m in dirs:  # a later "q.tif" must not take "masks/q.png", a folder here
             self._ruled_out.setdefault(m, m[len(MASKS):-len(".png")] + ".")
