@@ -30,7 +30,6 @@ def _as_older_version_wrote_it(out: Path, key: str, old_mask: str) -> None:
         w.writerows(got)
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: list runs recompute entry_mask, which now escapes .jpg folders")
 def test_a_list_run_keeps_the_mask_path_an_older_version_recorded(tmp_path, tiny_model_dir):
     imgs = images(tmp_path / "shots.jpg", ["a.jpg"])  # a folder whose name ends in .jpg
     key = f"{imgs}/a.jpg"
@@ -46,9 +45,9 @@ def test_a_list_run_keeps_the_mask_path_an_older_version_recorded(tmp_path, tiny
 
     s = run(None, str(out), str(tiny_model_dir), input_list=str(lst), quiet=True, overwrite=True)
     assert s.ok == 1
-    assert rows(out)[key]["mask"] == old_mask  # fails: the mask moves to .../shots.jp%67/a.jpg.png
+    assert rows(out)[key]["mask"] == old_mask  # failed before: the mask moved to .../shots.jp%67/a.jpg.png
     masks = sorted(p.relative_to(out).as_posix() for p in (out / "masks").rglob("*.png"))
-    assert masks == [old_mask]  # and the old file is left behind, in no row
+    assert masks == [old_mask]  # and the old file was left behind, in no row
 
 
 @pytest.mark.xfail(strict=True, raises=IsADirectoryError,

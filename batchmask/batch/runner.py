@@ -185,6 +185,7 @@ class _BatchRun:
                                    default_mask=entry_mask if self.in_list is not None else folder_mask)
             self.done: Container[str] = set() if opts.overwrite else records
             self.names = MaskNames(records)  # an image keeps its mask path; no new image takes one
+            self.recorded_mask = records.get  # a list entry too (an older version's entry_mask may differ)
         except BaseException:
             self.lock.release()
             raise
@@ -257,7 +258,7 @@ class _BatchRun:
                 c.failed += 1
                 continue
             require_store(key, schemes)  # "install batchmask[gcs]" before any worker meets one
-            mask = "" if self.opts.no_masks else entry_mask(key)
+            mask = "" if self.opts.no_masks else (self.recorded_mask(key) or entry_mask(key))
             yield (key, mask) if key == raw else (key, mask, raw)  # the worker reads the URL with its secret
         self.info["input"]["duplicates"] = twice  # counted as skipped
         c.listed_all = True
