@@ -106,3 +106,10 @@ def test_libpng_reads_it_too():
     for m in masks():
         got = cv2.imdecode(np.frombuffer(encode_gray_png(m), np.uint8), cv2.IMREAD_UNCHANGED)
         assert got.dtype == np.uint8 and np.array_equal(got, m)
+
+
+def test_rows_compressed_in_blocks_give_the_same_file(monkeypatch):
+    m = masks()[4]
+    whole = encode_gray_png(m)
+    monkeypatch.setattr(png, "_BLOCK_BYTES", 100)  # a block of one or two rows
+    assert encode_gray_png(m) == whole

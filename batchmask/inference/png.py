@@ -25,6 +25,8 @@ _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: IDAT chunks are cut at this size: any length below 2**31 is valid, smaller chunks keep huge
 #: masks within every reader's limits and need no second copy of the compressed stream.
 _IDAT_MAX = 1 << 23
+#: The rows are compressed in blocks of about this many bytes (same stream as all at once).
+_BLOCK_BYTES = 1 << 20
 
 
 def _chunk(kind: bytes, data: bytes | memoryview) -> bytes:
@@ -42,11 +44,16 @@ def encode_gray_png(image: np.ndarray) -> bytes:
     h, w = image.shape
     if not h or not w:
         raise ValueError(f"a PNG cannot be {w}x{h}")
-    raw = np.empty((h, w + 1), np.uint8)  # each row: filter type 0, then the row's bytes
-    raw[:, 0] = 0
-    raw[:, 1:] = image
     c = _deflate.compressobj(1, _deflate.DEFLATED, 15, 9, _deflate.Z_RLE)
-    body = memoryview(c.compress(raw) + c.flush())
+    step = max(1, _BLOCK_BYTES // (w + 1))  # rows per block: no second full-size copy of a large mask
+    raw = np.zeros((min(step, h), w + 1), np.uint8)  # each row: filter type 0, then the row's bytes
+    parts = []
+    for y in range(0, h, step):
+        n = min(step, h - y)
+        raw[:n, 1:] = image[y : y + n]
+        parts.append(c.compress(raw[:n]))
+    parts.append(c.flush())
+    body = memoryview(b"".join(parts))
     out = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))]
     out += [_chunk(b"IDAT", body[i : i + _IDAT_MAX]) for i in range(0, max(len(body), 1), _IDAT_MAX)]
     out.append(_chunk(b"IEND", b""))

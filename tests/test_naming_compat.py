@@ -1,4 +1,4 @@
-"""Review findings: an output written before overlays were named after mask paths, read by this code."""
+"""Outputs written by earlier versions, read by this code: recorded mask paths are kept, names never shared."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_a_list_run_keeps_the_mask_path_an_older_version_recorded(tmp_path, tiny
 
 
 @pytest.mark.xfail(strict=True, raises=IsADirectoryError,
-                   reason="review finding: overlay_of of recorded pre-change mask paths can still clash")
+                   reason="known limitation (README troubleshooting): overlays of two mask paths an older version "
+                          "recorded as file and folder (masks/a.png, masks/a.jpg/b.png) still clash")
 def test_overlays_of_masks_an_older_version_recorded_side_by_side_can_coexist(tmp_path):
     """Before this change MaskNames gave ``a.png`` -> masks/a.png and ``a.jpg/b.jpg`` -> masks/a.jpg/b.png
     (nothing ruled it out); a rerun keeps both paths, so their overlays need overlays/a.jpg as a file
