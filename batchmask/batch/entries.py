@@ -26,7 +26,7 @@ from typing import Any
 
 from .backends import BACKENDS, MissingExtra, backend_for
 from .entrystore import open_entry_storage
-from .records import overlay_of
+from .recordformat import overlay_of
 from .storage import (
     _FAMILY,
     EntryError,
@@ -126,7 +126,7 @@ def entry_mask(key: str) -> str:
 
 
 def entry_overlay(key: str) -> str:
-    """``overlays/<entry_name>.jpg``: named after the entry's mask path (:func:`~batchmask.batch.records.overlay_of`),
+    """``overlays/<entry_name>.jpg``: named after the entry's mask path (:func:`~batchmask.batch.recordformat.overlay_of`),
     which is a function of the key alone, so it holds with ``--no-masks`` too."""
     return overlay_of(entry_mask(key))
 

@@ -16,18 +16,18 @@ import io
 import logging
 from collections.abc import Callable, Iterator
 
-from .records import (
+from .recordformat import (
     COLUMNS,
     COVERAGE,
     UNREADABLE,
     CsvRows,
     DamagedCsv,
-    Unsorted,
     copy_file,
     csv_to_rows,
     free_name,
     list_parts,
 )
+from .records import Unsorted
 from .storage import Storage
 from .table import RESULTS, PreviousTable, new_table
 from .tablerow import TABLE_FIELDS

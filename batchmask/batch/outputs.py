@@ -37,24 +37,21 @@ from ..inference.pixels import (  # noqa: F401  (the pixel path; re-exported for
     encode_png,
     mask_stats,
 )
-from .records import (  # noqa: F401  (the record's format: defined there, part of this module's interface)
+from .recordformat import (  # noqa: F401  (COLUMNS, UNREADABLE, csv_to_rows, overlay_of: part of this module's interface)
     COLUMNS,
     COVERAGE,
     LEGACY_STORAGE_ERROR,
     MASKS,
-    OVERLAYS,
     PARTS,
     UNREADABLE,
     DamagedCsv,
-    RecordIndex,
-    Unsorted,
     csv_to_rows,
     folder_mask,
-    free_name,
     list_parts,
     overlay_of,
 )
-from .records import clash_dirs as _clash_dirs
+from .recordformat import clash_dirs as _clash_dirs
+from .records import RecordIndex, Unsorted
 from .storage import Storage
 from .tablerow import TABLE_FIELDS
 
@@ -79,7 +76,7 @@ class MaskNames:
     ``masks/<its full name>.png`` (``masks/a.png.png``), then ``...-1.png`` and so on. A folder
     that would clash with another image's mask file (``q.png/r.jpg`` beside ``q.png``), or with its
     overlay file (``a.jpg/b.jpg`` beside ``a.png``: ``overlays/a.jpg``), takes ``.d``
-    (``masks/q.png.d/r.png``): :func:`~batchmask.batch.records.clash_dirs`. Memory
+    (``masks/q.png.d/r.png``): :func:`~batchmask.batch.recordformat.clash_dirs`. Memory
     stays small because images that can collide share the prefix ``<stem>.``, and such keys
     are contiguous in a sorted listing and in a folder-by-folder walk (SeaweedFS): a name is
     forgotten once the listing has moved past its prefix.

@@ -15,8 +15,7 @@ A false "done" from two names with one hash would skip an image: with 120-bit ha
 for 10 million names is about 10^-22, far below a disk's undetected error rate.
 
 docs/design.md ("Bookkeeping at millions of images") says why this and not a new on-disk store.
-The record's format (columns, CSV reading, path rules) is in :mod:`.recordformat`, importable
-from here.
+The record's format (columns, CSV reading, path rules) is in :mod:`.recordformat`.
 """
 
 from __future__ import annotations
@@ -27,23 +26,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .recordformat import (  # noqa: F401  (defined there, part of this module's interface)
-    COLUMNS,
+from .recordformat import (
     COVERAGE,
     LEGACY_STORAGE_ERROR,
     MASKS,
-    OVERLAYS,
-    PARTS,
-    UNREADABLE,
     CsvRows,
-    DamagedCsv,
     clash_dirs,
-    copy_file,
-    csv_to_rows,
     folder_mask,
-    free_name,
-    list_parts,
-    overlay_of,
 )
 from .storage import Storage
 

@@ -160,7 +160,7 @@ class PreviousTable:
             self._file.close()
 
     def _unreadable(self, exc: Exception) -> None:
-        from .records import copy_file
+        from .recordformat import copy_file
 
         self._batches = None
         if self._file is not None:
